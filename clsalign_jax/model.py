@@ -1,0 +1,328 @@
+"""Llama-family decoder (Llama-2, Mistral, SmolLM2) with a [CLS] safety head, in one file.
+
+Shape suffixes: B batch, T query rows, S key slots, D model width, N query heads,
+G kv heads, R = N // G heads per kv head, H head dim, F mlp width, V base vocab, L layers.
+
+The [CLS] token is one extra *input* embedding row (id = V). The LM head covers the base
+vocabulary only, so [CLS] can never be generated. The safety head reads the final-normed
+hidden state of the CLS row. Attention is driven entirely by an explicit boolean mask
+(built in `masks.py`), so the same forward serves training, prefill and cached decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rms_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_seq_len: int = 4096
+  sliding_window: int | None = None
+  tie_embeddings: bool = False
+  bos_id: int = 1
+  eos_id: int = 2
+  family: str = "llama"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if self.family not in ("llama", "mistral"):
+      raise ValueError(f"family={self.family!r}; known: llama, mistral")
+    for key in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, key))
+
+  @property
+  def cls_id(self) -> int:
+    return self.vocab_size
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    "llama2_7b": ModelConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+        d_ff=11008, rms_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    "mistral_7b_instruct_v0_2": ModelConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        d_ff=14336, rms_eps=1e-5, rope_theta=1e6, max_seq_len=32768, family="mistral"),
+    "mistral_7b_v0_1": ModelConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        d_ff=14336, rms_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
+        family="mistral"),
+    "smollm2_135m": ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+        d_ff=1536, rms_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+class ModelOutput(NamedTuple):
+  logits_BTV: Array
+  cls_logit_B: Array | None
+  cache: Any
+
+
+def _dense_init():
+  return nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                          (x_BTD.shape[-1],), self.param_dtype)
+    x32 = x_BTD.astype(jnp.float32)
+    # HF normalises in fp32, casts back to the activation dtype, then scales.
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+    return weight_D.astype(self.dtype) * y
+
+
+def rope_tables(positions_BT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+  return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+
+
+def apply_rope(x_BTnH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  """Rotate-half RoPE on HF-layout heads (first half / second half pairing, no permutation)."""
+  x = x_BTnH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+  return out.astype(x_BTnH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, slots_BT):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    D, N, G, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def kernel(name, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(_dense_init(), axes), shape, pdtype).astype(dtype)
+
+    wq_DNH = kernel("q_proj", (D, N, H), ("embed", "heads", "head_dim"))
+    wk_DGH = kernel("k_proj", (D, G, H), ("embed", "kv_heads", "head_dim"))
+    wv_DGH = kernel("v_proj", (D, G, H), ("embed", "kv_heads", "head_dim"))
+    wo_NHD = kernel("o_proj", (N, H, D), ("heads", "head_dim", "embed"))
+
+    q_BTNH = checkpoint_name(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), "query_proj")
+    k_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wk_DGH), "key_proj")
+    v_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wv_DGH), "value_proj")
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+    q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    k_BTGH = apply_rope(k_BTGH, cos_BTH, sin_BTH)
+
+    if cache is None:
+      k_BSGH, v_BSGH, new_cache = k_BTGH, v_BTGH, None
+    else:
+      # New rows land in the slots the caller chose; slot == S (out of range) means "do not store".
+      k_cache, v_cache = cache
+      rows_B1 = jnp.arange(k_cache.shape[0])[:, None]
+      k_BSGH = k_cache.at[rows_B1, slots_BT].set(k_BTGH.astype(k_cache.dtype), mode="drop")
+      v_BSGH = v_cache.at[rows_B1, slots_BT].set(v_BTGH.astype(v_cache.dtype), mode="drop")
+      new_cache = (k_BSGH, v_BSGH)
+      k_BSGH, v_BSGH = k_BSGH.astype(dtype), v_BSGH.astype(dtype)
+
+    B, T = x_BTD.shape[:2]
+    q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
+    scores_BGRTS = jnp.einsum("btgrh,bsgh->bgrts", q_BTGRH, k_BSGH,
+                              preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
+    # A large finite fill keeps fully masked (padding) rows finite instead of NaN.
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
+    out_BTGRH = jnp.einsum("bgrts,bsgh->btgrh", probs_BGRTS, v_BSGH)
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTGRH.reshape(B, T, N, H), wo_NHD)
+    return checkpoint_name(out_BTD, "attn_out"), new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def kernel(name, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(_dense_init(), axes), shape, pdtype).astype(dtype)
+
+    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, kernel("gate_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
+    up_BTF = jnp.einsum("btd,df->btf", x_BTD, kernel("up_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
+    h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF,
+                                       ("activation_batch", "activation_length", "activation_mlp"))
+    out_BTD = jnp.einsum("btf,fd->btd", h_BTF, kernel("down_proj", (cfg.d_ff, cfg.d_model), ("mlp", "embed")))
+    return checkpoint_name(out_BTD, "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+    attn_BTD, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x_BTD), cos_BTH, sin_BTH,
+                                                      mask_BTS, cache, slots_BT)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("post_attn_norm")(x_BTD))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BTD, new_cache
+
+
+class Transformer(nn.Module):
+  """`__call__(tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row=0)`.
+
+  Without a cache, keys are the T rows themselves (mask is [B, T, T]). With a cache
+  (per-layer (k, v) of shape [L, B, S, G, H]), the rows' K/V are first written into
+  `slots_BT` and the rows attend over all S slots (mask is [B, T, S]).
+  `cls_row` picks which row feeds the safety head (None: no head output).
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    V, D = cfg.vocab_size, cfg.d_model
+    embed_VD = self.param("embedding", nn.with_logical_partitioning(_dense_init(), ("vocab", "embed")),
+                          (V, D), pdtype)
+    # The CLS row starts as the mean of the existing rows (HF mean_resizing, without the noise).
+    cls_D = self.param("cls_embedding",
+                       nn.with_logical_partitioning(lambda _, shape, dt: jnp.mean(embed_VD, axis=0).astype(dt),
+                                                    ("embed",)), (D,), pdtype)
+    is_cls_BT1 = (tokens_BT == cfg.cls_id)[..., None]
+    x_BTD = jnp.take(embed_VD, jnp.clip(tokens_BT, 0, V - 1), axis=0)
+    x_BTD = jnp.where(is_cls_BT1, cls_D, x_BTD).astype(dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    cos_BTH, sin_BTH = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+
+    layer_cls = DecoderLayer
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, new_cache = stack(cfg, name="layers")(x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
+    else:
+      per_layer = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+        x_BTD, c = layer_cls(cfg, name=f"layers_{i}")(x_BTD, layer_cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
+        per_layer.append(c)
+      new_cache = None if cache is None else tuple(jnp.stack(t) for t in zip(*per_layer))
+
+    h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embed_VD.astype(dtype))
+    else:
+      head_DV = self.param("lm_head", nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")), (D, V), pdtype)
+      logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, head_DV.astype(dtype))
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+                                            ("activation_batch", "activation_length", "activation_vocab"))
+
+    cls_head = nn.Dense(1, dtype=jnp.float32, param_dtype=pdtype, name="cls_head",
+                        kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "cls_out")),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("cls_out",)))
+    # Always applied (one row, negligible) so every param tree has the head.
+    cls_logit_B = cls_head(h_BTD[:, cls_row or 0].astype(jnp.float32))[:, 0]
+    return ModelOutput(logits_BTV, None if cls_row is None else cls_logit_B, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
+  shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  return (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8):
+  """Unboxed fp params for `cfg` (plain nested dict)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
+  mask = jnp.tril(jnp.ones((1, seq_len, seq_len), bool))
+  variables = Transformer(cfg).init(rng, tokens, positions, mask)
+  return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+  """Boxed ShapeDtypeStructs (logical axis metadata kept), without allocating anything."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  mask = jax.ShapeDtypeStruct((1, 8, 8), jnp.bool_)
+  return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens, tokens, mask), jax.random.key(0))["params"]
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params))))
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+  """Per-layer `layers_{i}` subtrees → one `layers` subtree with a leading [L] axis (scan layout)."""
+  if "layers" in params:
+    return params
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(n):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+  return out
+
+
+def to_layout(params: dict, cfg: ModelConfig) -> dict:
+  """Put params in the layout `cfg.scan_layers` expects."""
+  return stack_layers(params, cfg.n_layers) if cfg.scan_layers else unstack_layers(params)
