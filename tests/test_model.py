@@ -1,0 +1,217 @@
+"""Model parity against HF transformers (torch, CPU, fp32) and [CLS] behaviour."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from clsalign_jax import masks
+from clsalign_jax import model as M
+from clsalign_jax.interop import gguf as G
+from clsalign_jax.interop import hf
+
+T_LONG = 320
+
+
+def _tiny_hf(kind: str, seed: int = 0):
+  torch.manual_seed(seed)
+  common = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+  if kind == "llama_gqa":
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5000.0, **common))
+  elif kind == "llama_tied":
+    common.update(num_key_value_heads=4)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **common))
+  elif kind == "mistral_window":
+    m = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=48, rope_theta=1e6, **common))
+  else:
+    raise ValueError(kind)
+  # HF inits norms to 1; random norms make the test sensitive to scale mix-ups.
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  return m.eval()
+
+
+def _import(m, tmp_path):
+  m.save_pretrained(tmp_path)
+  return hf.load_hf(str(tmp_path))
+
+
+def _forward(cfg, params, tokens_BT, segment_ids_BT, cls_row=None):
+  B, T = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = masks.causal_mask(jnp.asarray(segment_ids_BT), cfg.sliding_window)
+  out = M.Transformer(cfg).apply({"params": M.to_layout(params, cfg)}, jnp.asarray(tokens_BT), positions_BT,
+                                 mask, cls_row=cls_row)
+  return np.asarray(out.logits_BTV)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "mistral_window", "llama_tied"])
+def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
+  m = _tiny_hf(kind)
+  cfg, params = _import(m, tmp_path)
+  cfg = cfg.replace(scan_layers=scan)
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(0, cfg.vocab_size, (2, T_LONG))
+  valid = np.ones((2, T_LONG), np.int64)
+  valid[1, T_LONG - 37:] = 0  # right padding in the second row
+  with torch.no_grad():
+    ref = m(torch.tensor(tokens), attention_mask=torch.tensor(valid)).logits.numpy()
+  ours = _forward(cfg, params, tokens, valid.astype(np.int32))
+  keep = valid.astype(bool)
+  err = np.abs(ours[keep] - ref[keep]).max()
+  record_figure(f"max|dlogits| {kind} T={T_LONG} {'scan' if scan else 'loop'}", err)
+  assert err <= 1e-4
+  if kind == "mistral_window":
+    # The window must matter at this length, or the comparison proves nothing about it.
+    unwindowed = _forward(cfg.replace(sliding_window=None), params, tokens, valid.astype(np.int32))
+    assert np.abs(unwindowed[keep] - ref[keep]).max() > 1e-3
+
+
+def test_tied_config_has_no_lm_head(tmp_path):
+  cfg, params = _import(_tiny_hf("llama_tied"), tmp_path)
+  assert cfg.tie_embeddings and "lm_head" not in params
+  boxed = M.abstract_params(cfg)
+  assert "lm_head" not in boxed
+
+
+def test_remat_policies_keep_values_and_gradients():
+  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                      scan_layers=True)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  mask = masks.causal_mask(jnp.ones((2, 16), jnp.int32))
+
+  def loss(p, c):
+    out = M.Transformer(c).apply({"params": p}, tokens, pos, mask)
+    return jnp.mean(out.logits_BTV ** 2) + jnp.mean(out.cls_logit_B ** 2)
+
+  ref_val, ref_grad = jax.value_and_grad(loss)(params, cfg)
+  for policy in sorted(set(M.REMAT_POLICIES) - {"none"}):
+    val, grad = jax.value_and_grad(loss)(params, cfg.replace(remat_policy=policy))
+    np.testing.assert_allclose(val, ref_val, rtol=1e-6, err_msg=policy)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=policy), grad, ref_grad)
+
+
+def test_cls_row_is_an_input_embedding_only():
+  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
+  params = M.init_params(cfg, jax.random.key(0))
+  np.testing.assert_allclose(params["cls_embedding"], params["embedding"].mean(axis=0), rtol=1e-6)
+  tokens = jnp.array([[cfg.cls_id, 1, 5, 7, 9]])
+  pos = jnp.arange(5)[None]
+  mask = masks.causal_mask(jnp.ones((1, 5), jnp.int32))
+  out = M.Transformer(cfg).apply({"params": params}, tokens, pos, mask)
+  assert out.logits_BTV.shape == (1, 5, cfg.vocab_size)  # LM head over the base vocab: [CLS] can't be sampled
+  assert out.cls_logit_B.shape == (1,)
+  moved = dict(params, cls_embedding=params["cls_embedding"] + 1.0)
+  out2 = M.Transformer(cfg).apply({"params": moved}, tokens, pos, mask)
+  assert np.abs(np.asarray(out2.cls_logit_B - out.cls_logit_B)).max() > 1e-4
+  # With a causal mask token 0 is the CLS; row 1.. see it, so logits move as well.
+  assert np.abs(np.asarray(out2.logits_BTV[:, 1:] - out.logits_BTV[:, 1:])).max() > 1e-4
+
+
+def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
+  m = _tiny_hf("llama_gqa")
+  cfg, params = _import(m, tmp_path)
+  rs = np.random.RandomState(0)
+  params = dict(params, cls_embedding=rs.normal(size=cfg.d_model).astype(np.float32),
+                cls_head={"kernel": rs.normal(size=(cfg.d_model, 1)).astype(np.float32),
+                          "bias": np.zeros(1, np.float32)})
+  T = 64
+  tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, T))
+  seg = np.ones((2, T), np.int32)
+  seg[1, 50:] = 0
+  plain = _forward(cfg, params, tokens, seg)
+
+  with_cls = np.concatenate([np.full((2, 1), cfg.cls_id), tokens], axis=1)
+  seg_cls = np.concatenate([np.ones((2, 1), np.int32), seg], axis=1)
+  mask = masks.cls_training_mask(jnp.asarray(seg_cls), mode="pretrain")
+  pos = jnp.broadcast_to(jnp.arange(T + 1), (2, T + 1))
+  out = M.Transformer(cfg).apply({"params": params}, jnp.asarray(with_cls), pos, mask)
+  keep = seg.astype(bool)
+  err = np.abs(np.asarray(out.logits_BTV)[:, 1:][keep] - plain[keep]).max()
+  record_figure("pretrain mask: max|dlogits| with vs without CLS", err)
+  assert err <= 1e-5
+  # The CLS itself did read the sequence: its logit depends on the tokens.
+  other = with_cls.copy()
+  other[:, 5] = (other[:, 5] + 1) % cfg.vocab_size
+  out2 = M.Transformer(cfg).apply({"params": params}, jnp.asarray(other), pos, mask)
+  assert np.abs(np.asarray(out2.cls_logit_B - out.cls_logit_B)).max() > 0
+
+
+def test_preset_parameter_counts():
+  counts = {name: M.count_params(M.abstract_params(M.preset(name))) for name in ("llama2_7b", "smollm2_135m")}
+  extras = lambda d: d + d + 1  # CLS embedding row + Dense(1) head
+  assert counts["llama2_7b"] == 6_738_415_616 + extras(4096)
+  assert counts["smollm2_135m"] == 134_515_008 + extras(576)
+
+
+def test_bf16_compute_tracks_fp32():
+  cfg = M.ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (1, 24), 0, cfg.vocab_size)
+  pos = jnp.arange(24)[None]
+  mask = masks.causal_mask(jnp.ones((1, 24), jnp.int32))
+  ref = M.Transformer(cfg).apply({"params": params}, tokens, pos, mask).logits_BTV
+  low = M.Transformer(cfg.replace(dtype="bfloat16", param_dtype="bfloat16")).apply(
+      {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}, tokens, pos, mask).logits_BTV
+  assert low.dtype == jnp.float32
+  assert np.abs(np.asarray(low - ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  path = G.smollm2_gguf_path()
+  cfg, params = G.load_gguf(path)
+  directory, fname = os.path.split(path)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname, dtype=torch.float32)
+  tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=fname)
+  return cfg, params, hf_model.eval(), tok
+
+
+def test_smollm2_gguf_matches_transformers(smollm2, record_figure):
+  cfg, params, hf_model, tok = smollm2
+  text = tok.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}],
+                                 tokenize=False, add_generation_prompt=True)
+  prompt = tok(text, return_tensors="np")["input_ids"][0]
+  n_new, P = 20, len(prompt)
+  with torch.no_grad():
+    ref_logits = hf_model(torch.tensor(prompt[None])).logits.numpy()[0]
+    ref_seq = hf_model.generate(torch.tensor(prompt[None]), max_new_tokens=n_new, do_sample=False)[0, P:].numpy()
+  assert len(ref_seq) == n_new and cfg.eos_id not in ref_seq
+
+  # Greedy without a cache over a fixed-size buffer: one compiled shape for every step.
+  T = P + n_new
+  apply = jax.jit(lambda toks, seg: M.Transformer(cfg).apply(
+      {"params": params}, toks, jnp.arange(T)[None], masks.causal_mask(seg), cls_row=None).logits_BTV)
+  buf = np.zeros((1, T), np.int32)
+  buf[0, :P] = prompt
+  ours_prompt_logits = None
+  for step in range(n_new):
+    seg = (np.arange(T) < P + step).astype(np.int32)[None]
+    logits = np.asarray(apply(jnp.asarray(buf), jnp.asarray(seg)))[0]
+    if step == 0:
+      ours_prompt_logits = logits[:P]
+    buf[0, P + step] = int(np.argmax(logits[P + step - 1]))
+  err = np.abs(ours_prompt_logits - ref_logits).max()
+  record_figure(f"max|dlogits| SmolLM2-135M GGUF chat prompt ({P} tokens)", err)
+  record_figure("SmolLM2 greedy 20 tokens", tok.decode(buf[0, P:]).replace("\n", "\\n"))
+  assert err <= 1e-3
+  np.testing.assert_array_equal(buf[0, P:], ref_seq)
+
+
+def test_gguf_qk_rows_match_transformers_dequantisation(smollm2):
+  cfg, params, hf_model, _ = smollm2
+  sd = hf_model.state_dict()
+  for i in (0, cfg.n_layers - 1):
+    for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj")):
+      w = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy()
+      np.testing.assert_array_equal(params[f"layers_{i}"]["attn"][ours], w.T.reshape(params[f"layers_{i}"]["attn"][ours].shape))
