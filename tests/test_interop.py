@@ -1,0 +1,204 @@
+"""HF export/import round trips, transformers loading our export, and bad checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from clsalign_jax import convert, masks
+from clsalign_jax import model as M
+from clsalign_jax.interop import gguf as G
+from clsalign_jax.interop import hf
+
+
+def _random_params(cfg, seed=0):
+  params = M.init_params(cfg, jax.random.key(seed))
+  # Random norms and head so a swapped or dropped tensor cannot go unnoticed.
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: np.asarray(x) + (rng.uniform(0.1, 0.5, x.shape).astype(np.float32)
+                                       if any("norm" in str(k) or "cls" in str(k) for k in path) else 0),
+      M.unstack_layers(params))
+
+
+CONFIGS = {
+    "llama_gqa": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
+                               d_ff=80, rope_theta=20000.0, max_seq_len=512),
+    "llama_tied": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=12,
+                                d_ff=80, tie_embeddings=True, max_seq_len=512),
+    "mistral_window": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=8,
+                                    d_ff=80, sliding_window=24, family="mistral", max_seq_len=512),
+}
+
+
+def _tree_equal(a, b):
+  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_export_loads_in_transformers(name, tmp_path, record_figure):
+  cfg = CONFIGS[name]
+  params = _random_params(cfg)
+  hf.save_hf(str(tmp_path), cfg, params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  assert type(model).__name__ == ("MistralForCausalLM" if cfg.family == "mistral" else "LlamaForCausalLM")
+  T = 96
+  tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, T))
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  ours = M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(T), (2, T)),
+                                  masks.causal_mask(jnp.ones((2, T), jnp.int32), cfg.sliding_window), cls_row=None)
+  err = np.abs(np.asarray(ours.logits_BTV) - ref).max()
+  record_figure(f"export -> transformers max|dlogits| {name}", err)
+  assert err <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_import_of_export_is_bit_exact(dtype, tmp_path):
+  cfg = CONFIGS["llama_gqa"]
+  params = convert.cast_params(_random_params(cfg, seed=1), dtype)
+  hf.save_hf(str(tmp_path), cfg, params, threshold=0.4)
+  cfg2, params2 = hf.load_hf(str(tmp_path))
+  assert cfg2 == cfg
+  _tree_equal(params2, params)
+  meta = json.load(open(tmp_path / hf.CLS_META))
+  assert meta["cls_token_id"] == cfg.vocab_size and meta["threshold"] == 0.4
+  cls_file = safetensors.numpy.load_file(str(tmp_path / hf.CLS_FILE))
+  assert set(cls_file) == {"cls_embedding", "cls_head.weight", "cls_head.bias"}
+  assert cls_file["cls_embedding"].dtype == (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+
+
+def test_sharded_export_round_trip(tmp_path):
+  cfg = CONFIGS["mistral_window"]
+  params = _random_params(cfg, seed=2)
+  hf.save_hf(str(tmp_path), cfg, params, shard_bytes=40_000)
+  index = json.load(open(tmp_path / "model.safetensors.index.json"))
+  assert len(set(index["weight_map"].values())) > 2
+  _tree_equal(hf.load_hf(str(tmp_path))[1], params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  assert model.config.sliding_window == cfg.sliding_window
+
+
+def test_scan_layout_exports_like_loop_layout(tmp_path):
+  cfg = CONFIGS["llama_gqa"]
+  params = _random_params(cfg, seed=3)
+  hf.save_hf(str(tmp_path), cfg, M.stack_layers(params, cfg.n_layers))
+  _tree_equal(hf.load_hf(str(tmp_path))[1], params)
+
+
+def test_plain_hf_checkpoint_gets_fresh_cls(tmp_path):
+  cfg = CONFIGS["llama_gqa"]
+  params = _random_params(cfg, seed=4)
+  hf.save_hf(str(tmp_path), cfg, params)
+  os.remove(tmp_path / hf.CLS_FILE)
+  _, loaded = hf.load_hf(str(tmp_path))
+  np.testing.assert_allclose(loaded["cls_embedding"], np.asarray(params["embedding"]).mean(0), rtol=1e-6)
+  assert not np.asarray(loaded["cls_head"]["kernel"]).any()
+
+
+def _export(tmp_path, cfg=CONFIGS["llama_gqa"]):
+  hf.save_hf(str(tmp_path), cfg, _random_params(cfg))
+  return tmp_path
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+  d = _export(tmp_path)
+  tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+  tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((81, 48), np.float32)
+  safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(hf.CheckpointError) as e:
+    hf.load_hf(str(d))
+  msg = str(e.value)
+  assert "model.layers.1.mlp.up_proj.weight" in msg and "(81, 48)" in msg and "(80, 48)" in msg
+
+
+def test_missing_tensor_and_missing_files(tmp_path):
+  d = _export(tmp_path)
+  tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+  del tensors["model.norm.weight"]
+  safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(hf.CheckpointError, match="'model.norm.weight' is missing"):
+    hf.load_hf(str(d))
+  os.remove(d / "model.safetensors")
+  with pytest.raises(hf.CheckpointError, match="neither model.safetensors"):
+    hf.load_hf(str(d))
+  os.remove(d / "config.json")
+  with pytest.raises(hf.CheckpointError, match="config.json: file not found"):
+    hf.load_hf(str(d))
+
+
+def test_unknown_architecture(tmp_path):
+  d = _export(tmp_path)
+  cfg_json = json.load(open(d / "config.json"))
+  cfg_json["architectures"] = ["GPT2LMHeadModel"]
+  json.dump(cfg_json, open(d / "config.json", "w"))
+  with pytest.raises(hf.CheckpointError, match="GPT2LMHeadModel.*not supported"):
+    hf.load_hf(str(d))
+
+
+def test_unsupported_rope_scaling(tmp_path):
+  d = _export(tmp_path)
+  cfg_json = json.load(open(d / "config.json"))
+  cfg_json["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+  json.dump(cfg_json, open(d / "config.json", "w"))
+  with pytest.raises(hf.CheckpointError, match="rope type 'llama3'"):
+    hf.load_hf(str(d))
+
+
+def test_gguf_of_another_architecture(tmp_path):
+  path = str(tmp_path / "gpt2.gguf")
+  writer = gguf.GGUFWriter(path, "gpt2")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(hf.CheckpointError, match="GGUF architecture 'gpt2' is not supported"):
+    G.load_gguf(path)
+  with pytest.raises(hf.CheckpointError, match="file not found"):
+    G.load_gguf(str(tmp_path / "absent.gguf"))
+  (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+  with pytest.raises(hf.CheckpointError, match="not a readable GGUF"):
+    G.load_gguf(str(tmp_path / "junk.gguf"))
+
+
+def test_unpermute_inverts_llama_cpp_order():
+  n_heads, head_dim, d_in = 3, 8, 5
+  w = np.arange(n_heads * head_dim * d_in, dtype=np.float32).reshape(n_heads * head_dim, d_in)
+  # llama.cpp's convert script: per head, rows (first half, second half) become interleaved pairs.
+  permuted = w.reshape(n_heads, 2, head_dim // 2, d_in).swapaxes(1, 2).reshape(w.shape)
+  np.testing.assert_array_equal(G.unpermute_rows(permuted, n_heads), w)
+
+
+def test_convert_cli_orbax_round_trip_and_bad_source(tmp_path):
+  cfg = CONFIGS["llama_tied"]
+  params = _random_params(cfg, seed=5)
+  hf.save_hf(str(tmp_path / "hf"), cfg, params)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "clsalign_jax.convert", *args], capture_output=True,
+                                     text=True, env=env, timeout=300)
+  out = run(f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'orbax'}", "--dst_format=orbax", "--tokenizer=none")
+  assert out.returncode == 0, out.stderr
+  back = run(f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'hf2'}", "--tokenizer=none")
+  assert back.returncode == 0, back.stderr
+  cfg2, params2 = hf.load_hf(str(tmp_path / "hf2"))
+  assert cfg2 == cfg
+  _tree_equal(params2, params)
+  bad = run(f"--src={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'x'}")
+  assert bad.returncode == 2 and "nowhere: not found" in bad.stderr
