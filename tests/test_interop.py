@@ -202,3 +202,30 @@ def test_convert_cli_orbax_round_trip_and_bad_source(tmp_path):
   _tree_equal(params2, params)
   bad = run(f"--src={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'x'}")
   assert bad.returncode == 2 and "nowhere: not found" in bad.stderr
+
+
+def test_smollm2_export_with_tokenizer_loads_in_transformers(tmp_path, record_figure):
+  from clsalign_jax.data.tokenizer import Tokenizer
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "clsalign_jax.convert", "--src=smollm2", f"--dst={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours_tok = Tokenizer.from_gguf(G.smollm2_gguf_path())
+  assert tok.convert_tokens_to_ids("[CLS]") == 49152 == ours_tok.cls_id
+  text = "How do I bake bread? 🍞 面包, quickly.\n  Indented line."
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert ids == ours_tok.encode(text)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  assert model.get_input_embeddings().weight.shape[0] == 49152  # HF sees the base vocab only
+  cfg, params = hf.load_hf(str(tmp_path))
+  with torch.no_grad():
+    ref = model(torch.tensor([ids])).logits.numpy()
+  T = len(ids)
+  ours = M.Transformer(cfg).apply({"params": params}, jnp.asarray([ids]), jnp.arange(T)[None],
+                                  masks.causal_mask(jnp.ones((1, T), jnp.int32)), cls_row=None)
+  err = np.abs(np.asarray(ours.logits_BTV) - ref).max()
+  record_figure("SmolLM2 export -> transformers max|dlogits|", err)
+  assert err <= 1e-4
+  _, gguf_params = G.load_gguf(G.smollm2_gguf_path())
+  _tree_equal(params, gguf_params)
