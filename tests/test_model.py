@@ -215,3 +215,20 @@ def test_gguf_qk_rows_match_transformers_dequantisation(smollm2):
     for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj")):
       w = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy()
       np.testing.assert_array_equal(params[f"layers_{i}"]["attn"][ours], w.T.reshape(params[f"layers_{i}"]["attn"][ours].shape))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_every_parameter_has_logical_axes(scan):
+  import flax.linen as nn
+  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                      scan_layers=scan)
+  boxed = M.abstract_params(cfg)
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]
+  assert leaves and all(is_box(x) for _, x in leaves)
+  for path, leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim, path
+    in_stack = scan and path[0].key == "layers"
+    assert (leaf.names[0] == "layers") == in_stack, path
+  names = {n for _, leaf in leaves for n in leaf.names}
+  assert {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "norm"} <= names
