@@ -22,85 +22,85 @@ from etils import epath
 
 from clsalign_jax.data import mixture
 from clsalign_jax.data.records import (
-    LABEL_NAMES,
-    FieldMap,
-    TextRecord,
-    assign_splits,
-    read_sft_records,
-    read_text_records,
+  LABEL_NAMES,
+  FieldMap,
+  TextRecord,
+  assign_splits,
+  read_sft_records,
+  read_text_records,
 )
 
 _SHIPPED_LICENSE = (
-    "CC BY-NC-SA 4.0 for the prepared mixture (the most restrictive component, LIMA); "
-    "AlpacaEval and safety-tuned-llamas data CC BY-NC 4.0; AdvBench MIT. Research, non-commercial use."
+  "CC BY-NC-SA 4.0 for the prepared mixture (the most restrictive component, LIMA); "
+  "AlpacaEval and safety-tuned-llamas data CC BY-NC 4.0; AdvBench MIT. Research, non-commercial use."
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class UserFile:
-    """One user file for `safety_mix`: where it is, how to read it, and optionally its split."""
+  """One user file for `safety_mix`: where it is, how to read it, and optionally its split."""
 
-    path: str
-    fields: FieldMap = FieldMap()
-    default_label: int | None = None  # for files without a label column (all benign, say)
-    source: str | None = None  # defaults to the file name
-    split: str | None = None  # None: split automatically, stratified by label
+  path: str
+  fields: FieldMap = FieldMap()
+  default_label: int | None = None  # for files without a label column (all benign, say)
+  source: str | None = None  # defaults to the file name
+  split: str | None = None  # None: split automatically, stratified by label
 
 
 @dataclasses.dataclass
 class SafetyMixConfig(tfds.core.BuilderConfig):
-    files: tuple[UserFile, ...] = ()  # empty: the shipped mixture
-    fractions: tuple[tuple[str, float], ...] = tuple(mixture.DEFAULT_SPLIT_FRACTIONS.items())
-    split_seed: int = mixture.DEFAULT_SPLIT_SEED
-    safety_phrase_filter: bool = True
-    skip_bad_records: bool = False
+  files: tuple[UserFile, ...] = ()  # empty: the shipped mixture
+  fractions: tuple[tuple[str, float], ...] = tuple(mixture.DEFAULT_SPLIT_FRACTIONS.items())
+  split_seed: int = mixture.DEFAULT_SPLIT_SEED
+  safety_phrase_filter: bool = True
+  skip_bad_records: bool = False
 
 
 @dataclasses.dataclass
 class PretrainCorpusConfig(tfds.core.BuilderConfig):
-    files: tuple[str, ...] = ()
-    text_field: str = "text"
-    label_field: str | None = "label"
-    source_field: str | None = None
-    id_field: str | None = None
-    default_label: int | None = None
-    validation_fraction: float = 0.01
-    split_seed: int = mixture.DEFAULT_SPLIT_SEED
-    skip_bad_records: bool = False
+  files: tuple[str, ...] = ()
+  text_field: str = "text"
+  label_field: str | None = "label"
+  source_field: str | None = None
+  id_field: str | None = None
+  default_label: int | None = None
+  validation_fraction: float = 0.01
+  split_seed: int = mixture.DEFAULT_SPLIT_SEED
+  skip_bad_records: bool = False
 
 
 def safety_mix_config(
-    files: Sequence[UserFile],
-    *,
-    fractions: Mapping[str, float] = mixture.DEFAULT_SPLIT_FRACTIONS,
-    split_seed: int = mixture.DEFAULT_SPLIT_SEED,
-    safety_phrase_filter: bool = True,
-    skip_bad_records: bool = False,
-    name: str | None = None,
+  files: Sequence[UserFile],
+  *,
+  fractions: Mapping[str, float] = mixture.DEFAULT_SPLIT_FRACTIONS,
+  split_seed: int = mixture.DEFAULT_SPLIT_SEED,
+  safety_phrase_filter: bool = True,
+  skip_bad_records: bool = False,
+  name: str | None = None,
 ) -> SafetyMixConfig:
-    """A `safety_mix` config over user files (JSONL / JSON / CSV with a field mapping)."""
-    files = tuple(files)
-    settings = (tuple(fractions.items()), split_seed, safety_phrase_filter, skip_bad_records)
-    return SafetyMixConfig(
-        name=name or "user_" + _fingerprint([f.path for f in files], repr((files, settings))),
-        description="safety_mix built from user files",
-        files=files,
-        fractions=tuple(fractions.items()),
-        split_seed=split_seed,
-        safety_phrase_filter=safety_phrase_filter,
-        skip_bad_records=skip_bad_records,
-    )
+  """A `safety_mix` config over user files (JSONL / JSON / CSV with a field mapping)."""
+  files = tuple(files)
+  settings = (tuple(fractions.items()), split_seed, safety_phrase_filter, skip_bad_records)
+  return SafetyMixConfig(
+    name=name or "user_" + _fingerprint([f.path for f in files], repr((files, settings))),
+    description="safety_mix built from user files",
+    files=files,
+    fractions=tuple(fractions.items()),
+    split_seed=split_seed,
+    safety_phrase_filter=safety_phrase_filter,
+    skip_bad_records=skip_bad_records,
+  )
 
 
 def pretrain_corpus_config(files: Sequence[str], *, name: str | None = None, **settings) -> PretrainCorpusConfig:
-    """A `safety_pretrain_corpus` config: text files with a per-document label (0/1)."""
-    files = tuple(str(f) for f in files)
-    return PretrainCorpusConfig(
-        name=name or "user_" + _fingerprint(files, repr(sorted(settings.items()))),
-        description="labelled pretraining text from user files",
-        files=files,
-        **settings,
-    )
+  """A `safety_pretrain_corpus` config: text files with a per-document label (0/1)."""
+  files = tuple(str(f) for f in files)
+  return PretrainCorpusConfig(
+    name=name or "user_" + _fingerprint(files, repr(sorted(settings.items()))),
+    description="labelled pretraining text from user files",
+    files=files,
+    **settings,
+  )
 
 
 # TFDS derives a builder's code path (where it looks for a checksums file) through
@@ -109,172 +109,172 @@ _CODE_PATH = epath.Path(__file__)
 
 
 class SafetyMix(tfds.core.GeneratorBasedBuilder):
-    """Safety SFT mixture: prompt / response / label (1 = malicious) / source."""
+  """Safety SFT mixture: prompt / response / label (1 = malicious) / source."""
 
-    code_path = _CODE_PATH
+  code_path = _CODE_PATH
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {
-        "1.0.0": "LIMA + AlpacaEval (benign), safety-tuned-llamas (malicious), AdvBench (eval split).",
-    }
-    BUILDER_CONFIGS = [
-        SafetyMixConfig(
-            name="shipped",
-            description="The mixture shipped in clsalign_jax/data/shipped; see docs/data.md.",
-        )
-    ]
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "LIMA + AlpacaEval (benign), safety-tuned-llamas (malicious), AdvBench (eval split).",
+  }
+  BUILDER_CONFIGS = [
+    SafetyMixConfig(
+      name="shipped",
+      description="The mixture shipped in clsalign_jax/data/shipped; see docs/data.md.",
+    )
+  ]
 
-    def __init__(self, **kwargs):
-        super().__init__(file_format="array_record", **kwargs)
+  def __init__(self, **kwargs):
+    super().__init__(file_format="array_record", **kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        # DatasetInfo is built directly: dataset_info_from_configs() would look for metadata files
-        # next to this module.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": tfds.features.Text(),
-                    "prompt": tfds.features.Text(),
-                    "response": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-                    "source": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-            license=_SHIPPED_LICENSE if not self.builder_config.files else "as the user's files",
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo is built directly: dataset_info_from_configs() would look for metadata files
+    # next to this module.
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "prompt": tfds.features.Text(),
+          "response": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=LABEL_NAMES),
+          "source": tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      license=_SHIPPED_LICENSE if not self.builder_config.files else "as the user's files",
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # everything is local
-        config = self.builder_config
-        if not config.files:
-            splits, report = mixture.build_safety_mix(dict(config.fractions), config.split_seed)
-        else:
-            splits, report = _user_mix(config)
-        self.info.metadata.update(report.as_metadata())
-        return {name: self._generate_examples(rows) for name, rows in splits.items()}
+  def _split_generators(self, dl_manager):
+    del dl_manager  # everything is local
+    config = self.builder_config
+    if not config.files:
+      splits, report = mixture.build_safety_mix(dict(config.fractions), config.split_seed)
+    else:
+      splits, report = _user_mix(config)
+    self.info.metadata.update(report.as_metadata())
+    return {name: self._generate_examples(rows) for name, rows in splits.items()}
 
-    def _generate_examples(self, rows):
-        for r in rows:
-            yield r.id, {
-                "id": r.id,
-                "prompt": r.prompt,
-                "response": r.response,
-                "label": r.label,
-                "source": r.source,
-            }
+  def _generate_examples(self, rows):
+    for r in rows:
+      yield r.id, {
+        "id": r.id,
+        "prompt": r.prompt,
+        "response": r.response,
+        "label": r.label,
+        "source": r.source,
+      }
 
 
 class SafetyPretrainCorpus(tfds.core.GeneratorBasedBuilder):
-    """Pretraining text with a per-document safety label (the paper: Wikipedia labelled by
-    Llama-Guard-3; any labelled text works). Splits: train, validation."""
+  """Pretraining text with a per-document safety label (the paper: Wikipedia labelled by
+  Llama-Guard-3; any labelled text works). Splits: train, validation."""
 
-    code_path = _CODE_PATH
+  code_path = _CODE_PATH
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "JSONL / JSON / CSV text with a 0/1 label per document."}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "JSONL / JSON / CSV text with a 0/1 label per document."}
 
-    def __init__(self, **kwargs):
-        super().__init__(file_format="array_record", **kwargs)
+  def __init__(self, **kwargs):
+    super().__init__(file_format="array_record", **kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": tfds.features.Text(),
-                    "text": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-                    "source": tfds.features.Text(),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(),
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "text": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=LABEL_NAMES),
+          "source": tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        config = self.builder_config
-        if config is None or not config.files:
-            raise ValueError(
-                "safety_pretrain_corpus needs files: SafetyPretrainCorpus("
-                "config=pretrain_corpus_config([...]), data_dir=...)"
-            )
-        records, skipped = [], []
-        for path in config.files:
-            result = read_text_records(
-                path,
-                text_field=config.text_field,
-                label_field=config.label_field,
-                source_field=config.source_field,
-                id_field=config.id_field,
-                default_label=config.default_label,
-                skip_bad_records=config.skip_bad_records,
-            )
-            records += result.records
-            skipped += result.skipped
-        fractions = {"train": 1.0 - config.validation_fraction, "validation": config.validation_fraction}
-        splits = assign_splits(records, fractions, seed=config.split_seed, key=lambda r: r.text)
-        self.info.metadata.update(
-            {
-                "read": len(records) + len(skipped),
-                "skipped_bad_records": len(skipped),
-                "skipped_examples": skipped[:100],
-                "split_counts": {
-                    name: {"benign": sum(r.label == 0 for r in rows), "malicious": sum(r.label == 1 for r in rows)}
-                    for name, rows in splits.items()
-                },
-            }
-        )
-        return {name: self._generate_examples(rows) for name, rows in splits.items()}
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    config = self.builder_config
+    if config is None or not config.files:
+      raise ValueError(
+        "safety_pretrain_corpus needs files: SafetyPretrainCorpus("
+        "config=pretrain_corpus_config([...]), data_dir=...)"
+      )
+    records, skipped = [], []
+    for path in config.files:
+      result = read_text_records(
+        path,
+        text_field=config.text_field,
+        label_field=config.label_field,
+        source_field=config.source_field,
+        id_field=config.id_field,
+        default_label=config.default_label,
+        skip_bad_records=config.skip_bad_records,
+      )
+      records += result.records
+      skipped += result.skipped
+    fractions = {"train": 1.0 - config.validation_fraction, "validation": config.validation_fraction}
+    splits = assign_splits(records, fractions, seed=config.split_seed, key=lambda r: r.text)
+    self.info.metadata.update(
+      {
+        "read": len(records) + len(skipped),
+        "skipped_bad_records": len(skipped),
+        "skipped_examples": skipped[:100],
+        "split_counts": {
+          name: {"benign": sum(r.label == 0 for r in rows), "malicious": sum(r.label == 1 for r in rows)}
+          for name, rows in splits.items()
+        },
+      }
+    )
+    return {name: self._generate_examples(rows) for name, rows in splits.items()}
 
-    def _generate_examples(self, rows: Sequence[TextRecord]):
-        for r in rows:
-            yield r.id, {"id": r.id, "text": r.text, "label": r.label, "source": r.source}
+  def _generate_examples(self, rows: Sequence[TextRecord]):
+    for r in rows:
+      yield r.id, {"id": r.id, "text": r.text, "label": r.label, "source": r.source}
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder) -> Mapping:
-    """Writes the dataset if needed (offline) and returns {split: random-access data source}."""
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    return builder.as_data_source()
+  """Writes the dataset if needed (offline) and returns {split: random-access data source}."""
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
+  return builder.as_data_source()
 
 
 def _user_mix(config: SafetyMixConfig):
-    report = mixture.MixtureReport()
-    auto, fixed, skipped = [], {}, []
-    for f in config.files:
-        result = read_sft_records(
-            f.path,
-            f.fields,
-            default_label=f.default_label,
-            default_source=f.source,
-            skip_bad_records=config.skip_bad_records,
-        )
-        name = f.source or os.path.basename(f.path)
-        report.read[name] = report.read.get(name, 0) + len(result.records) + len(result.skipped)
-        skipped += result.skipped
-        (auto if f.split is None else fixed.setdefault(f.split, [])).extend(result.records)
-    report.skipped_bad_records = len(skipped)
-    report.skipped_examples = skipped[:100]
-    phrases = mixture.SAFETY_PHRASES if config.safety_phrase_filter else ()
-    splits = mixture.curate(
-        auto,
-        report,
-        fractions=dict(config.fractions),
-        seed=config.split_seed,
-        phrases=phrases,
-        fixed_splits=fixed,
+  report = mixture.MixtureReport()
+  auto, fixed, skipped = [], {}, []
+  for f in config.files:
+    result = read_sft_records(
+      f.path,
+      f.fields,
+      default_label=f.default_label,
+      default_source=f.source,
+      skip_bad_records=config.skip_bad_records,
     )
-    return splits, report
+    name = f.source or os.path.basename(f.path)
+    report.read[name] = report.read.get(name, 0) + len(result.records) + len(result.skipped)
+    skipped += result.skipped
+    (auto if f.split is None else fixed.setdefault(f.split, [])).extend(result.records)
+  report.skipped_bad_records = len(skipped)
+  report.skipped_examples = skipped[:100]
+  phrases = mixture.SAFETY_PHRASES if config.safety_phrase_filter else ()
+  splits = mixture.curate(
+    auto,
+    report,
+    fractions=dict(config.fractions),
+    seed=config.split_seed,
+    phrases=phrases,
+    fixed_splits=fixed,
+  )
+  return splits, report
 
 
 def _fingerprint(paths: Sequence[str], settings: str) -> str:
-    h = hashlib.sha256(settings.encode())
-    for p in paths:
-        with open(p, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()[:12]
+  h = hashlib.sha256(settings.encode())
+  for p in paths:
+    with open(p, "rb") as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()[:12]

@@ -21,295 +21,297 @@ _LABEL_WORDS = {"0": 0, "1": 1, "benign": 0, "malicious": 1}
 
 
 class DataError(ValueError):
-    """A bad input record; the message starts with `path:line`."""
+  """A bad input record; the message starts with `path:line`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
-    """Which column / key holds what. `None` means the file has no such field.
+  """Which column / key holds what. `None` means the file has no such field.
 
-    `context` is an optional Alpaca-style `input` appended to the prompt after a blank line.
-    """
+  `context` is an optional Alpaca-style `input` appended to the prompt after a blank line.
+  """
 
-    prompt: str = "prompt"
-    response: str | None = "response"
-    label: str | None = "label"
-    source: str | None = "source"
-    id: str | None = None
-    context: str | None = None
+  prompt: str = "prompt"
+  response: str | None = "response"
+  label: str | None = "label"
+  source: str | None = "source"
+  id: str | None = None
+  context: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class SftRecord:
-    id: str
-    prompt: str
-    response: str
-    label: int  # 1 = malicious
-    source: str
+  id: str
+  prompt: str
+  response: str
+  label: int  # 1 = malicious
+  source: str
 
 
 @dataclasses.dataclass(frozen=True)
 class TextRecord:
-    """A pretraining document with a per-document safety label."""
+  """A pretraining document with a per-document safety label."""
 
-    id: str
-    text: str
-    label: int
-    source: str
+  id: str
+  text: str
+  label: int
+  source: str
 
 
 @dataclasses.dataclass
 class ReadResult:
-    records: list
-    skipped: list[str] = dataclasses.field(default_factory=list)  # "path:line: reason"
+  records: list
+  skipped: list[str] = dataclasses.field(default_factory=list)  # "path:line: reason"
 
 
 def normalize_prompt(text: str) -> str:
-    """The key under which prompts count as the same: whitespace collapsed, case folded."""
-    return " ".join(text.split()).casefold()
+  """The key under which prompts count as the same: whitespace collapsed, case folded."""
+  return " ".join(text.split()).casefold()
 
 
 def parse_label(value, where: str) -> int:
-    """0 / 1 as int, integral float or string, or the words "benign" / "malicious"."""
-    if isinstance(value, bool):
-        raise DataError(f"{where}: label must be 0 or 1, got a boolean {value!r}")
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    if isinstance(value, float) and value in (0.0, 1.0):
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
-        return _LABEL_WORDS[value.strip().lower()]
-    raise DataError(f"{where}: label outside {{0, 1}}: {value!r}")
+  """0 / 1 as int, integral float or string, or the words "benign" / "malicious"."""
+  if isinstance(value, bool):
+    raise DataError(f"{where}: label must be 0 or 1, got a boolean {value!r}")
+  if isinstance(value, int) and value in (0, 1):
+    return value
+  if isinstance(value, float) and value in (0.0, 1.0):
+    return int(value)
+  if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
+    return _LABEL_WORDS[value.strip().lower()]
+  raise DataError(f"{where}: label outside {{0, 1}}: {value!r}")
 
 
 def read_sft_records(
-    path: str | os.PathLike,
-    fields: FieldMap = FieldMap(),
-    *,
-    default_label: int | None = None,
-    default_source: str | None = None,
-    require_response: bool = True,
-    skip_bad_records: bool = False,
+  path: str | os.PathLike,
+  fields: FieldMap = FieldMap(),
+  *,
+  default_label: int | None = None,
+  default_source: str | None = None,
+  require_response: bool = True,
+  skip_bad_records: bool = False,
 ) -> ReadResult:
-    """Prompt / response / label records from one file (.jsonl, .json list, or .csv)."""
-    path = pathlib.Path(path)
-    source_default = default_source or path.stem
-    result = ReadResult(records=[])
-    for where, row, error in _rows(path):
-        try:
-            if error:
-                raise DataError(f"{where}: {error}")
-            result.records.append(
-                _sft_record(row, where, fields, default_label, source_default, require_response)
-            )
-        except DataError as e:
-            if not skip_bad_records:
-                raise
-            result.skipped.append(str(e))
-    return result
+  """Prompt / response / label records from one file (.jsonl, .json list, or .csv)."""
+  path = pathlib.Path(path)
+  source_default = default_source or path.stem
+  result = ReadResult(records=[])
+  for where, row, error in _rows(path):
+    try:
+      if error:
+        raise DataError(f"{where}: {error}")
+      result.records.append(
+        _sft_record(row, where, fields, default_label, source_default, require_response)
+      )
+    except DataError as e:
+      if not skip_bad_records:
+        raise
+      result.skipped.append(str(e))
+  return result
 
 
 def read_text_records(
-    path: str | os.PathLike,
-    *,
-    text_field: str = "text",
-    label_field: str | None = "label",
-    source_field: str | None = None,
-    id_field: str | None = None,
-    default_label: int | None = None,
-    skip_bad_records: bool = False,
+  path: str | os.PathLike,
+  *,
+  text_field: str = "text",
+  label_field: str | None = "label",
+  source_field: str | None = None,
+  id_field: str | None = None,
+  default_label: int | None = None,
+  skip_bad_records: bool = False,
 ) -> ReadResult:
-    """Labelled documents (for the pretraining corpus) from one .jsonl / .json / .csv file."""
-    path = pathlib.Path(path)
-    result = ReadResult(records=[])
-    for where, row, error in _rows(path):
-        try:
-            if error:
-                raise DataError(f"{where}: {error}")
-            text = _text_field(row, text_field, where, required=True)
-            label = _label(row, label_field, default_label, where)
-            source = _text_field(row, source_field, where) if source_field else None
-            rid = _text_field(row, id_field, where) if id_field else None
-            result.records.append(
-                TextRecord(id=rid or where, text=text, label=label, source=source or path.stem)
-            )
-        except DataError as e:
-            if not skip_bad_records:
-                raise
-            result.skipped.append(str(e))
-    return result
+  """Labelled documents (for the pretraining corpus) from one .jsonl / .json / .csv file."""
+  path = pathlib.Path(path)
+  result = ReadResult(records=[])
+  for where, row, error in _rows(path):
+    try:
+      if error:
+        raise DataError(f"{where}: {error}")
+      text = _text_field(row, text_field, where, required=True)
+      label = _label(row, label_field, default_label, where)
+      source = _text_field(row, source_field, where) if source_field else None
+      rid = _text_field(row, id_field, where) if id_field else None
+      result.records.append(
+        TextRecord(id=rid or where, text=text, label=label, source=source or path.stem)
+      )
+    except DataError as e:
+      if not skip_bad_records:
+        raise
+      result.skipped.append(str(e))
+  return result
 
 
 def _sft_record(row, where, fields, default_label, default_source, require_response):
-    prompt = _text_field(row, fields.prompt, where, required=True)
-    if fields.context:
-        context = _text_field(row, fields.context, where)
-        if context and context.strip():
-            prompt = f"{prompt}\n\n{context}"
-    response = ""
-    if fields.response:
-        response = _text_field(row, fields.response, where, required=require_response) or ""
-    if require_response and not response.strip():
-        raise DataError(f"{where}: empty response")
-    label = _label(row, fields.label, default_label, where)
-    source = (_text_field(row, fields.source, where) if fields.source else None) or default_source
-    rid = _text_field(row, fields.id, where) if fields.id else None
-    return SftRecord(id=rid or where, prompt=prompt, response=response, label=label, source=source)
+  prompt = _text_field(row, fields.prompt, where, required=True)
+  if fields.context:
+    context = _text_field(row, fields.context, where)
+    if context and context.strip():
+      prompt = f"{prompt}\n\n{context}"
+  response = ""
+  if fields.response:
+    response = _text_field(row, fields.response, where, required=require_response) or ""
+  if require_response and not response.strip():
+    raise DataError(f"{where}: empty response")
+  label = _label(row, fields.label, default_label, where)
+  source = (_text_field(row, fields.source, where) if fields.source else None) or default_source
+  rid = _text_field(row, fields.id, where) if fields.id else None
+  return SftRecord(id=rid or where, prompt=prompt, response=response, label=label, source=source)
 
 
 def _label(row, field, default, where) -> int:
-    if field is not None and row.get(field) not in (None, ""):
-        return parse_label(row[field], where)
-    if default is not None:
-        return parse_label(default, where)
-    raise DataError(f"{where}: missing field {field!r} (label) and no default label configured")
+  if field is not None and row.get(field) not in (None, ""):
+    return parse_label(row[field], where)
+  if default is not None:
+    return parse_label(default, where)
+  raise DataError(f"{where}: missing field {field!r} (label) and no default label configured")
 
 
 def _text_field(row: Mapping, field: str, where: str, required: bool = False) -> str | None:
-    value = row.get(field)
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field {field!r}")
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
-        raise DataError(f"{where}: field {field!r} is not valid UTF-8")
-    if required and not value.strip():
-        raise DataError(f"{where}: empty {field!r}")
-    return value
+  value = row.get(field)
+  if value is None:
+    if required:
+      raise DataError(f"{where}: missing field {field!r}")
+    return None
+  if not isinstance(value, str):
+    raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+  if any("\udc80" <= ch <= "\udcff" for ch in value):
+    raise DataError(f"{where}: field {field!r} is not valid UTF-8")
+  if required and not value.strip():
+    raise DataError(f"{where}: empty {field!r}")
+  return value
 
 
 def _rows(path: pathlib.Path) -> Iterator[tuple[str, Mapping, str | None]]:
-    """(location, row, error) per record; `error` is set instead of raising so callers can skip."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(path)
-    elif suffix == ".json":
-        yield from _json_rows(path)
-    elif suffix in (".csv", ".tsv"):
-        yield from _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
+  """(location, row, error) per record; `error` is set instead of raising so callers can skip."""
+  suffix = path.suffix.lower()
+  if suffix == ".jsonl":
+    yield from _jsonl_rows(path)
+  elif suffix == ".json":
+    yield from _json_rows(path)
+  elif suffix in (".csv", ".tsv"):
+    yield from _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
+  else:
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
 def _jsonl_rows(path):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, {}, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, {}, f"malformed JSON: {e.msg} (column {e.colno})"
-                continue
-            if not isinstance(row, dict):
-                yield where, {}, f"expected a JSON object, got {type(row).__name__}"
-                continue
-            yield where, row, None
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield where, {}, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+        continue
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        yield where, {}, f"malformed JSON: {e.msg} (column {e.colno})"
+        continue
+      if not isinstance(row, dict):
+        yield where, {}, f"expected a JSON object, got {type(row).__name__}"
+        continue
+      yield where, row, None
 
 
 def _json_rows(path):
-    # Undecodable bytes survive as surrogates and are reported per record by the field checks.
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of objects")
-    for n, row in enumerate(rows):
-        where = f"{path}:record {n}"
-        if not isinstance(row, dict):
-            yield where, {}, f"expected a JSON object, got {type(row).__name__}"
-        else:
-            yield where, row, None
+  # Undecodable bytes survive as surrogates and are reported per record by the field checks.
+  text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+  try:
+    rows = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+  if not isinstance(rows, list):
+    raise DataError(f"{path}: expected a JSON list of objects")
+  for n, row in enumerate(rows):
+    where = f"{path}:record {n}"
+    if not isinstance(row, dict):
+      yield where, {}, f"expected a JSON object, got {type(row).__name__}"
+    else:
+      yield where, row, None
 
 
 def _csv_rows(path, delimiter):
-    # surrogateescape keeps undecodable bytes visible per field, so the bad record (not the whole
-    # file) is reported, with the line it starts on.
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    start = reader.line_num + 1
-    try:
-        for row in reader:
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
-            if None in row:
-                yield where, {}, "more fields than the header"
-            elif any(v is None for v in row.values()):
-                yield where, {}, "fewer fields than the header"
-            else:
-                yield where, row, None
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+  # surrogateescape keeps undecodable bytes visible per field, so the bad record (not the whole
+  # file) is reported, with the line it starts on.
+  text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+  reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+  start = reader.line_num + 1
+  try:
+    for row in reader:
+      where = f"{path}:{start}"
+      start = reader.line_num + 1
+      if None in row:
+        yield where, {}, "more fields than the header"
+      elif any(v is None for v in row.values()):
+        yield where, {}, "fewer fields than the header"
+      else:
+        yield where, row, None
+  except csv.Error as e:
+    raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
 
 
 # ----- splits -------------------------------------------------------------------------------------
 
 
 def assign_splits(
-    records: Sequence,
-    fractions: Mapping[str, float],
-    *,
-    seed: int = 0,
-    key=lambda r: r.prompt,
+  records: Sequence,
+  fractions: Mapping[str, float],
+  *,
+  seed: int = 0,
+  key=lambda r: r.prompt,
 ) -> dict[str, list]:
-    """Deterministic split, stratified by label, with every prompt in exactly one split.
+  """Deterministic split, stratified by label, with every prompt in exactly one split.
 
-    Records sharing a normalised prompt form a group and stay together. Within each label the groups
-    are ordered by a salted SHA-256 of their key (independent of input order) and cut by `fractions`
-    (largest remainder, so the counts sum up). The group's label is its first record's label.
-    """
-    if abs(sum(fractions.values()) - 1.0) > 1e-9:
-        raise ValueError(f"split fractions must sum to 1, got {dict(fractions)}")
-    groups: dict[str, list] = {}
-    for r in records:
-        groups.setdefault(normalize_prompt(key(r)), []).append(r)
-    out: dict[str, list] = {name: [] for name in fractions}
-    for label in sorted({g[0].label for g in groups.values()}):
-        keys = [k for k, g in groups.items() if g[0].label == label]
-        keys.sort(key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
-        start = 0
-        for name, count in zip(fractions, _apportion(len(keys), list(fractions.values()))):
-            for k in keys[start : start + count]:
-                out[name].extend(groups[k])
-            start += count
-    return out
+  Records sharing a normalised prompt form a group and stay together. Within each label the groups
+  are ordered by a salted SHA-256 of their key (independent of input order) and cut by `fractions`
+  (largest remainder, so the counts sum up). A group whose records disagree on the label is
+  stratified as malicious, so the result never depends on input order.
+  """
+  if abs(sum(fractions.values()) - 1.0) > 1e-9:
+    raise ValueError(f"split fractions must sum to 1, got {dict(fractions)}")
+  groups: dict[str, list] = {}
+  for r in records:
+    groups.setdefault(normalize_prompt(key(r)), []).append(r)
+  out: dict[str, list] = {name: [] for name in fractions}
+  group_label = {k: max(r.label for r in g) for k, g in groups.items()}
+  for label in sorted(set(group_label.values())):
+    keys = [k for k in groups if group_label[k] == label]
+    keys.sort(key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
+    start = 0
+    for name, count in zip(fractions, _apportion(len(keys), list(fractions.values()))):
+      for k in keys[start : start + count]:
+        out[name].extend(groups[k])
+      start += count
+  return out
 
 
 def _apportion(n: int, fractions: Sequence[float]) -> list[int]:
-    exact = [n * f for f in fractions]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
-    for i in by_remainder[: n - sum(counts)]:
-        counts[i] += 1
-    return counts
+  exact = [n * f for f in fractions]
+  counts = [int(x) for x in exact]
+  by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+  for i in by_remainder[: n - sum(counts)]:
+    counts[i] += 1
+  return counts
 
 
 def enforce_disjoint(
-    splits: Mapping[str, list], priority: Iterable[str], key=lambda r: r.prompt
+  splits: Mapping[str, list], priority: Iterable[str], key=lambda r: r.prompt
 ) -> tuple[dict[str, list], int]:
-    """Removes records whose normalised prompt also occurs in a split earlier in `priority`.
+  """Removes records whose normalised prompt also occurs in a split earlier in `priority`.
 
-    Returns the new splits and how many records were removed; held-out splits go first in
-    `priority` so that a shared prompt is kept out of training rather than out of evaluation.
-    """
-    seen: set[str] = set()
-    out, removed = {}, 0
-    for name in priority:
-        keys_here = {normalize_prompt(key(r)) for r in splits.get(name, [])}
-        kept = [r for r in splits.get(name, []) if normalize_prompt(key(r)) not in seen]
-        removed += len(splits.get(name, [])) - len(kept)
-        out[name] = kept
-        seen |= keys_here
-    for name, rows in splits.items():
-        out.setdefault(name, rows)
-    return out, removed
+  Returns the new splits and how many records were removed; held-out splits go first in
+  `priority` so that a shared prompt is kept out of training rather than out of evaluation.
+  """
+  seen: set[str] = set()
+  out, removed = {}, 0
+  for name in priority:
+    keys_here = {normalize_prompt(key(r)) for r in splits.get(name, [])}
+    kept = [r for r in splits.get(name, []) if normalize_prompt(key(r)) not in seen]
+    removed += len(splits.get(name, [])) - len(kept)
+    out[name] = kept
+    seen |= keys_here
+  for name, rows in splits.items():
+    out.setdefault(name, rows)
+  return out, removed

