@@ -52,12 +52,17 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"
+  # "xla": explicit einsum softmax (any device, exact parity); "cudnn": fused flash attention
+  # through jax.nn.dot_product_attention with the same boolean mask (GPU, bf16/fp16 only).
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}; known: xla, cudnn")
     if self.family not in ("llama", "mistral"):
       raise ValueError(f"family={self.family!r}; known: llama, mistral")
     for key in ("dtype", "param_dtype"):
@@ -171,14 +176,18 @@ class Attention(nn.Module):
       k_BSGH, v_BSGH = k_BSGH.astype(dtype), v_BSGH.astype(dtype)
 
     B, T = x_BTD.shape[:2]
-    q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
-    scores_BGRTS = jnp.einsum("btgrh,bsgh->bgrts", q_BTGRH, k_BSGH,
-                              preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
-    # A large finite fill keeps fully masked (padding) rows finite instead of NaN.
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
-    out_BTGRH = jnp.einsum("bgrts,bsgh->btgrh", probs_BGRTS, v_BSGH)
-    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTGRH.reshape(B, T, N, H), wo_NHD)
+    if cfg.attention_impl == "cudnn":
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSGH, v_BSGH, mask=mask_BTS[:, None],
+                                              implementation="cudnn")
+    else:
+      q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
+      scores_BGRTS = jnp.einsum("btgrh,bsgh->bgrts", q_BTGRH, k_BSGH,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
+      # A large finite fill keeps fully masked (padding) rows finite instead of NaN.
+      scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
+      probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
+      out_BTNH = jnp.einsum("bgrts,bsgh->btgrh", probs_BGRTS, v_BSGH).reshape(B, T, N, H)
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD)
     return checkpoint_name(out_BTD, "attn_out"), new_cache
 
 
