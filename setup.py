@@ -27,6 +27,7 @@ setup(
         "tokenizers>=0.21",
         "sentencepiece>=0.2",
         "tqdm",
+        "tensorboardX>=2.6",
         "matplotlib",
     ],
     extras_require={

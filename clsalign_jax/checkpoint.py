@@ -12,6 +12,7 @@ only once every item is written, so a run killed mid-save resumes from the previ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,10 +65,13 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
   """Keeps the newest `keep` step directories under `directory`."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int | None = None, async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=async_save)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -81,48 +85,37 @@ class Checkpointer:
         data=DataStateSave(data_state),
         meta=ocp.args.JsonSave(meta)))
 
-  def read_meta(self, step: int) -> dict:
+  @contextlib.contextmanager
+  def _restoring(self, step: int):
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # see restore()
-      raise self._error(step, e) from e
+      yield
+    except Exception as e:  # orbax and tensorstore raise many types; all mean "unusable"
+      raise CheckpointError(
+          f"{self.directory}/{step}: checkpoint exists but cannot be restored ({type(e).__name__}: {e}). "
+          f"Refusing to start from scratch. Fix the config to match it, or move this step directory "
+          f"away to resume from an earlier one.") from e
 
-  def _error(self, step: int, e: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"{self.directory}/{step}: checkpoint exists but cannot be restored ({type(e).__name__}: {e}). "
-        f"Refusing to start from scratch. Fix the config to match it, or move this step directory away "
-        f"to resume from an earlier one.")
+  def read_meta(self, step: int) -> dict:
+    with self._restoring(step):
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_params, abstract_opt_state, abstract_progress) -> dict:
     """All items of `step`, arrays placed as the abstract trees' shardings say."""
-    try:
+    with self._restoring(step):
       restored = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params),
           opt_state=ocp.args.StandardRestore(abstract_opt_state),
           progress=ocp.args.StandardRestore(abstract_progress),
           data=DataStateRestore(),
           meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax and tensorstore raise many types; all mean "unusable"
-      raise self._error(step, e) from e
     return {name: restored[name] for name in ITEMS}
+
+  def restore_params(self, step: int, abstract_params) -> Any:
+    with self._restoring(step):
+      return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
-
-
-def restore_params(directory: str, abstract_params) -> Any:
-  """Params of the latest step in another run's checkpoint directory (for `init_from`)."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f"{directory}: no checkpoint to initialise from")
-    try:
-      return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-    except Exception as e:  # see Checkpointer.restore
-      raise CheckpointError(f"{directory}/{step}: cannot restore params ({type(e).__name__}: {e})") from e
-  finally:
-    manager.close()

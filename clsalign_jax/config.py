@@ -171,6 +171,8 @@ def validate(config: config_dict.ConfigDict) -> None:
   if config.data.global_batch_size % config.train.grad_accum_steps:
     raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
                      f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
+  if config.eval.num_batches < 1:
+    raise ValueError("config.eval.num_batches must be >= 1")
   init_kind = config.init_from.partition(":")[0]
   if config.init_from and init_kind not in ("hf", "gguf", "orbax"):
     raise ValueError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")

@@ -2,6 +2,7 @@
 accumulation and multi-device reductions give the same result as one big batch.
 
 Row t of `logits_BTV` predicts token t + 1; its weight is the weight of that *target*.
+A `cls_label` of -1 marks an empty filler row: it adds nothing to the CLS loss or counts.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ def token_cross_entropy(logits_BTV: jax.Array, tokens_BT: jax.Array, weights_BT:
 
 
 def cls_bce(cls_logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
-  """Per-example binary cross-entropy with logits; label 1 = malicious."""
-  return optax.sigmoid_binary_cross_entropy(cls_logit_B.astype(jnp.float32), label_B.astype(jnp.float32))
+  """Per-example binary cross-entropy with logits; label 1 = malicious, -1 (filler) → 0."""
+  bce_B = optax.sigmoid_binary_cross_entropy(cls_logit_B.astype(jnp.float32),
+                                             jnp.maximum(label_B, 0).astype(jnp.float32))
+  return jnp.where(label_B >= 0, bce_B, 0.0)
 
 
 def cls_confusion(cls_logit_B: jax.Array, label_B: jax.Array, threshold: float) -> dict:
   """Counts of true/false positives/negatives with 'malicious' as the positive class."""
   pred_B = jax.nn.sigmoid(cls_logit_B.astype(jnp.float32)) > threshold
   true_B = label_B > 0
-  count = lambda m: jnp.sum(m.astype(jnp.float32))
+  valid_B = label_B >= 0
+  count = lambda m: jnp.sum((m & valid_B).astype(jnp.float32))
   return {"tp": count(pred_B & true_B), "fp": count(pred_B & ~true_B),
           "fn": count(~pred_B & true_B), "tn": count(~pred_B & ~true_B)}
 

@@ -9,7 +9,6 @@ import time
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
 
 from clsalign_jax.model import ModelConfig
 
@@ -68,6 +67,8 @@ class MetricWriter:
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._truncate_jsonl(start_step)
     self.jsonl = open(self.jsonl_path, "a")
+    # Imported here: tensorboardX pulls in torch when it is installed, which costs seconds.
+    from tensorboardX import SummaryWriter
     # purge_step makes TensorBoard hide events a killed run wrote after the restored step.
     self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,9 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer updates applied so far
   params: Any
   opt_state: Any
-  rng: jax.Array  # raw key data (uint32), so checkpoints hold a plain array
+  # Raw key data (uint32), so checkpoints hold a plain array. No layer is stochastic today; the
+  # per-step key is threaded through (as the 'dropout' stream) so adding one keeps resume exact.
+  rng: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +153,10 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     batch = _with_lm_weights(batch, config.train.mode)
-    n_seq = batch["tokens"].shape[0]
+    n_rows = batch["tokens"].shape[0]
     # Normalisers of the *global* batch, so each micro-batch's gradient is its exact share.
     n_tok = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
+    n_seq = jnp.maximum(jnp.sum(batch["cls_label"] >= 0), 1).astype(jnp.float32)
 
     def loss_fn(params, micro, key):
       sums = _forward_sums(model, params, micro, config, key)
@@ -166,7 +170,7 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
     else:
       # Strided micro-batches (rows i, i+A, ...) keep every micro-batch spread over all batch shards.
       def split(x):
-        x = x.reshape(n_seq // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        x = x.reshape(n_rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
         return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
 
       def body(carry, xs):
@@ -208,9 +212,7 @@ def make_eval_step(config, cfg: model_lib.ModelConfig):
 
 @dataclasses.dataclass
 class _Layout:
-  """Abstract (ShapeDtypeStruct) trees of the train state with their NamedShardings."""
-  params_boxed: Any
-  opt_state_boxed: Any
+  """The train state's NamedShardings, and its ShapeDtypeStructs carrying them (restore targets)."""
   shardings: TrainState
   abstract: TrainState
 
@@ -225,11 +227,18 @@ def _layout(cfg: model_lib.ModelConfig, tx, mesh, rules) -> _Layout:
   unboxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.meta.unbox(params_boxed),
                        opt_state=nn.meta.unbox(opt_state_boxed), rng=key_shape)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unboxed, shardings)
-  return _Layout(params_boxed, opt_state_boxed, shardings, abstract)
+  return _Layout(shardings, abstract)
+
+
+def _same(a, b) -> bool:
+  # Float fields may have passed through float32 (GGUF stores rms_eps 1e-5 as 9.99999975e-06).
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
 
 
 def _check_same_arch(found: dict, expected: model_lib.ModelConfig, fields, source: str) -> None:
-  diff = {f: (found.get(f), getattr(expected, f)) for f in fields if found.get(f) != getattr(expected, f)}
+  diff = {f: (found.get(f), getattr(expected, f)) for f in fields if not _same(found.get(f), getattr(expected, f))}
   if diff:
     detail = ", ".join(f"{f}: {a!r} there vs {b!r} in the config" for f, (a, b) in diff.items())
     raise ckpt_lib.CheckpointError(f"{source}: does not match the configured model ({detail})")
@@ -237,18 +246,20 @@ def _check_same_arch(found: dict, expected: model_lib.ModelConfig, fields, sourc
 
 def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
   kind, _, path = config.init_from.partition(":")
-  if kind == "orbax":
-    return ckpt_lib.restore_params(path, layout.abstract.params)
-  if kind == "hf":
-    from clsalign_jax.interop import hf
-    src_cfg, params = hf.load_hf(path)
-  else:
-    from clsalign_jax.interop import gguf
-    path = gguf.smollm2_gguf_path() if path == "smollm2" else path
-    src_cfg, params = gguf.load_gguf(path)
-  _check_same_arch(dataclasses.asdict(src_cfg), cfg, _ARCH_FIELDS, config.init_from)
-  # Stacking for scan_layers goes through jnp; keep that copy on the host, not on device 0.
+  if kind == "orbax" and not os.path.exists(os.path.join(path, "model_config.json")):
+    return _params_from_run(path, cfg, layout)
+  # Host-side loads; stacking for scan_layers goes through jnp, so keep it off device 0.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    if kind == "orbax":  # a params directory written by `python -m clsalign_jax.convert --dst_format=orbax`
+      from clsalign_jax import convert
+      src_cfg, params = convert.load_orbax_params(path)
+    elif kind == "hf":
+      from clsalign_jax.interop import hf
+      src_cfg, params = hf.load_hf(path)
+    else:
+      from clsalign_jax.interop import gguf
+      src_cfg, params = gguf.load_gguf(gguf.smollm2_gguf_path() if path == "smollm2" else path)
+    _check_same_arch(dataclasses.asdict(src_cfg), cfg, _ARCH_FIELDS, config.init_from)
     params = model_lib.to_layout(params, cfg)
   if jax.tree.structure(params) != jax.tree.structure(layout.abstract.params):
     raise ckpt_lib.CheckpointError(f"{config.init_from}: parameter tree does not match the model's")
@@ -256,6 +267,21 @@ def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
   return jax.tree.map(
       lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx: np.asarray(a[idx]).astype(s.dtype)),
       params, layout.abstract.params)
+
+
+def _params_from_run(directory: str, cfg: model_lib.ModelConfig, layout: _Layout):
+  """Params of the latest checkpoint of another training run (e.g. pretraining before SFT)."""
+  source = ckpt_lib.Checkpointer(directory, read_only=True)
+  try:
+    step = source.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"{directory}: no checkpoint to initialise from")
+    # The param dtype may differ (restoring casts); the layer layout may not.
+    _check_same_arch(source.read_meta(step)["model_config"], cfg, _ARCH_FIELDS + ("scan_layers",),
+                     f"{directory}/{step}")
+    return source.restore_params(step, layout.abstract.params)
+  finally:
+    source.close()
 
 
 def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
@@ -296,7 +322,7 @@ def _evaluate(config, eval_fn, params, batch_shardings, shard_index, shard_count
     batch = sharding.to_global_batch(local, batch_shardings, config.data.global_batch_size)
     for k, v in jax.device_get(eval_fn(params, batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  n_seq = totals["tp"] + totals["fp"] + totals["fn"] + totals["tn"]
+  n_seq = max(totals["tp"] + totals["fp"] + totals["fn"] + totals["tn"], 1.0)
   return {"lm_loss": totals["lm_sum"] / max(totals["lm_count"], 1.0), "cls_loss": totals["cls_sum"] / n_seq,
           **losses.classification_metrics(totals["tp"], totals["fp"], totals["fn"], totals["tn"])}
 
@@ -335,7 +361,6 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
       state = _initial_state(config, cfg, tx, layout, ckpt, train_iter)
       start = int(state.step)
       if start >= num_steps:
-        logging.info("training is complete: %s holds step %d of %d", ckpt.directory, start, num_steps)
         print(f"training is complete: checkpoint at step {start} of {num_steps} in {ckpt.directory}", flush=True)
         return state
       with nn.logical_axis_rules(rules):
@@ -346,76 +371,92 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
   return state
 
 
+class _StepMetrics:
+  """Fetches step k's metrics only after step k+1 is dispatched, so the host never idles the
+  device; adds throughput, writes them, and stops the run on a non-finite loss. Checkpoint and
+  eval steps `flush()` first, so a non-finite step is never saved."""
+
+  def __init__(self, writer, ckpt, cfg, n_params: int, global_batch: int, peak_flops: float | None):
+    self.writer, self.ckpt, self.cfg, self.n_params = writer, ckpt, cfg, n_params
+    self.global_batch, self.peak_flops = global_batch, peak_flops
+    self.pending = None
+    self.last_time = None
+
+  def push(self, step: int, device_metrics: dict, seq_len: int) -> None:
+    self.flush()
+    self.pending = (step, device_metrics, seq_len)
+
+  def reset_clock(self) -> None:
+    """Call after work that is not a training step (saving, eval), so it is not counted as one."""
+    self.last_time = None
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, device_metrics, seq_len = self.pending
+    self.pending = None
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    if self.last_time is not None:  # the first step of a run also pays for compilation
+      dt = now - self.last_time
+      values["step_time"] = dt
+      values["tokens_per_sec"] = self.global_batch * seq_len / dt
+      if self.peak_flops:
+        flops = self.global_batch * metrics_lib.train_flops_per_sequence(self.cfg, self.n_params, seq_len)
+        values["mfu"] = flops / (dt * jax.device_count() * self.peak_flops)
+    self.last_time = now
+    self.writer.write(step, "train", values)
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      self.ckpt.wait()
+      raise NonFiniteLossError(
+          f"step {step}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; training "
+          f"stopped without saving. Last good checkpoint: step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+
+
+def _next_batch(batches, step: int) -> dict:
+  try:
+    return next(batches)
+  except StopIteration:
+    raise ValueError(f"the training data ended before step {step}; the train split must repeat") from None
+
+
 def _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start, num_steps,
                 workdir, shard) -> TrainState:
+  first = _next_batch(train_iter, start + 1)
+  if np.ndim(first["cls_label"]) != 1:
+    raise ValueError("packed rows (several examples per row) are not supported: the model reads one "
+                     "[CLS] per row; turn packing off in the data config")
+  batches = itertools.chain([first], train_iter)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  first_local = next(train_iter)
-  batch_shardings = sharding.batch_shardings(mesh, rules, first_local)
+  batch_shardings = sharding.batch_shardings(mesh, rules, first)
   step_fn = jax.jit(make_train_step(config, cfg, tx, schedule),
                     in_shardings=(layout.shardings, batch_shardings), out_shardings=(layout.shardings, replicated),
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(config, cfg), in_shardings=(layout.shardings.params, batch_shardings),
                     out_shardings=replicated)
-
-  gbs, seq_len = config.data.global_batch_size, config.data.seq_len
-  n_params = model_lib.count_params(layout.abstract.params)
-  flops_per_step = gbs * metrics_lib.train_flops_per_sequence(cfg, n_params, seq_len)
-  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
+  gbs = config.data.global_batch_size
   writer = metrics_lib.MetricWriter(workdir, start, num_steps, config.metrics.progress_bar)
+  step_metrics = _StepMetrics(
+      writer, ckpt, cfg, model_lib.count_params(layout.abstract.params), gbs,
+      metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device))
   meta = _run_meta(config, cfg)
-
-  # Metrics of step k are fetched after step k+1 is dispatched, so the host never idles the
-  # device; checkpoint and eval steps flush first, so a non-finite step is never saved.
-  pending = None
-  last_time = None
-
-  def flush():
-    nonlocal pending, last_time
-    if pending is None:
-      return
-    step, device_metrics = pending
-    pending = None
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    now = time.perf_counter()
-    if last_time is not None:
-      dt = now - last_time
-      values["step_time"] = dt
-      values["tokens_per_sec"] = gbs * seq_len / dt
-      if peak:
-        values["mfu"] = flops_per_step / (dt * jax.device_count() * peak)
-    last_time = now
-    writer.write(step, "train", values)
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-      ckpt.wait()
-      raise NonFiniteLossError(
-          f"step {step}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; training "
-          f"stopped without saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
-
+  every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
   try:
-    local = first_local
     for step in range(start + 1, num_steps + 1):
-      if local is None:
-        try:
-          local = next(train_iter)
-        except StopIteration:
-          raise ValueError(f"the training data ended at step {step}; the train split must repeat") from None
-      batch = sharding.to_global_batch(local, batch_shardings, gbs)
-      local = None
-      state, step_metrics = step_fn(state, batch)
-      flush()
-      pending = (step, step_metrics)
-      every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
+      local = _next_batch(batches, step)
+      state, device_metrics = step_fn(state, sharding.to_global_batch(local, batch_shardings, gbs))
+      step_metrics.push(step, device_metrics, local["tokens"].shape[1])
       save_now = step == num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
       eval_now = step == num_steps or (every_eval > 0 and step % every_eval == 0)
-      if save_now or eval_now:
-        flush()
+      if not (save_now or eval_now):
+        continue
+      step_metrics.flush()
       if save_now:
         ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
                   train_iter.get_state(), meta)
       if eval_now:
         writer.write(step, "eval", _evaluate(config, eval_fn, state.params, batch_shardings, *shard))
-      if save_now or eval_now:
-        last_time = None  # the next step's time would include the save and eval
+      step_metrics.reset_clock()
     ckpt.wait()
   finally:
     writer.close()
@@ -430,15 +471,18 @@ def _activation_bytes(cfg: model_lib.ModelConfig, rows: int, seq_len: int, tenso
   """Coarse per-device activation memory of one micro-batch's forward + backward.
 
   Per layer and token, without remat: ~6 D-wide tensors, q/k/v/attention output, 3 MLP-wide
-  tensors, plus fp32 scores and dtype probabilities over T keys per (sharded) head. With remat
-  only the layer input is kept per layer, plus one layer rebuilt during the backward pass.
-  The fp32 logits and their gradient, and the boolean mask, come on top.
+  tensors, plus over T keys per (sharded) head the fp32 scores before and after masking and the
+  probabilities. With remat only the layer input is kept per layer, plus one layer rebuilt
+  during the backward pass. The fp32 logits and their gradient, and the boolean mask, come on
+  top. Checked against XLA's peak on one H200, in all with params, optimizer and gradients:
+  Llama-2-7B (remat full, micro-batch 1 × 2048) 102.9 GiB estimated vs 102.5 GiB measured;
+  SmolLM2-135M (no remat, bf16, 16 × 1024) 59.0 vs 59.2 GiB.
   """
   b, T = rows, seq_len
   act = jnp.dtype(cfg.dtype).itemsize
   heads, kv_heads = cfg.n_heads / tensor, cfg.n_kv_heads / tensor
   per_token = (6 * cfg.d_model + (2 * heads + 2 * kv_heads) * cfg.head_dim + 3 * cfg.d_ff / tensor) * act
-  layer = b * T * per_token + b * heads * T * T * (4 + act)
+  layer = b * T * per_token + b * heads * T * T * (8 + act)
   if cfg.remat_policy == "none":
     layers = cfg.n_layers * layer
   else:
@@ -462,7 +506,10 @@ def dry_run(config, num_devices: int) -> str:
   param_specs = sharding.logical_specs(params_boxed, rules)
   params_b = sharding.per_device_bytes(nn.meta.unbox(params_boxed), param_specs, mesh)
   opt_b = sharding.per_device_bytes(nn.meta.unbox(opt_boxed), sharding.logical_specs(opt_boxed, rules), mesh)
-  grads_b = params_b * 4 // jnp.dtype(cfg.param_dtype).itemsize  # gradients are accumulated in fp32
+  # Gradients come out in the param dtype and are summed in fp32: both exist at the peak.
+  grads_b = params_b * 4 // jnp.dtype(cfg.param_dtype).itemsize
+  if jnp.dtype(cfg.param_dtype) != jnp.float32:
+    grads_b += params_b
 
   batch_shards = sharding.batch_shard_count(mesh, rules)
   micro = config.data.global_batch_size // config.train.grad_accum_steps
@@ -478,7 +525,7 @@ def dry_run(config, num_devices: int) -> str:
       f"micro-batch: {micro} sequences x {config.data.seq_len} tokens, {rows} per device"
       + ("" if micro % batch_shards == 0 else f" (NOTE: {micro} does not divide over {batch_shards} batch shards)"),
       f"per device: params {gib(params_b)} ({cfg.param_dtype}), optimizer {gib(opt_b)} ({config.optimizer.state_dtype}), "
-      f"gradients {gib(grads_b)} (float32), activations ~{gib(act_b)} (estimate), "
+      f"gradients {gib(grads_b)}, activations ~{gib(act_b)} (estimate), "
       f"total ~{gib(params_b + opt_b + grads_b + act_b)}",
   ]
   return "\n".join(lines)
