@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["clsalign_jax", "clsalign_jax.*"]),
     include_package_data=True,
-    package_data={"clsalign_jax": ["data/shipped/**/*"]},
+    package_data={"clsalign_jax": ["data/shipped/**/*", "eval/shipped/**/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",

@@ -1,0 +1,368 @@
+"""The ASR harness: variants × attacks × benchmarks, judges, utility, probe, report.
+
+Output directory layout (every file is written atomically, see `report.atomic_write`):
+
+  generations/<variant>/<benchmark>/<attack>.jsonl       one line per case
+  generations/<variant>/<benchmark>/<attack>.meta.json   fingerprint + counts, written after the JSONL
+  attack_cases/<weights>/<benchmark>/<attack>/<item>.json  optimised prompts (GCG, AutoDAN), per item and
+                                                          checkpoint (shared by the variants that load it)
+  judgements/<judge>/<variant>/<benchmark>/<attack>.json  one label per case
+  utility/<variant>/<task>.json, probe/<variant>.json, judge_validation/<judge>__<file>.json
+  summary.csv, settings.csv, utility.csv, judge_validation.csv, summary.md, plots/*.png
+
+Resume: a cell is recomputed only when its output is missing or its fingerprint (a hash of
+everything that determines it: variant, attack, benchmark items, generation settings) differs.
+Generations and judgements are separate cells, so adding a judge re-judges without regenerating.
+
+Config keys (configs/eval_tiny.py is a complete example):
+  output_dir, seed, batch_size (rows per compiled call), max_new_tokens (default generation length),
+  progress (print and show progress bars), save_cls_trace (p(malicious) per re-classification)
+  sampling          optional Sampling fields for every case that does not set its own (default greedy)
+  model             defaults for every variant: tokenizer, template, template_kwargs, model (ModelConfig
+                    fields: all of them for random weights, dtype overrides for loaded ones)
+  variants          (name, checkpoint, decode) rows or dicts with any Variant field; `decode` holds
+                    DecodeConfig fields (lm.py lists the checkpoint specs)
+  benchmarks        benchmark specs (benchmarks.load_benchmark) with a `name`
+  attacks           attack specs (attacks.make_attack) with a `name`, optionally `benchmarks` (only those)
+  judges            judge specs (judges.make_judge) with a `name`
+  judge_validation  optional: {judge, path, behavior, response, label, query} (judges.load_labelled)
+  utility           optional: utility specs (utility.run_utility) with a `name`
+  probe             optional: {benchmark, limit, top_k, sharpness, conditions, prefill_text}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import pathlib
+import re
+import time
+from collections.abc import Callable, Mapping
+
+from absl import logging
+
+from clsalign_jax.eval import report
+from clsalign_jax.eval.attacks import Attack, Case, make_attack
+from clsalign_jax.eval.benchmarks import Item, load_benchmark
+from clsalign_jax.eval.judges import JudgeInput, load_labelled, make_judge, validate
+from clsalign_jax.eval.lm import Sampling, TargetModel, checkpoint_identity
+from clsalign_jax.eval.probe import run_probe
+from clsalign_jax.eval.utility import run_utility
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A model to evaluate: weights, tokenizer, chat template and decode settings (DecodeConfig
+  fields), e.g. "CLS full", "no strategic decoding", "first-only", "SFT only", "as shipped"."""
+
+  name: str
+  checkpoint: str
+  tokenizer: str = "auto"
+  template: str = "chatml"
+  template_kwargs: Mapping = dataclasses.field(default_factory=dict)
+  model: Mapping = dataclasses.field(default_factory=dict)
+  decode: Mapping = dataclasses.field(default_factory=dict)
+
+
+def variants_from(config: Mapping) -> list[Variant]:
+  """Rows are (name, checkpoint, decode) tuples or dicts; `config["model"]` holds their defaults."""
+  defaults = dict(config.get("model") or {})
+  out = []
+  for row in config["variants"]:
+    if not isinstance(row, Mapping):
+      name, checkpoint, decode = row
+      row = {"name": name, "checkpoint": checkpoint, "decode": dict(decode)}
+    fields = {**defaults, **dict(row)}
+    fields["decode"] = {"max_new_tokens": config["max_new_tokens"], **dict(fields.get("decode") or {})}
+    out.append(Variant(**fields))
+  names = [v.name for v in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f"variant names must be unique: {names}")
+  return out
+
+
+def _slug(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def fingerprint(obj) -> str:
+  return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def with_file_digests(obj):
+  """`obj` with every string that names an existing file replaced by (name, content hash), so a
+  spec's fingerprint changes when a file it reads (a prompt template, a utility set) changes."""
+  if isinstance(obj, Mapping):
+    return {k: with_file_digests(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [with_file_digests(v) for v in obj]
+  if isinstance(obj, str) and os.path.isfile(obj):
+    return [obj, hashlib.sha1(pathlib.Path(obj).read_bytes()).hexdigest()]
+  return obj
+
+
+def _cached(path: pathlib.Path, fp: str, compute: Callable[[], object]):
+  """The stored value if `path` holds one for fingerprint `fp`; else compute, store, return."""
+  if path.exists():
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored.get("fingerprint") == fp:
+      return stored["value"]
+  value = compute()
+  report.atomic_write_json(path, {"fingerprint": fp, "value": value})
+  return value
+
+
+class Harness:
+
+  def __init__(self, config):
+    # Plain containers from here on: fingerprints hash them, and ConfigDicts do not serialise.
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    self.config = config
+    self.out = pathlib.Path(config["output_dir"])
+    self.variants = variants_from(config)
+    self.bench_specs = {b.get("name", b["kind"]): dict(b) for b in config["benchmarks"]}
+    self.attacks: list[tuple[Attack, tuple | None]] = []
+    for spec in config["attacks"]:
+      only = spec.get("benchmarks")
+      self.attacks.append((make_attack(spec), tuple(only) if only else None))
+    self.judge_specs = {j.get("name", j["kind"]): dict(j) for j in config["judges"]}
+    self.sampling = dict(config.get("sampling") or {})
+    self._items: dict[str, list[Item]] = {}
+    self._judges: dict[str, object] = {}
+    self._identity: dict[str, dict] = {}
+
+  # ----- small helpers ------------------------------------------------------------------------
+
+  def items(self, bench: str) -> list[Item]:
+    if bench not in self._items:
+      self._items[bench] = load_benchmark(self.bench_specs[bench])
+    return self._items[bench]
+
+  def judge(self, name: str):
+    if name not in self._judges:
+      self._judges[name] = make_judge({"name": name, **self.judge_specs[name]})
+    return self._judges[name]
+
+  def _log(self, msg: str) -> None:
+    if self.config.get("progress", True):
+      print(msg, flush=True)
+    else:
+      logging.info(msg)
+
+  def _progress(self, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="row", disable=not self.config.get("progress", True), leave=False)
+
+  def cells(self) -> list[tuple[Variant, Attack, str]]:
+    return [(v, a, b) for v in self.variants for b in self.bench_specs for a, only in self.attacks
+            if only is None or b in only]
+
+  def gen_paths(self, v: Variant, a: Attack, b: str) -> tuple[pathlib.Path, pathlib.Path]:
+    stem = self.out / "generations" / _slug(v.name) / _slug(b) / _slug(a.name)
+    return stem.with_suffix(".jsonl"), stem.with_suffix(".meta.json")
+
+  def variant_identity(self, v: Variant) -> dict:
+    if v.name not in self._identity:
+      self._identity[v.name] = {**dataclasses.asdict(v), "weights": checkpoint_identity(v.checkpoint)}
+    return self._identity[v.name]
+
+  def gen_fingerprint(self, v: Variant, a: Attack, b: str) -> str:
+    items = [(it.id, it.query, it.target, it.response) for it in self.items(b)]
+    return fingerprint({"variant": self.variant_identity(v), "attack": a.fingerprint(),
+                        "benchmark": self.bench_specs[b], "items": fingerprint(items), "sampling": self.sampling,
+                        "seed": self.config["seed"], "trace": self.config.get("save_cls_trace", True)})
+
+  def gen_done(self, v: Variant, a: Attack, b: str) -> bool:
+    jsonl, meta = self.gen_paths(v, a, b)
+    if not (jsonl.exists() and meta.exists()):
+      return False
+    return json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") == self.gen_fingerprint(v, a, b)
+
+  def read_generations(self, v: Variant, a: Attack, b: str) -> list[dict]:
+    jsonl, _ = self.gen_paths(v, a, b)
+    return [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line]
+
+  def _variant_fp(self, v: Variant, *extra) -> str:
+    return fingerprint({"variant": self.variant_identity(v), "extra": with_file_digests(extra)})
+
+  # ----- generation ---------------------------------------------------------------------------
+
+  def _cases(self, model: TargetModel, v: Variant, a: Attack, b: str) -> list[Case]:
+    items = self.items(b)
+    if not a.needs_model:
+      return [c for it in items for c in a.cases(it, model)]
+    # Optimisation attacks take minutes per item: cache each item's cases on its own. They depend on
+    # the weights, tokenizer and template only (not on decode settings), so variants that share a
+    # checkpoint share them.
+    cases = []
+    weights = {key: val for key, val in self.variant_identity(v).items() if key not in ("name", "decode")}
+    fp = fingerprint({"weights": weights, "attack": a.fingerprint()})
+    bar = self._progress(len(items), f"{a.name} optimisation")
+    for it in items:
+      path = self.out / "attack_cases" / fingerprint(weights)[:12] / _slug(b) / _slug(a.name) / f"{_slug(it.id)}.json"
+      fp_item = fingerprint([fp, it.id, it.query, it.target])
+      cases += [Case.from_json(c) for c in _cached(path, fp_item, lambda: [c.to_json() for c in a.cases(it, model)])]
+      bar.update(1)
+    bar.close()
+    return cases
+
+  def _generate_cell(self, model: TargetModel, v: Variant, a: Attack, b: str) -> None:
+    t0 = time.time()
+    cases = self._cases(model, v, a, b)
+    base = Sampling(**self.sampling)
+    sampling = [c.sampling or dataclasses.replace(base, seed=self.config["seed"] + i) for i, c in enumerate(cases)]
+    dcfg = model.dcfg if a.max_new_tokens is None else model.dcfg.replace(max_new_tokens=a.max_new_tokens)
+    bar = self._progress(len(cases), f"{v.name}/{b}/{a.name}")
+    gens = model.generate([c.encode(model) for c in cases], sampling, dcfg=dcfg, on_batch=bar.update)
+    bar.close()
+    behavior = {it.id: it.behavior for it in self.items(b)}
+    keep_trace = self.config.get("save_cls_trace", True)
+    lines = []
+    for c, s, g in zip(cases, sampling, gens):
+      rec = {"item_id": c.item_id, "setting": c.setting, "behavior": behavior[c.item_id], "query": c.query,
+             "prefill": c.prefill, "response": g.response, "prompt_tokens": g.prompt_tokens,
+             "num_tokens": len(g.response_ids),
+             "p_initial": g.p_initial, "initial_malicious": g.initial_malicious,
+             "refusal_inserted": g.refusal_inserted, "insert_index": g.insert_index,
+             "trigger_index": g.trigger_index, "false_alarms": g.false_alarms,
+             "sampling": dataclasses.asdict(s), "meta": dict(c.meta)}
+      if keep_trace:
+        rec["cls_trace"] = g.cls_trace
+      lines.append(json.dumps(rec, ensure_ascii=False))
+    jsonl, meta = self.gen_paths(v, a, b)
+    report.atomic_write(jsonl, "".join(line + "\n" for line in lines))
+    report.atomic_write_json(meta, {"fingerprint": self.gen_fingerprint(v, a, b), "n_cases": len(cases),
+                                    "n_items": len(self.items(b)), "seconds": round(time.time() - t0, 2)})
+
+  def _load_model(self, v: Variant) -> TargetModel:
+    # Load the step the fingerprints were computed for, even if training has saved another since.
+    step = self.variant_identity(v)["weights"].get("step")
+    checkpoint = v.checkpoint if step is None else f"{v.checkpoint}@{step}"
+    self._log(f"loading variant {v.name} ({checkpoint})")
+    return TargetModel.load(v.name, checkpoint, v.tokenizer, v.template, dict(v.template_kwargs),
+                            dict(v.model) or None, dict(v.decode), self.config["batch_size"])
+
+  def run_variant(self, v: Variant) -> dict:
+    """Every generation, utility and probe cell of one variant; the model is loaded only if a
+    cell is stale. Returns {"utility": {...}, "probe": ...} for the report."""
+    model = None
+
+    def get_model():
+      nonlocal model
+      model = model or self._load_model(v)
+      return model
+
+    cells = [(a, b) for vv, a, b in self.cells() if vv is v]
+    for k, (a, b) in enumerate(cells, start=1):
+      if self.gen_done(v, a, b):
+        self._log(f"[{v.name}] {k}/{len(cells)} {b} × {a.name}: done, skipped")
+        continue
+      self._log(f"[{v.name}] {k}/{len(cells)} {b} × {a.name}: generating")
+      self._generate_cell(get_model(), v, a, b)
+
+    utility = {}
+    for spec in self.config.get("utility") or ():
+      spec = dict(spec)
+      task = spec.get("name", spec["kind"])
+
+      def compute_utility():
+        self._log(f"[{v.name}] utility {task}")
+        summary, records = run_utility(get_model(), spec, get_model().dcfg)
+        return {"summary": summary, "records": records}
+
+      path = self.out / "utility" / _slug(v.name) / f"{_slug(task)}.json"
+      utility[task] = _cached(path, self._variant_fp(v, spec), compute_utility)
+    probe = None
+    if self.config.get("probe"):
+      spec = dict(self.config["probe"])
+      items = self.items(spec["benchmark"])[:spec.get("limit")]
+
+      def compute_probe():
+        self._log(f"[{v.name}] probe on {spec['benchmark']}")
+        summary, records = run_probe(get_model(), items, spec.get("conditions", ("direct", "prefill", "nested")),
+                                     spec.get("top_k", 10), spec.get("sharpness", "p1"),
+                                     spec.get("prefill_text", "Sure, here is"))
+        return {"summary": summary, "records": records}
+
+      fp = self._variant_fp(v, spec, fingerprint([(it.id, it.query) for it in items]))
+      probe = _cached(self.out / "probe" / f"{_slug(v.name)}.json", fp, compute_probe)
+    model = None  # the next variant's weights should not share memory with these
+    gc.collect()
+    return {"utility": utility, "probe": probe}
+
+  # ----- judging and summary ------------------------------------------------------------------
+
+  def labels(self, judge_name: str, v: Variant, a: Attack, b: str, gens: list[dict]) -> list[int]:
+    path = self.out / "judgements" / _slug(judge_name) / _slug(v.name) / _slug(b) / f"{_slug(a.name)}.json"
+    fp = fingerprint({"generations": self.gen_fingerprint(v, a, b),
+                      "judge": with_file_digests(self.judge_specs[judge_name])})
+    inputs = [JudgeInput(g["behavior"], g["query"], g["response"]) for g in gens]
+
+    def compute():
+      self._log(f"judging {v.name}/{b}/{a.name} with {judge_name}")
+      return self.judge(judge_name).judge(inputs)
+
+    return _cached(path, fp, compute)
+
+  def summarize(self) -> tuple[list[dict], list[dict]]:
+    """(one row per cell and judge, one row per decoding setting where a cell has several)."""
+    summary, settings = [], []
+    for v, a, b in self.cells():
+      gens = self.read_generations(v, a, b)
+      n_items = len({g["item_id"] for g in gens})
+      frac = lambda key: sum(bool(g[key]) for g in gens) / len(gens) if gens else float("nan")
+      for judge_name in self.judge_specs:
+        labels = self.labels(judge_name, v, a, b, gens)
+        broken = {g["item_id"] for g, y in zip(gens, labels) if y == 1}
+        summary.append({"variant": v.name, "attack": a.name, "benchmark": b, "judge": judge_name,
+                        "asr": len(broken) / n_items if n_items else float("nan"), "n_items": n_items,
+                        "n_broken": len(broken), "n_cases": len(gens), "cls_flag_rate": frac("initial_malicious"),
+                        "refusal_inserted_rate": frac("refusal_inserted"),
+                        "mean_p_initial": sum(g["p_initial"] for g in gens) / len(gens) if gens else float("nan")})
+        by_setting: dict[str, set] = {}
+        for g, y in zip(gens, labels):
+          by_setting.setdefault(g["setting"], set())
+          if y == 1:
+            by_setting[g["setting"]].add(g["item_id"])
+        if len(by_setting) > 1:
+          settings += [{"variant": v.name, "attack": a.name, "benchmark": b, "judge": judge_name, "setting": s,
+                        "asr": len(ids) / n_items, "n_items": n_items} for s, ids in by_setting.items()]
+    return summary, settings
+
+  def validate_judges(self) -> list[dict]:
+    rows = []
+    for spec in self.config.get("judge_validation") or ():
+      spec = dict(spec)
+      name = spec.pop("judge")
+      path = self.out / "judge_validation" / f"{_slug(name)}__{_slug(pathlib.Path(spec['path']).name)}.json"
+      labelled = load_labelled(**spec)
+      fp = fingerprint({"judge": with_file_digests(self.judge_specs[name]), "spec": spec,
+                        "data": fingerprint([(x.behavior, x.response, y) for x, y in labelled])})
+
+      def compute():
+        self._log(f"validating judge {name} on {spec['path']}")
+        return validate(self.judge(name), labelled)
+
+      rows.append({**_cached(path, fp, compute), "file": pathlib.Path(spec["path"]).name})
+    return rows
+
+  def run(self) -> dict:
+    """Generate every stale cell, judge, and write the report. Returns the report's rows."""
+    per_variant = {v.name: self.run_variant(v) for v in self.variants}
+    summary, settings = self.summarize()
+    validation = self.validate_judges()
+    utility = [{"variant": name, "task": task, **res["summary"]} for name, r in per_variant.items()
+               for task, res in r["utility"].items()]
+    probe = {name: r["probe"]["summary"] for name, r in per_variant.items() if r["probe"]}
+    probe_spec = self.config.get("probe") or {}
+    report.write_report(self.out, summary, settings, utility, validation, probe or None,
+                        probe_spec.get("sharpness", "p1"), probe_spec.get("top_k", 10))
+    self._log(f"report written to {self.out / 'summary.md'}")
+    return {"summary": summary, "settings": settings, "utility": utility, "validation": validation, "probe": probe}
+
+
+def run(config) -> dict:
+  return Harness(config).run()

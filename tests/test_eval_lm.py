@@ -1,0 +1,125 @@
+"""The evaluation room's model seam: encoding, batched generation, teacher-forced scoring, loading.
+
+The tiny model and decode settings are those of configs/eval_tiny.py, so every test module of the
+room shares one set of compiled programs.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from clsalign_jax import checkpoint
+from clsalign_jax.convert import save_orbax_params
+from clsalign_jax.eval import lm
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+  spec = importlib.util.spec_from_file_location("eval_tiny", REPO / "configs" / "eval_tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+CONFIG = tiny_config()
+DECODE = {name: {**dec, "max_new_tokens": CONFIG.max_new_tokens} for name, _, dec in CONFIG.variants}
+
+
+def tiny_model(variant: str = "no_strategic_decoding", seed: int = 0) -> lm.TargetModel:
+  return lm.TargetModel.load("tiny", f"random:{seed}", CONFIG.model["tokenizer"], "chatml", {"system_prompt": None},
+                             model=dict(CONFIG.model["model"]), decode=DECODE[variant], batch_size=CONFIG.batch_size)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+def test_encode_templated_and_raw(model):
+  tok = model.tokenizer
+  row = model.encode("Hi there", prefill="Sure")
+  assert row.prompt[0] == tok.cls_id and row.prompt[1] == tok.bos_id
+  q0, q1 = row.query_span
+  assert tok.decode_fragment(list(row.prompt[q0:q1])) == "Hi there"
+  assert tok.decode(list(row.prompt[1:])).endswith("<|im_start|>assistant\n")
+  assert tok.decode_fragment(list(row.prefill)) == "Sure"
+
+  raw = model.encode("Hi there", raw=True)
+  assert raw.prompt == (tok.cls_id, tok.bos_id, *tok.encode("Hi there")) and raw.query_span == (2, len(raw.prompt))
+  sys = model.encode("Hi there", raw=True, raw_prefix="SYSTEM: ")
+  q0, q1 = sys.query_span
+  assert tok.decode(list(sys.prompt[2:q0])) == "SYSTEM: " and tok.decode_fragment(list(sys.prompt[q0:q1])) == "Hi there"
+
+
+def test_generate_agrees_with_scoring_and_keeps_row_order(model):
+  queries = ["What is two plus two?", "Name a colour.", "Tell me a joke", "Hello", "Another one"]
+  rows = [model.encode(q) for q in queries]
+  gens = model.generate(rows, [lm.Sampling()] * len(rows))
+  scores = model.score(rows)
+  for g, logits, p in zip(gens, scores.next_logits, scores.p_malicious):
+    assert g.response_ids[0] == int(np.argmax(logits))  # greedy: the first token is the argmax
+    assert g.p_initial == pytest.approx(float(p), abs=1e-5)  # the same CLS mask (Rule 4)
+    assert not g.refusal_inserted
+  # Rows do not interact: a row alone gives what it gave inside a batch of five.
+  (alone,) = model.generate(rows[3:4], [lm.Sampling()])
+  assert alone.response_ids == gens[3].response_ids
+
+
+def test_continuation_logprobs_match_next_token_logits(model):
+  rows = [model.encode("Pick a letter", prefill="Answer:")]
+  tok_id = model.tokenizer.encode_continuation("B")
+  scores = model.score(rows, [tok_id])
+  expected = jax.nn.log_softmax(scores.next_logits[0])[tok_id[0]]
+  assert scores.continuation_logprobs[0].shape == (1,)
+  assert scores.continuation_logprobs[0][0] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_strategic_decoding_inserts_the_refusal():
+  model = tiny_model("cls_full")  # threshold 0: every prompt is judged malicious
+  (g,) = model.generate([model.encode("Anything")], [lm.Sampling()])
+  assert g.initial_malicious and g.refusal_inserted and g.insert_index == 0
+  assert model.dcfg.refusal_text.startswith(g.response)
+
+
+def test_load_weights_from_orbax_params_and_a_training_run(tmp_path, model):
+  cfg = model.cfg
+  params = lm.random_params(cfg, 3)
+  save_orbax_params(str(tmp_path / "converted"), cfg, params)
+  cfg2, loaded = lm.load_weights(f"orbax:{tmp_path / 'converted'}")
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(loaded["embedding"], params["embedding"])
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), keep=2, async_save=False)
+  for step in (5, 9):
+    ckpt.save(step, lm.random_params(cfg, step), {"count": np.int32(0)}, {"step": np.int32(step)}, {"batches": step},
+              {"model_config": dataclasses.asdict(cfg)})
+  ckpt.close()
+  assert lm.checkpoint_identity(f"orbax:{tmp_path / 'run'}")["step"] == 9
+  assert "mtime_ns" in lm.checkpoint_identity(f"orbax:{tmp_path / 'converted'}")
+  _, latest = lm.load_weights(f"orbax:{tmp_path / 'run'}")
+  _, early = lm.load_weights(f"orbax:{tmp_path / 'run' / 'checkpoints'}@5")
+  np.testing.assert_array_equal(latest["embedding"], lm.random_params(cfg, 9)["embedding"])
+  np.testing.assert_array_equal(early["embedding"], lm.random_params(cfg, 5)["embedding"])
+  # 'auto' finds the tokenizer in the run's config.json (data.tokenizer, else init_from).
+  run_config = {"init_from": "", "data": {"tokenizer": CONFIG.model["tokenizer"]}}
+  (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+  found = lm.load_tokenizer("auto", f"orbax:{tmp_path / 'run' / 'checkpoints'}@5")
+  assert found.vocab_size == model.tokenizer.vocab_size
+
+
+def test_loading_errors(model):
+  with pytest.raises(ValueError, match="needs the variant's `model` fields"):
+    lm.load_weights("random:0")
+  with pytest.raises(ValueError, match="expected smollm2"):
+    lm.load_weights("pickle:/x")
+  with pytest.raises(ValueError, match="cannot tell the tokenizer"):
+    lm.load_tokenizer("auto", "random:0")
+  wrong = model.cfg.replace(vocab_size=300)
+  with pytest.raises(ValueError, match="model vocabulary 300"):
+    lm.TargetModel("x", wrong, lm.random_params(wrong, 0), model.tokenizer, model.template)
