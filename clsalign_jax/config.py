@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from ml_collections import config_dict
 
@@ -81,6 +82,10 @@ def default_config() -> config_dict.ConfigDict:
   c.train.num_epochs = 15.0
   # The global batch is split into this many micro-batches inside the jitted step.
   c.train.grad_accum_steps = 1
+  # Regex (re.search) over parameter paths such as 'layers_29/mlp/up_proj' or 'cls_head/kernel':
+  # only matching parameters are trained and get optimizer state; '' trains everything (the
+  # paper). Selecting single layers needs model.scan_layers=False (scanned layers are one array).
+  c.train.trainable = ""
 
   c.loss = config_dict.ConfigDict()
   c.loss.cls_weight = 0.1  # λ2 for SFT (λ1 for pretraining)
@@ -121,6 +126,23 @@ def default_config() -> config_dict.ConfigDict:
   c.eval = config_dict.ConfigDict()
   c.eval.every_steps = 500  # 0: only after the last step
   c.eval.num_batches = 8
+
+  # Stages `python -m clsalign_jax.main` runs once training is complete (clsalign_jax/pipeline.py).
+  c.after_training = config_dict.ConfigDict()
+  # CLS metrics on test prompts, strategic vs plain decoding under attack, report.md + plots/.
+  c.after_training.evaluate = False
+  c.after_training.batch_size = 8  # rows per compiled decode / scoring call
+  c.after_training.max_new_tokens = 64
+  c.after_training.tokenizer = "auto"  # eval/lm.py load_tokenizer: 'auto' = the run's tokenizer
+  c.after_training.template = "chatml"
+  # Benchmark specs (eval/benchmarks.py load_benchmark): malicious prompts (ASR) and benign ones
+  # (over-refusal). AdvBench is not in the training mixture; I-Alpaca is not either.
+  c.after_training.malicious = config_dict.ConfigDict(dict(kind="advbench", limit=100))
+  c.after_training.benign = config_dict.ConfigDict(dict(kind="safety_tuned_llamas", subset="alpaca", limit=100))
+  # Prompts per label from the test split for the CLS metrics (-1: all), or a JSONL of
+  # prompt/label rows to use instead.
+  c.after_training.cls_test_examples = -1
+  c.after_training.cls_test_prompts = ""
 
   c.metrics = config_dict.ConfigDict()
   # bf16 dense peak of one device, for MFU; 0 = look the device kind up (CPU: no MFU).
@@ -173,6 +195,10 @@ def validate(config: config_dict.ConfigDict) -> None:
                      f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
   if config.eval.num_batches < 1:
     raise ValueError("config.eval.num_batches must be >= 1")
+  try:
+    re.compile(config.train.trainable)
+  except re.error as e:
+    raise ValueError(f"config.train.trainable={config.train.trainable!r} is not a regular expression: {e}") from None
   init_kind = config.init_from.partition(":")[0]
   if config.init_from and init_kind not in ("hf", "gguf", "orbax"):
     raise ValueError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")

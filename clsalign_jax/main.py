@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clsalign_jax import checkpoint, train
+from clsalign_jax import checkpoint, pipeline, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.")
@@ -52,6 +52,8 @@ def main(argv):
     train.train_and_evaluate(config, _WORKDIR.value)
   except (train.NonFiniteLossError, checkpoint.CheckpointError) as e:
     sys.exit(f"error: {e}")
+  if config.after_training.evaluate and jax.process_index() == 0:
+    pipeline.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

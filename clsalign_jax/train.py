@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -123,6 +124,71 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 
 
 # ---------------------------------------------------------------------------------------------
+# Trainable subset
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _is_param(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata) or not isinstance(x, dict)
+
+
+class ParamPartition:
+  """Splits a params tree into the trainable subtree (`config.train.trainable`) and the frozen
+  rest, both nested dicts with the params' own keys, so optimizer state and checkpoints keep a
+  plain tree. Gradients are taken w.r.t. the trainable part only: JAX then runs no backward pass
+  through layers below the lowest trainable one and computes no weight gradients for frozen ones."""
+
+  def __init__(self, config, cfg: model_lib.ModelConfig):
+    pattern = config.train.trainable
+    paths = lambda c: [_path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        model_lib.abstract_params(c), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]]
+    if not pattern:
+      self.trainable = frozenset(paths(cfg))
+      return
+    if cfg.scan_layers:
+      # Scanned layers are one stacked array per weight: a pattern must pick all layers or none.
+      per_layer = {}
+      for path in paths(cfg.replace(scan_layers=False)):
+        layer, _, rest = path.partition("/")
+        if re.fullmatch(r"layers_\d+", layer):
+          per_layer.setdefault(rest, set()).add(bool(re.search(pattern, path)))
+      if any(len(picked) > 1 for picked in per_layer.values()):
+        raise ValueError(f"config.train.trainable={pattern!r} selects individual layers, but scanned layers "
+                         "are stacked into one array per weight; set config.model.scan_layers=False")
+    # A stacked weight 'layers/X' is what 'layers_0/X' (hence every layer) is unscanned.
+    unscanned = lambda p: re.sub(r"^layers/", "layers_0/", p)
+    self.trainable = frozenset(p for p in paths(cfg) if re.search(pattern, p) or re.search(pattern, unscanned(p)))
+    if not self.trainable:
+      raise ValueError(f"config.train.trainable={pattern!r} matches no parameter; paths look like "
+                       f"{', '.join(paths(cfg)[:4])}")
+
+  def _select(self, tree, keep: bool, prefix: str = ""):
+    out = {}
+    for k, v in tree.items():
+      path = f"{prefix}{k}"
+      if not _is_param(v):
+        sub = self._select(v, keep, path + "/")
+        if sub:
+          out[k] = sub
+      elif (path in self.trainable) == keep:
+        out[k] = v
+    return out
+
+  def split(self, params) -> tuple[dict, dict]:
+    return self._select(params, True), self._select(params, False)
+
+  @staticmethod
+  def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+      out[k] = ParamPartition.merge(out[k], v) if k in out else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Forward, step, eval
 
 
@@ -149,23 +215,25 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
   model = model_lib.Transformer(cfg)
   accum = config.train.grad_accum_steps
   cls_weight = config.loss.cls_weight
+  partition = ParamPartition(config, cfg)
 
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    trainable, frozen = partition.split(state.params)
     batch = _with_lm_weights(batch, config.train.mode)
     n_rows = batch["tokens"].shape[0]
     # Normalisers of the *global* batch, so each micro-batch's gradient is its exact share.
     n_tok = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
     n_seq = jnp.maximum(jnp.sum(batch["cls_label"] >= 0), 1).astype(jnp.float32)
 
-    def loss_fn(params, micro, key):
-      sums = _forward_sums(model, params, micro, config, key)
+    def loss_fn(trainable, micro, key):
+      sums = _forward_sums(model, partition.merge(trainable, frozen), micro, config, key)
       return sums["lm_sum"] / n_tok + cls_weight * sums["cls_sum"] / n_seq, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
     if accum == 1:
-      grads, sums = grad_fn(state.params, batch, step_rng)
+      grads, sums = grad_fn(trainable, batch, step_rng)
       grads = to_f32(grads)
     else:
       # Strided micro-batches (rows i, i+A, ...) keep every micro-batch spread over all batch shards.
@@ -175,16 +243,16 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
 
       def body(carry, xs):
         grads_acc, sums_acc = carry
-        grads, sums = grad_fn(state.params, *xs)
+        grads, sums = grad_fn(trainable, *xs)
         return (jax.tree.map(jnp.add, grads_acc, to_f32(grads)), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
                {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS})
       micro_batches = jax.tree.map(split, batch)
       (grads, sums), _ = jax.lax.scan(body, zeros, (micro_batches, jax.random.split(step_rng, accum)))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = partition.merge(optax.apply_updates(trainable, updates), frozen)
     lm_loss, cls_loss = sums["lm_sum"] / n_tok, sums["cls_sum"] / n_seq
     step_metrics = {
         "loss": lm_loss + cls_weight * cls_loss, "lm_loss": lm_loss, "cls_loss": cls_loss,
@@ -217,9 +285,10 @@ class _Layout:
   abstract: TrainState
 
 
-def _layout(cfg: model_lib.ModelConfig, tx, mesh, rules) -> _Layout:
+def _layout(cfg: model_lib.ModelConfig, tx, mesh, rules, partition: ParamPartition | None = None) -> _Layout:
+  """`partition` None: every parameter is trainable."""
   params_boxed = model_lib.abstract_params(cfg)
-  opt_state_boxed = jax.eval_shape(tx.init, params_boxed)
+  opt_state_boxed = jax.eval_shape(tx.init, partition.split(params_boxed)[0] if partition else params_boxed)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shardings = TrainState(step=replicated, params=sharding.named_shardings(params_boxed, mesh, rules),
                          opt_state=sharding.named_shardings(opt_state_boxed, mesh, rules), rng=replicated)
@@ -288,7 +357,8 @@ def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
   return {"model_config": dataclasses.asdict(cfg), "config": json.loads(config.to_json_best_effort())}
 
 
-def _initial_state(config, cfg, tx, layout: _Layout, ckpt: ckpt_lib.Checkpointer, train_iter) -> TrainState:
+def _initial_state(config, cfg, tx, layout: _Layout, partition: ParamPartition, ckpt: ckpt_lib.Checkpointer,
+                   train_iter) -> TrainState:
   latest = ckpt.latest_step()
   if latest is not None:
     meta = ckpt.read_meta(latest)
@@ -306,7 +376,7 @@ def _initial_state(config, cfg, tx, layout: _Layout, ckpt: ckpt_lib.Checkpointer
     logging.info("initialised params from %s", config.init_from)
   else:
     params = jax.jit(lambda k: model_lib.init_params(cfg, k), out_shardings=layout.shardings.params)(init_key)
-  opt_state = jax.jit(tx.init, out_shardings=layout.shardings.opt_state)(params)
+  opt_state = jax.jit(lambda p: tx.init(partition.split(p)[0]), out_shardings=layout.shardings.opt_state)(params)
   return TrainState(step=jax.device_put(jnp.int32(0), layout.shardings.step), params=params, opt_state=opt_state,
                     rng=jax.device_put(jax.random.key_data(train_key), layout.shardings.rng))
 
@@ -346,8 +416,9 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
 
   # Axis rules are active only while the step functions are traced: unboxing and init would
   # otherwise apply activation constraints to trees and dummy batches they do not fit.
+  partition = ParamPartition(config, cfg)
   with jax.set_mesh(mesh):
-    layout = _layout(cfg, tx, mesh, rules)
+    layout = _layout(cfg, tx, mesh, rules, partition)
     micro = config.data.global_batch_size // config.train.grad_accum_steps
     if micro % sharding.batch_shard_count(mesh, rules):
       raise ValueError(f"micro-batch of {micro} sequences does not split over the "
@@ -358,7 +429,7 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     try:
-      state = _initial_state(config, cfg, tx, layout, ckpt, train_iter)
+      state = _initial_state(config, cfg, tx, layout, partition, ckpt, train_iter)
       start = int(state.step)
       if start >= num_steps:
         print(f"training is complete: checkpoint at step {start} of {num_steps} in {ckpt.directory}", flush=True)
@@ -500,16 +571,20 @@ def dry_run(config, num_devices: int) -> str:
   rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
   mesh = sharding.abstract_mesh(config.mesh, num_devices)
   params_boxed = model_lib.abstract_params(cfg)
-  opt_boxed = jax.eval_shape(tx.init, params_boxed)
+  trainable_boxed = ParamPartition(config, cfg).split(params_boxed)[0]
+  opt_boxed = jax.eval_shape(tx.init, trainable_boxed)
   n_params = model_lib.count_params(params_boxed)
   head = cfg.d_model + 1
   param_specs = sharding.logical_specs(params_boxed, rules)
   params_b = sharding.per_device_bytes(nn.meta.unbox(params_boxed), param_specs, mesh)
   opt_b = sharding.per_device_bytes(nn.meta.unbox(opt_boxed), sharding.logical_specs(opt_boxed, rules), mesh)
-  # Gradients come out in the param dtype and are summed in fp32: both exist at the peak.
-  grads_b = params_b * 4 // jnp.dtype(cfg.param_dtype).itemsize
+  # Gradients (of the trainable params only) come out in the param dtype and are summed in fp32:
+  # both exist at the peak.
+  trainable_b = sharding.per_device_bytes(nn.meta.unbox(trainable_boxed),
+                                          sharding.logical_specs(trainable_boxed, rules), mesh)
+  grads_b = trainable_b * 4 // jnp.dtype(cfg.param_dtype).itemsize
   if jnp.dtype(cfg.param_dtype) != jnp.float32:
-    grads_b += params_b
+    grads_b += trainable_b
 
   batch_shards = sharding.batch_shard_count(mesh, rules)
   micro = config.data.global_batch_size // config.train.grad_accum_steps

@@ -78,6 +78,60 @@ def test_bf16_params_keep_fp32_optimizer_state():
   assert updates["w"].dtype == jnp.float32  # the gradient's dtype; apply_updates casts to the param's
 
 
+def test_trainable_subset_freezes_the_rest_and_resumes(tmp_path):
+  c = load_config("tiny")
+  c.train.trainable = r"^(cls_head|layers_1)/"
+  c.checkpoint.async_save = False
+  c.metrics.progress_bar = False
+  cfg = config_lib.model_config(c)
+  partition = train.ParamPartition(c, cfg)
+  assert partition.trainable == {"cls_head/bias", "cls_head/kernel", *(
+      f"layers_1/{w}" for w in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "input_norm/weight",
+                                "post_attn_norm/weight", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"))}
+  schedule = optax.constant_schedule(1e-2)
+  tx = train.make_optimizer(c, schedule)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  trainable, frozen = partition.split(params)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(trainable),
+                           rng=jax.random.key_data(jax.random.key(1)))
+  step = jax.jit(train.make_train_step(c, cfg, tx, schedule))
+  it = synthetic.make_data_iterator(c, "train", 0, 1)
+  for _ in range(3):
+    state, _ = step(state, next(it))
+  new_trainable, new_frozen = partition.split(state.params)
+  # Frozen weights are bit-identical, every trainable one moved, and only they have Adam moments.
+  jax.tree.map(np.testing.assert_array_equal, new_frozen, frozen)
+  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_trainable), jax.tree.leaves(trainable)))
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  assert len(moments) == 2 * len(jax.tree.leaves(trainable))
+
+  # Through the loop: saves, resumes (the optimizer state is the subset's) and finishes.
+  c.train.num_steps = 2
+  first = train.train_and_evaluate(c, str(tmp_path))
+  c.train.num_steps = 4
+  resumed = train.train_and_evaluate(c, str(tmp_path))
+  assert int(resumed.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, partition.split(resumed.params)[1], partition.split(first.params)[1])
+
+
+def test_trainable_errors_name_the_key():
+  c = load_config("tiny")
+  c.train.trainable = "layers_(1"
+  with pytest.raises(ValueError, match=r"config.train.trainable=.*not a regular expression"):
+    config_lib.validate(c)
+  c.train.trainable = "^nothing_like_this"
+  with pytest.raises(ValueError, match="matches no parameter"):
+    train.ParamPartition(c, config_lib.model_config(c))
+  c.model.scan_layers = True
+  c.train.trainable = r"^layers_1/"
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    train.ParamPartition(c, config_lib.model_config(c))
+  # Every layer (of one kind of weight) is fine with scanned layers.
+  c.train.trainable = r"mlp/"
+  partition = train.ParamPartition(c, config_lib.model_config(c))
+  assert partition.trainable == {"layers/mlp/gate_proj", "layers/mlp/up_proj", "layers/mlp/down_proj"}
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
