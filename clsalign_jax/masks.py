@@ -101,3 +101,62 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
   mask_BTT = jnp.where(is_cls_BT[:, None, :], cls_col_BTT, base_BTT)
   mask_BTT = jnp.where(is_cls_BT[:, :, None], cls_row_BTT, mask_BTT)
   return mask_BTT & valid_BT[:, :, None] & valid_BT[:, None, :]
+
+
+# Inference rules (method.md §2.2, project decisions 5–6). At decode time the key axis is the
+# KV-cache slot axis; a row's token at position p lives in slot p and the CLS in slot 0, so
+# spans and positions index slots directly. `pos_B` is the newest filled slot (the token fed
+# in this step), `response_start_B` the first response slot the CLS may read.
+RULE_MALICIOUS, RULE_BENIGN, RULE_TRANSITION = 1, 2, 3
+
+
+def prefill_mask(input_len_B, prompt_len_B, query_span_B2, num_rows: int, num_slots: int,
+                 sliding_window: int | None = None):
+  """[B, num_rows, num_slots] mask of the prompt pass (right-padded rows, row i in slot i).
+
+  The CLS row follows Rule 4 and judges the query only; prompt rows do not see the CLS;
+  attacker-prefilled response rows [prompt_len, input_len) do, as response rows in SFT.
+  """
+  seg_BT = (jnp.arange(num_rows)[None, :] < input_len_B[:, None]).astype(jnp.int32)
+  response_span_B2 = jnp.stack([prompt_len_B, input_len_B], axis=-1)
+  mask_BTT = cls_training_mask(seg_BT, query_span_B2, response_span_B2, mode="sft",
+                               sliding_window=sliding_window)
+  return jnp.pad(mask_BTT, ((0, 0), (0, 0), (0, num_slots - num_rows)))
+
+
+def decode_token_mask(pos_B, num_slots: int, sliding_window: int | None = None):
+  """[B, S] row of a generated token: every filled slot up to its own, the CLS slot included
+  (response tokens read the safety state), within the window for token→token pairs."""
+  j_1S = jnp.arange(num_slots)[None, :]
+  mask_BS = j_1S <= pos_B[:, None]
+  if sliding_window is not None:
+    mask_BS &= ((pos_B[:, None] - j_1S) < sliding_window) | (j_1S == 0)
+  return mask_BS
+
+
+def cls_inference_mask(rule_B, pos_B, query_span_B2, response_start_B, trigger_pos_B, num_slots: int,
+                       *, r1: int, r2: int, r3: int, rule2_query: bool = False, strategic: bool = True):
+  """[B, S] row of a re-classifying CLS (slot 0). It always reads itself, never BOS or template
+  (Rule 4), and among response slots [response_start, pos]:
+    Rule 1 (initially malicious): the query and the first r1 response tokens;
+    Rule 2 (benign): the latest r2 response tokens (plus the query if `rule2_query`);
+    Rule 3 (flip at S_t = trigger_pos): response tokens in (S_t − r2, S_t + r3], i.e. the
+           Rule-2 window at the flip plus r3 later tokens (plus the query if `rule2_query`).
+  Without strategic attention: the query and every response token so far.
+  """
+  j_1S = jnp.arange(num_slots)[None, :]
+  col = lambda x_B: x_B[:, None]
+  in_query_BS = (j_1S >= col(query_span_B2[:, 0])) & (j_1S < col(query_span_B2[:, 1]))
+  response_BS = (j_1S >= col(response_start_B)) & (j_1S <= col(pos_B))
+  if not strategic:
+    return (j_1S == 0) | in_query_BS | response_BS
+  rule1_BS = in_query_BS | (response_BS & (j_1S < col(response_start_B + r1)))
+  rule2_BS = response_BS & (j_1S > col(pos_B - r2))
+  rule3_BS = response_BS & (j_1S > col(trigger_pos_B - r2)) & (j_1S <= col(trigger_pos_B + r3))
+  if rule2_query:
+    rule2_BS |= in_query_BS
+    rule3_BS |= in_query_BS
+  rule_B1 = col(rule_B)
+  chosen_BS = jnp.where(rule_B1 == RULE_MALICIOUS, rule1_BS,
+                        jnp.where(rule_B1 == RULE_TRANSITION, rule3_BS, rule2_BS))
+  return (j_1S == 0) | chosen_BS

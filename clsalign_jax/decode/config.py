@@ -1,0 +1,95 @@
+"""Strategic-decoding options (method.md §2.2, §3 and project decisions 5–10).
+
+Every field is static for compilation: changing one recompiles the decode loop. Sampling
+settings (temperature, top-k, top-p, seeds) are traced inputs instead (see `sampling.py`), so
+a decoding-attack grid reuses one compiled loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+SCHEDULES = ("each", "first", "periodic", "annealing")
+# The issue text calls the per-token schedule `every`; the released code calls it `each`.
+_SCHEDULE_ALIASES = {"every": "each"}
+TAU_UNITS = ("events", "steps")
+
+PAPER_REFUSAL = "Sorry, I cannot fulfill your request because"
+RELEASED_REFUSAL = "\nSorry, I can't fullfill your request because"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Knobs of the decode loop.
+
+  Steps: loop step s feeds the s-th token after the prompt (and after any attacker prefill) and,
+  when the schedule selects s, re-classifies the CLS with the rule of the row's state.
+  Schedules (re-classification steps; the prompt-time classification always happens):
+    each       every step;
+    first      never (prompt-time classification only);
+    periodic   s % period == 0;
+    annealing  s = 0 and s = 1, 2, 4, 8, ... (intervals double) while s < anneal_cutoff.
+  """
+
+  max_new_tokens: int = 128
+  threshold: float = 0.5
+  r1: int = 10
+  r2: int = 10
+  r3: int = 10
+  tau: int = 3
+  # `events`: τ consecutive malicious re-classifications; `steps`: the flip must still hold at a
+  # re-classification at least τ − 1 generation steps after it (differs only for sparse schedules).
+  tau_unit: str = "events"
+  schedule: str = "each"
+  period: int = 10
+  anneal_cutoff: int = 256
+  # Rule 2 (and Rule 3, which extends it) also lets the CLS read the query span.
+  rule2_include_query: bool = False
+  # Attacker-prefilled response tokens count as response tokens for Rules 1–3 (decision 6).
+  prefill_visible: bool = True
+  # On a confirmed flip the response is cut back to S_t; True keeps the token at S_t itself.
+  keep_trigger_token: bool = False
+  refusal_text: str = PAPER_REFUSAL
+  # Ablations. Without strategic attention the CLS reads the query and every response token
+  # so far (Rule 4 still applies). Without strategic decoding no refusal is ever inserted and
+  # nothing is rolled back; the CLS state still reaches later tokens through slot 0.
+  strategic_attention: bool = True
+  strategic_decoding: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "schedule", _SCHEDULE_ALIASES.get(self.schedule, self.schedule))
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule={self.schedule!r}; known: {SCHEDULES} (or 'every')")
+    if self.tau_unit not in TAU_UNITS:
+      raise ValueError(f"tau_unit={self.tau_unit!r}; known: {TAU_UNITS}")
+    for name in ("max_new_tokens", "tau", "period", "anneal_cutoff"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    for name in ("r1", "r2", "r3"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"threshold={self.threshold} must lie in [0, 1]")
+
+  def replace(self, **kw) -> DecodeConfig:
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def max_steps(self) -> int:
+    """Loop bound. A row rolls back at most once and never by more than it has generated, so
+    it needs at most 2 × max_new_tokens steps."""
+    return 2 * self.max_new_tokens
+
+  def reclassify_at(self, step):
+    """Whether loop step `step` (a Python int or a traced int32) re-classifies."""
+    step = jnp.asarray(step)
+    if self.schedule == "each":
+      return jnp.ones_like(step, dtype=bool)
+    if self.schedule == "first":
+      return jnp.zeros_like(step, dtype=bool)
+    if self.schedule == "periodic":
+      return step % self.period == 0
+    # Powers of two (and 0): intervals 1, 1, 2, 4, 8, ... below the cutoff.
+    return ((step & (step - 1)) == 0) & (step < self.anneal_cutoff)

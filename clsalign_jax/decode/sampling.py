@@ -1,0 +1,65 @@
+"""Next-token choice: greedy, temperature, top-k and top-p, with per-row settings and seeds.
+
+All settings are arrays, so one compiled decode loop serves any mix of them. Each row draws
+from its own key (its seed folded with the step), so a row's samples do not depend on which
+other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class SamplingParams(NamedTuple):
+  temperature_B: Array  # <= 0: greedy
+  top_k_B: Array  # <= 0: off
+  top_p_B: Array  # >= 1: off
+  seed_B: Array
+
+  @classmethod
+  def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParams:
+    """Scalars broadcast to every row; the default per-row seed is `seed + row`."""
+    seed_B = np.asarray(seed, np.int32)
+    if seed_B.ndim == 0:
+      seed_B = seed_B + np.arange(batch, dtype=np.int32)
+    as_B = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (batch,))
+    return cls(as_B(temperature, jnp.float32), as_B(top_k, jnp.int32), as_B(top_p, jnp.float32),
+               as_B(seed_B, jnp.int32))
+
+
+def filter_logits(logits_BV: Array, top_k_B: Array, top_p_B: Array) -> Array:
+  """Set to -inf every logit outside the row's top-k and then outside its top-p nucleus.
+
+  Ties with the k-th value are kept (as transformers does). The nucleus is the smallest set of
+  highest-probability tokens whose mass reaches p; the top token is always kept.
+  """
+  V = logits_BV.shape[-1]
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+  kth_B1 = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
+  sorted_BV = jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < top_p_B[:, None], axis=-1), 1)
+  floor_B1 = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+  return jnp.where(logits_BV >= floor_B1, logits_BV, -jnp.inf)
+
+
+def sample_tokens(logits_BV: Array, params: SamplingParams, step) -> Array:
+  """[B] int32 next tokens. Greedy-only batches skip the sort entirely."""
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    t_B1 = jnp.maximum(params.temperature_B, 1e-6)[:, None]
+    filtered_BV = filter_logits(logits_BV / t_B1, params.top_k_B, params.top_p_B)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(params.seed_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys, filtered_BV).astype(jnp.int32)
+    return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
+
+  return jax.lax.cond(jnp.any(params.temperature_B > 0), draw, lambda _: greedy_B, None)

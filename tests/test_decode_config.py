@@ -1,0 +1,32 @@
+"""DecodeConfig: schedule definitions and validation."""
+
+import pytest
+
+from clsalign_jax.decode import PAPER_REFUSAL, DecodeConfig
+
+
+def _steps(cfg, n=300):
+  return [s for s in range(n) if bool(cfg.reclassify_at(s))]
+
+
+def test_schedules():
+  assert _steps(DecodeConfig(schedule="each"), 5) == [0, 1, 2, 3, 4]
+  assert DecodeConfig(schedule="every").schedule == "each"
+  assert _steps(DecodeConfig(schedule="first")) == []
+  assert _steps(DecodeConfig(schedule="periodic"), 35) == [0, 10, 20, 30]
+  assert _steps(DecodeConfig(schedule="annealing")) == [0, 1, 2, 4, 8, 16, 32, 64, 128]
+  assert _steps(DecodeConfig(schedule="annealing", anneal_cutoff=9)) == [0, 1, 2, 4, 8]
+
+
+def test_defaults_follow_the_project_decisions():
+  cfg = DecodeConfig()
+  assert (cfg.r1, cfg.r2, cfg.r3, cfg.tau, cfg.threshold, cfg.schedule) == (10, 10, 10, 3, 0.5, "each")
+  assert cfg.tau_unit == "events" and cfg.prefill_visible and not cfg.rule2_include_query
+  assert cfg.refusal_text == PAPER_REFUSAL and cfg.strategic_attention and cfg.strategic_decoding
+
+
+@pytest.mark.parametrize("kw", [{"schedule": "sometimes"}, {"tau": 0}, {"tau_unit": "tokens"}, {"r2": -1},
+                                {"threshold": 1.5}, {"max_new_tokens": 0}])
+def test_rejects_bad_values(kw):
+  with pytest.raises(ValueError):
+    DecodeConfig(**kw)

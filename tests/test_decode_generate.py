@@ -1,0 +1,271 @@
+"""The jitted decode loop: cache vs full recomputation, row independence, the strategic-decoding
+state machine (driven by forced classifier outputs), schedules and compile reuse.
+
+Every decode compile costs ~4 s on 2 cores, so the tests share a few static configs and one
+batch shape (3 rows, padded to 16, always with an override matrix) wherever they can.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clsalign_jax import masks
+from clsalign_jax import model as M
+from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, row_results
+from clsalign_jax.decode.generate import _decode_jit
+
+CFG = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                    bos_id=1, eos_id=2)
+CLS = CFG.cls_id
+REFUSAL = [40, 41, 42]
+BASE = DecodeConfig(max_new_tokens=12, r2=4, tau=3)
+FIRST = BASE.replace(schedule="first")
+PERIODIC = BASE.replace(schedule="periodic", period=3)
+ANNEALING = BASE.replace(schedule="annealing", anneal_cutoff=6)
+PROMPTS = [[CLS, 1, 5, 6, 7, 8, 9, 10], [CLS, 1, 11, 12, 13], [CLS, 1, 14, 15, 16, 17, 18, 19, 20, 21]]
+# Query = everything after BOS except the last token (a one-token template tail).
+SPANS = [[2, len(p) - 1] for p in PROMPTS]
+REF_ROWS, REF_BATCH = 40, 12  # reference passes are padded to one shape: one compile
+
+
+def _params(seed=0, head_scale=1.0, head_bias=0.0):
+  """Random params drawn with numpy: initialising through JAX compiles every random op."""
+  rng = np.random.default_rng(seed)
+  shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(M.abstract_params(CFG)))
+  params = jax.tree.unflatten(treedef, [
+      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")  # norm scales
+      else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in shapes])
+  # A sharper head keeps p(malicious) away from 0.5, so batch-size rounding cannot flip a decision.
+  params["cls_head"]["kernel"] = params["cls_head"]["kernel"] * head_scale
+  params["cls_head"]["bias"] = np.full((1,), head_bias, np.float32)
+  return params
+
+
+@jax.jit
+def _forward(params, tokens_BT, positions_BT, mask_BTT):
+  """No-cache reference pass: LM logits of every row, p(malicious) read from row 0."""
+  out = M.Transformer(CFG).apply({"params": params}, tokens_BT, positions_BT, mask_BTT, cls_row=0)
+  return out.logits_BTV, jax.nn.sigmoid(out.cls_logit_B)
+
+
+def _reference(params, passes):
+  """Runs [(tokens, positions, mask), ...] through `_forward`, padded to one shape."""
+  tokens = np.zeros((REF_BATCH, REF_ROWS), np.int32)
+  positions = np.zeros((REF_BATCH, REF_ROWS), np.int32)
+  mask = np.tile(np.eye(REF_ROWS, dtype=bool), (REF_BATCH, 1, 1))
+  for k, (t, p, m) in enumerate(passes):
+    tokens[k, :len(t)], positions[k, :len(t)], mask[k, :len(t), :len(t)] = t, p, m
+  logits, p = _forward(params, tokens, positions, mask)
+  return np.asarray(logits), np.asarray(p)
+
+
+def _run(params, prompts, dcfg, override=None, prefills=None, sampling=None, eos_id=None, spans=None):
+  B = len(prompts)
+  inputs = pack_inputs(prompts, spans or [[2, len(p) - 1] for p in prompts], prefills, pad_to=16)
+  override = np.full((B, dcfg.max_steps + 1), np.nan, np.float32) if override is None else override
+  out = decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling or SamplingParams.make(B),
+               jnp.asarray(override, jnp.float32), cfg=CFG, dcfg=dcfg, eos_id=eos_id, return_logits=True)
+  return out, inputs
+
+
+def _override(batch, dcfg, malicious_at=(), prompt=0.0):
+  """[B, max_steps + 1] forced p: column 0 = prompt, column s + 1 = loop step s."""
+  p = np.zeros((batch, dcfg.max_steps + 1), np.float32)
+  p[:, 0] = prompt
+  for s in malicious_at:
+    p[:, s + 1] = 1.0
+  return p
+
+
+def test_cached_decoding_matches_full_recomputation_without_cls_row():
+  params = _params()
+  out, inputs = _run(params, PROMPTS, FIRST, override=_override(3, FIRST))
+  rows = row_results(out, inputs)
+  passes = []
+  for b, row in enumerate(rows):
+    seq = PROMPTS[b] + row.response_ids
+    I = len(PROMPTS[b])
+    mask = masks.cls_training_mask(np.ones((1, len(seq)), np.int32), np.asarray([SPANS[b]]),
+                                   np.asarray([[I, len(seq)]]))[0]
+    passes.append((seq, np.arange(len(seq)), mask))
+  ref_logits, _ = _reference(params, passes)
+  for b, row in enumerate(rows):
+    I, n = len(PROMPTS[b]), len(row.response_ids)
+    np.testing.assert_allclose(out.logits_BNV[b, :n], ref_logits[b, I - 1:I - 1 + n], atol=2e-5, rtol=2e-5)
+    assert row.response_ids == ref_logits[b, I - 1:I - 1 + n].argmax(-1).tolist()
+
+
+def _expanded_reference(prompt, span, response, cls_steps, r2):
+  """No-cache recomputation of a decode that re-classifies (Rule 2) at `cls_steps`.
+
+  Every re-classification becomes its own CLS row (position 0) next to the token fed at that
+  step; a token row reads the CLS copy that held slot 0 when it was fed (the stale-K/V rule),
+  a CLS copy reads itself and the Rule-2 window. Attention is equivariant under a joint
+  permutation of rows and keys (positions are explicit), so each CLS copy is also moved to row 0
+  in a pass of its own to read its p. Returns the passes and the row of each chosen token.
+  """
+  I = len(prompt)
+  tokens, positions, kinds = list(prompt), list(range(I)), ["prompt"] * I
+  for s, tok in enumerate(response[:-1]):
+    tokens.append(tok), positions.append(I + s), kinds.append(("tok", s))
+    if s in cls_steps:
+      tokens.append(CLS), positions.append(0), kinds.append(("cls", s))
+  T = len(tokens)
+  mask = np.zeros((T, T), bool)
+  mask[:I, :I] = np.asarray(masks.prefill_mask(np.asarray([I]), np.asarray([I]), np.asarray([span]), I, I))[0]
+  row_of = {k: i for i, k in enumerate(kinds) if k != "prompt"}
+  current_cls = 0
+  for i, kind in enumerate(kinds[I:], start=I):
+    what, s = kind
+    if what == "tok":
+      current_cls = row_of.get(("cls", s), current_cls)
+      mask[i, 1:I] = True
+      mask[i, [row_of[("tok", j)] for j in range(s + 1)] + [current_cls]] = True
+    else:
+      mask[i, [i] + [row_of[("tok", j)] for j in range(max(0, s - r2 + 1), s + 1)]] = True
+  passes = [(tokens, positions, mask)]
+  for s in sorted(cls_steps):
+    perm = np.asarray([row_of[("cls", s)]] + [j for j in range(T) if j != row_of[("cls", s)]])
+    passes.append((np.asarray(tokens)[perm], np.asarray(positions)[perm], mask[np.ix_(perm, perm)]))
+  chosen_rows = [I - 1] + [row_of[("tok", s)] for s in range(len(response) - 1)]
+  return passes, chosen_rows
+
+
+@pytest.mark.parametrize("dcfg", [BASE, PERIODIC], ids=["each", "periodic"])
+def test_cached_decoding_matches_full_recomputation_with_cls_row(dcfg):
+  # A negative bias keeps p(malicious) informative but below 0.5: rows stay on Rule 2.
+  params = _params(head_scale=5.0, head_bias=-6.0)
+  out, inputs = _run(params, PROMPTS, dcfg)
+  for b, row in enumerate(row_results(out, inputs)):
+    steps = [s for s, *_ in row.trace]
+    passes, chosen_rows = _expanded_reference(PROMPTS[b], SPANS[b], row.response_ids, set(steps), dcfg.r2)
+    ref_logits, ref_p = _reference(params, passes)
+    np.testing.assert_allclose(out.logits_BNV[b, :12], ref_logits[0, chosen_rows], atol=2e-5, rtol=2e-5)
+    assert row.response_ids == ref_logits[0, chosen_rows].argmax(-1).tolist()
+    got_p = [p for *_, p in row.trace]
+    assert max(got_p) < 0.5 and np.ptp(got_p) > 1e-2 * min(got_p)  # below threshold, yet varying
+    np.testing.assert_allclose(got_p, ref_p[1:1 + len(steps)], rtol=1e-4)
+    np.testing.assert_allclose(row.p_initial, ref_p[0], rtol=1e-4)
+
+
+def test_rows_do_not_depend_on_the_rest_of_the_batch():
+  params = _params(head_scale=30.0)
+  sampling = SamplingParams.make(3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9],
+                                 seed=[3, 4, 5])
+  batch_rows = row_results(*_run(params, PROMPTS, BASE, sampling=sampling))
+  assert any(r.trace for r in batch_rows)
+  for b, prompt in enumerate(PROMPTS):
+    one = SamplingParams(*(x[b:b + 1] for x in sampling))
+    alone, = row_results(*_run(params, [prompt], BASE, sampling=one))
+    assert alone.response_ids == batch_rows[b].response_ids
+    assert (alone.insert_index, alone.trigger_step) == (batch_rows[b].insert_index, batch_rows[b].trigger_step)
+    np.testing.assert_allclose([p for *_, p in alone.trace], [p for *_, p in batch_rows[b].trace], atol=1e-5)
+
+
+def _chain_params():
+  """A model whose attention adds nothing (o_proj = 0): the greedy next token is a fixed function
+  of the current token, so expected sequences can be written down by hand."""
+  params = _params(seed=1)
+  for i in range(CFG.n_layers):
+    params[f"layers_{i}"]["attn"]["o_proj"] = np.zeros_like(params[f"layers_{i}"]["attn"]["o_proj"])
+  vocab = np.arange(CFG.vocab_size)
+  passes = [(chunk, np.zeros(len(chunk)), np.eye(len(chunk), dtype=bool))
+            for chunk in np.array_split(vocab, -(-CFG.vocab_size // REF_ROWS))]
+  logits, _ = _reference(params, passes)
+  nxt = np.concatenate([logits[k, :len(t)].argmax(-1) for k, (t, _, _) in enumerate(passes)]).tolist()
+
+  def chain(start, n):
+    seq = []
+    for _ in range(n):
+      start = nxt[start]
+      seq.append(start)
+    return seq
+
+  return params, chain
+
+
+def test_state_machine_reproduces_hand_computed_sequences():
+  params, chain = _chain_params()
+  r0, r1, r2 = REFUSAL
+  prompt = PROMPTS[0]
+  t = chain(prompt[-1], 12)  # the benign continuation t0, t1, ...
+  override = np.concatenate([
+      _override(1, BASE, prompt=1.0),  # initially malicious, after an attacker prefill
+      _override(1, BASE, malicious_at=(3, 4, 5)),  # flip at step 3 confirmed at step 5
+      _override(1, BASE, malicious_at=(3, 4, 7, 8, 9)),  # false alarm at step 5, then a confirmed flip
+  ])
+  rows = row_results(*_run(params, [prompt] * 3, BASE, override=override, prefills=[[50, 51], [], []]))
+
+  assert rows[0].response_ids == [50, 51, r0, r1, r2] + chain(r2, 9)
+  assert (rows[0].initial_malicious, rows[0].prefill_len, rows[0].insert_index) == (True, 2, 2)
+  # Rule 1 re-reads its window only while it grows (the first r1 = 10 response tokens).
+  assert [i for _, i, _ in rows[0].trace] == list(range(2, 10))
+
+  assert rows[1].response_ids == t[:3] + [r0, r1, r2] + chain(r2, 6)
+  assert (rows[1].trigger_step, rows[1].trigger_index, rows[1].insert_index, rows[1].false_alarms) == (3, 3, 3, 0)
+  assert [s for s, *_ in rows[1].trace] == [0, 1, 2, 3, 4, 5]  # none after the insertion
+
+  assert rows[2].response_ids == t[:7] + [r0, r1, r2] + chain(r2, 2)
+  assert (rows[2].trigger_step, rows[2].trigger_index, rows[2].insert_index, rows[2].false_alarms) == (7, 7, 7, 1)
+
+
+@pytest.mark.parametrize("variant", ["keep_trigger_token", "tau_in_steps", "no_strategic_decoding"])
+def test_state_machine_options(variant):
+  params, chain = _chain_params()
+  r0, r1, r2 = REFUSAL
+  prompt = PROMPTS[0]
+  t = chain(prompt[-1], 12)
+  run = lambda dcfg, override: row_results(*_run(params, [prompt] * 3, dcfg, override=override))
+  if variant == "keep_trigger_token":
+    dcfg = BASE.replace(keep_trigger_token=True)
+    row = run(dcfg, _override(3, dcfg, malicious_at=(3, 4, 5)))[0]
+    assert row.response_ids == t[:4] + [r0, r1, r2] + chain(r2, 5)
+    assert (row.trigger_index, row.insert_index) == (3, 4)
+  elif variant == "tau_in_steps":
+    # Periodic(3) re-classifies at steps 0, 3, 6, 9: malicious at 3 and 6 is 2 events but 4 steps.
+    for dcfg, expected in ((PERIODIC.replace(tau_unit="steps"), t[:3] + [r0, r1, r2] + chain(r2, 6)),
+                           (PERIODIC, t[:12])):
+      row = run(dcfg, _override(3, dcfg, malicious_at=(3, 6)))[0]
+      assert row.response_ids == expected, dcfg.tau_unit
+  else:
+    dcfg = BASE.replace(strategic_decoding=False)
+    override = np.concatenate([_override(1, dcfg, prompt=1.0), _override(2, dcfg, malicious_at=(3, 4, 5))])
+    rows = run(dcfg, override)
+    assert rows[0].response_ids == rows[1].response_ids == t
+    assert rows[0].insert_index == rows[1].insert_index == -1
+    # The flip is still confirmed (the row stops re-classifying), it just changes no tokens.
+    assert (rows[1].trigger_step, [s for s, *_ in rows[1].trace]) == (3, [0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("dcfg,expected", [
+    (BASE, set(range(11))), (FIRST, set()), (PERIODIC, {0, 3, 6, 9}), (ANNEALING, {0, 1, 2, 4})],
+    ids=["each", "first", "periodic", "annealing"])
+def test_schedules_reclassify_exactly_at_their_steps(dcfg, expected):
+  rows = row_results(*_run(_params(), PROMPTS, dcfg, override=_override(3, dcfg)))
+  assert all({s for s, *_ in row.trace} == expected for row in rows)
+
+
+def test_eos_stops_a_row_and_the_loop():
+  params, chain = _chain_params()
+  t = chain(PROMPTS[0][-1], 12)
+  k = next(k for k in range(3, 12) if t[k] not in t[:k])  # the first token that does not repeat
+  out, inputs = _run(params, [PROMPTS[0]] * 3, FIRST, override=_override(3, FIRST), eos_id=t[k])
+  assert row_results(out, inputs)[0].response_ids == t[:k + 1]
+  assert int(out.num_steps) == k
+
+
+def test_same_shapes_do_not_recompile():
+  params = _params()
+  _run(params, PROMPTS, ANNEALING)
+  before = _decode_jit._cache_size()
+  other = [[CLS, 1, 30, 31], [CLS, 1, 32, 33, 34, 35, 36], [CLS, 1, 37, 38, 39, 40]]
+  inputs = pack_inputs(other, [[2, len(p) - 1] for p in other])  # lengths 4..7 share the bucket of 64
+  sampling = SamplingParams.make(3, temperature=0.7, top_p=0.9, seed=11)
+  decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling, cfg=CFG, dcfg=ANNEALING, eos_id=None)
+  after_first = _decode_jit._cache_size()
+  assert after_first == before + 1  # a new bucket (64, not 16) and no logits output
+  decode(params, pack_inputs(PROMPTS, SPANS), jnp.asarray(REFUSAL, jnp.int32), SamplingParams.make(3),
+         None, cfg=CFG, dcfg=ANNEALING, eos_id=5, return_logits=False)
+  assert _decode_jit._cache_size() == after_first

@@ -1,0 +1,45 @@
+"""Sampling: top-k / top-p filtering, greedy rows, per-row seeds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clsalign_jax.decode import SamplingParams, filter_logits, sample_tokens
+
+sample = jax.jit(sample_tokens)  # eager lax.cond would compile on every call
+
+PROBS = np.asarray([0.05, 0.5, 0.15, 0.3], np.float32)  # sorted: 1, 3, 2, 0
+
+
+def _kept(top_k, top_p):
+  logits = jnp.log(jnp.asarray([PROBS]))
+  out = filter_logits(logits, jnp.asarray([top_k]), jnp.asarray([top_p], jnp.float32))
+  return set(np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist())
+
+
+def test_top_k_and_top_p():
+  assert _kept(0, 1.0) == {0, 1, 2, 3}
+  assert _kept(2, 1.0) == {1, 3}
+  assert _kept(0, 0.5) == {1}  # the top token alone reaches 0.5
+  assert _kept(0, 0.8) == {1, 3}
+  assert _kept(0, 0.81) == {1, 2, 3}
+  assert _kept(0, 0.0) == {1}  # the top token is always kept
+  assert _kept(1, 0.99) == {1}  # top-k first, then the nucleus of what is left
+
+
+def test_greedy_and_sampled_rows_and_seeds():
+  logits = jnp.log(jnp.asarray(np.tile(PROBS, (4, 1))))
+  params = SamplingParams.make(4, temperature=[0.0, 1.0, 1.0, 1.0], top_k=[0, 2, 2, 2], seed=[0, 7, 7, 8])
+  draws = np.stack([np.asarray(sample(logits, params, step)) for step in range(64)])
+  assert (draws[:, 0] == 1).all()  # greedy
+  assert set(draws[:, 1].tolist()) == {1, 3}  # top-2 only, both drawn
+  np.testing.assert_array_equal(draws[:, 1], draws[:, 2])  # same seed, same draws
+  assert (draws[:, 1] != draws[:, 3]).any()
+  again = np.asarray(sample(logits, params, 5))
+  np.testing.assert_array_equal(again, draws[5])
+
+
+def test_make_defaults_to_one_seed_per_row():
+  params = SamplingParams.make(3, seed=10)
+  np.testing.assert_array_equal(params.seed_B, [10, 11, 12])
+  assert float(params.temperature_B[0]) == 0.0 and int(params.top_k_B[2]) == 0
