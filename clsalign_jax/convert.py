@@ -85,12 +85,7 @@ def _tokenizer_for(src: str, kind: str, choice: str):
     return None
   from clsalign_jax.data import tokenizer as tok_lib
   if choice != "auto":
-    loaders = {".json": tok_lib.Tokenizer.from_tokenizer_json, ".model": tok_lib.Tokenizer.from_sentencepiece,
-               ".gguf": tok_lib.Tokenizer.from_gguf}
-    ext = os.path.splitext(choice)[1]
-    if ext not in loaders:
-      raise app.UsageError(f"--tokenizer={choice}: expected a .json, .model or .gguf file")
-    return loaders[ext](choice)
+    return tok_lib.load_tokenizer(choice)
   if kind == "gguf":
     return tok_lib.Tokenizer.from_gguf(gguf_io.smollm2_gguf_path() if src == "smollm2" else src)
   path = os.path.join(src, "tokenizer.json")

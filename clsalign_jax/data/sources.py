@@ -29,7 +29,7 @@ import logging
 import os
 
 from clsalign_jax.data import builders, pipeline, templates
-from clsalign_jax.data.tokenizer import Tokenizer, mistral_sentencepiece_path, smollm2_gguf_path
+from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +95,6 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
       batches.examples_per_epoch,
     )
   return iter(batches)
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(spec: str) -> Tokenizer:
-  """'smollm2', 'mistral', or a path to a .gguf, a SentencePiece .model or a tokenizer.json
-  (or a directory holding one)."""
-  if spec == "smollm2":
-    return Tokenizer.from_gguf(smollm2_gguf_path())
-  if spec == "mistral":
-    return Tokenizer.from_sentencepiece(mistral_sentencepiece_path())
-  if spec.endswith(".gguf"):
-    return Tokenizer.from_gguf(spec)
-  if spec.endswith(".model"):
-    return Tokenizer.from_sentencepiece(spec)
-  if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "tokenizer.json")):
-    return Tokenizer.from_sentencepiece(os.path.join(spec, "tokenizer.model"))
-  return Tokenizer.from_tokenizer_json(spec)
 
 
 def _tokenizer_spec(config) -> str:

@@ -12,6 +12,7 @@ model's input embedding. The LM head never produces it.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import pathlib
@@ -639,3 +640,20 @@ def _check_against_sentencepiece(tok: Tokenizer, path: str) -> None:
         f"{path}: converted tokenizer disagrees with sentencepiece on {text!r}: "
         f"{got[:16]} vs {want[:16]}"
       )
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: str) -> Tokenizer:
+  """'smollm2', 'mistral', or a path to a .gguf, a SentencePiece .model or a tokenizer.json
+  (or a directory holding one)."""
+  if spec == "smollm2":
+    return Tokenizer.from_gguf(smollm2_gguf_path())
+  if spec == "mistral":
+    return Tokenizer.from_sentencepiece(mistral_sentencepiece_path())
+  if spec.endswith(".gguf"):
+    return Tokenizer.from_gguf(spec)
+  if spec.endswith(".model"):
+    return Tokenizer.from_sentencepiece(spec)
+  if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "tokenizer.json")):
+    return Tokenizer.from_sentencepiece(os.path.join(spec, "tokenizer.model"))
+  return Tokenizer.from_tokenizer_json(spec)

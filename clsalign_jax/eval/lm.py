@@ -32,6 +32,7 @@ from clsalign_jax import masks
 from clsalign_jax import model as model_lib
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt, get_template
 from clsalign_jax.data.tokenizer import Tokenizer
+from clsalign_jax.data.tokenizer import load_tokenizer as tokenizer_from_spec
 from clsalign_jax.decode import DecodeConfig, SamplingParams, bucket, decode, pack_inputs, refusal_ids, row_results
 
 Array = jax.Array
@@ -148,17 +149,7 @@ def load_tokenizer(spec: str, checkpoint: str = "") -> Tokenizer:
     if not found:
       raise ValueError(f"tokenizer 'auto' cannot tell the tokenizer of {checkpoint!r}; give a path")
     spec = found
-  if spec == "smollm2":
-    from clsalign_jax.assets import smollm2_gguf_path
-    return Tokenizer.from_gguf(smollm2_gguf_path())
-  if spec == "mistral":
-    from clsalign_jax.assets import mistral_sentencepiece_path
-    return Tokenizer.from_sentencepiece(mistral_sentencepiece_path())
-  if spec.endswith(".model"):
-    return Tokenizer.from_sentencepiece(spec)
-  if spec.endswith(".gguf"):
-    return Tokenizer.from_gguf(spec)
-  return Tokenizer.from_tokenizer_json(spec)
+  return tokenizer_from_spec(spec)
 
 
 # ----- encoded rows -------------------------------------------------------------------------------
