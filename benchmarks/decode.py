@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 import transformers
 
@@ -100,6 +99,8 @@ def main():
     # transformers gets the same prompts without the [CLS] (its vocabulary has no such row).
     hf_prompts = [e.tokens[1:].tolist() for e in enc]
     width = max(map(len, hf_prompts))
+    # Token streams are not compared: our response rows attend to the [CLS] slot (the method),
+    # which transformers' model does not have; parity is tested in tests/test_model.py.
     hf_ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in hf_prompts])
     hf_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in hf_prompts])
 
@@ -122,16 +123,6 @@ def main():
         timed(fn, times[name])
     load = os.getloadavg()[0]
 
-    ours_plain = decode(params, inputs, refusal, sampling, cfg=cfg,
-                        dcfg=SCHEDULES["plain"].replace(max_new_tokens=args.new_tokens), eos_id=None)
-    theirs = hf()[:, width:].numpy()
-    agree = []
-    for b in range(B):
-      start = int(inputs.prompt_len_B[b])
-      mine = np.asarray(ours_plain.tokens_BS[b, start:start + args.new_tokens])
-      diff = np.flatnonzero(mine != theirs[b])
-      agree.append(int(diff[0]) if diff.size else args.new_tokens)
-
     best = {name: min(t) for name, t in times.items()}
     tok = B * args.new_tokens
     rows.append(f"| {B} | transformers generate | {tok / best['transformers']:.1f} | {best['transformers']:.2f} "
@@ -143,8 +134,7 @@ def main():
                   f"| {best[name]:.2f} | {statistics.median(times[name]):.2f} | {ratio:.2f} | {rel} |")
     print(f"batch {B}: first-call (compile + run) seconds: "
           + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items())
-          + f"; load average after timing {load:.2f}; greedy tokens equal to transformers for the first "
-          f"{agree} of {args.new_tokens} tokens per row", flush=True)
+          + f"; load average after timing {load:.2f}", flush=True)
 
   print("\n| batch | decoder | tokens/s | best s | median s | speed vs transformers | time vs plain |")
   print("|---|---|---|---|---|---|---|")
