@@ -93,6 +93,10 @@ def default_config() -> config_dict.ConfigDict:
 
   c.mask = config_dict.ConfigDict()
   c.mask.cls_response = "none"  # masks.CLS_RESPONSE_MODES: the released code's label-dependent span
+  # False: no token attends to the CLS (sft response rows included), so the LM trains as the plain
+  # causal model; with loss.cls_weight=0 the CLS is inert (the SFT-only baseline). Decode such a
+  # model with DecodeConfig(response_sees_cls=False).
+  c.mask.response_sees_cls = True
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.learning_rate = 2e-5
@@ -101,6 +105,9 @@ def default_config() -> config_dict.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1
   c.optimizer.grad_clip_norm = 0.0  # 0: no clipping (the paper's recipe)
+  # Multiplies the updates of `cls_head/*`. Adam's step size ignores λ2, so a freshly initialised
+  # head moves at the shared lr; short budgets (the CPU job) need it to move faster.
+  c.optimizer.cls_head_lr_scale = 1.0
   # dtype of the Adam moments; gradients are fed to the optimizer in this dtype and the
   # update is cast back to the parameter dtype, so bf16 params can keep fp32 moments.
   c.optimizer.state_dtype = "float32"

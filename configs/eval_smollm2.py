@@ -6,7 +6,8 @@ The text after ':' is a comma-separated list of key=value pairs, all optional:
   cls                  workdir of the CLS training run (configs/smollm2_135m_sft.py); adds the CLS rows:
                        full mechanism, no strategic attention, no strategic decoding, first-only,
                        periodic, annealing
-  sft                  workdir of a same-data SFT run without the safety mechanism (the "SFT only" row)
+  sft                  workdir of a same-data SFT run without the safety mechanism (the "SFT only" row;
+                       train it with loss.cls_weight=0 mask.response_sees_cls=False)
   harmbench            HarmBench behaviours CSV (standard + contextual), e.g. harmbench_behaviors_text_test.csv
   harmbench_targets    HarmBench's targets JSON (BehaviorID -> "Sure, here's ..."), for GCG / AutoDAN on it
   malicious_instruct   Huang et al.'s MaliciousInstruct.txt (one prompt per line)
@@ -30,8 +31,9 @@ from ml_collections import config_dict
 
 # Strategic-decoding settings of the paper's prefill and MT-Bench scripts (method.md §2.2).
 CLS_DECODE = dict(schedule="each", r1=5, r2=15, r3=10, tau=3)
-# A model without a trained safety head: never intervene, never re-classify.
-NO_CLS = dict(schedule="first", strategic_decoding=False)
+# A model without a trained safety head: never intervene, never re-classify, and no token reads
+# the CLS slot, so generation is the plain model's.
+NO_CLS = dict(schedule="first", strategic_decoding=False, response_sees_cls=False)
 
 
 def _parse(arg: str | None) -> dict:

@@ -1,5 +1,5 @@
-"""`python -m clsalign_jax.generate` end to end, on a tiny random model exported with save_hf
-next to the real SmolLM2 tokenizer."""
+"""`python -m clsalign_jax.generate` end to end, on a tiny random model with the real SmolLM2
+tokenizer: exported with save_hf (tokenizer alongside) or as orbax params (`--tokenizer`)."""
 
 import subprocess
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clsalign_jax import model as M
+from clsalign_jax.convert import save_orbax_params
 from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
 from clsalign_jax.decode import PAPER_REFUSAL
 from clsalign_jax.generate import load_checkpoint
@@ -17,7 +18,7 @@ from clsalign_jax.interop.hf import save_hf
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny():
   tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
   cfg = M.ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
                       head_dim=8, d_ff=32, tie_embeddings=True, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -27,13 +28,30 @@ def tiny_dir(tmp_path_factory):
       np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
       else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in shapes])
   params["cls_head"]["bias"] = np.full((1,), 5.0, np.float32)  # every prompt reads as malicious
+  return cfg, params, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+  cfg, params, tokenizer = tiny
   directory = tmp_path_factory.mktemp("tiny_hf")
   save_hf(str(directory), cfg, params, tokenizer)
   return str(directory)
 
 
-def test_cli_prints_response_trace_and_insertion(tiny_dir):
-  cmd = [sys.executable, "-m", "clsalign_jax.generate", f"--checkpoint={tiny_dir}", "--prompt=How are you?",
+@pytest.fixture(scope="module")
+def tiny_orbax(tiny, tmp_path_factory):
+  cfg, params, _ = tiny
+  directory = tmp_path_factory.mktemp("tiny_orbax")
+  save_orbax_params(str(directory), cfg, params)
+  return str(directory)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "orbax"])
+def test_cli_prints_response_trace_and_insertion(fmt, request):
+  source = ([f"--checkpoint={request.getfixturevalue('tiny_dir')}"] if fmt == "hf"
+            else [f"--checkpoint={request.getfixturevalue('tiny_orbax')}", "--tokenizer=smollm2"])
+  cmd = [sys.executable, "-m", "clsalign_jax.generate", *source, "--prompt=How are you?",
          "--prefill= Sure, here is", "--max_new_tokens=14", "--schedule=every"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -44,6 +62,10 @@ def test_cli_prints_response_trace_and_insertion(tiny_dir):
   assert "refusal prefix: inserted at response token 4" in text and "initially malicious" in text
 
 
-def test_load_checkpoint_rejects_unknown_specs(tmp_path):
-  with pytest.raises(ValueError, match="expected 'smollm2'"):
-    load_checkpoint(str(tmp_path))
+def test_load_checkpoint_errors_name_the_problem(tmp_path, tiny_orbax):
+  with pytest.raises(ValueError, match="not found .expected smollm2, a .gguf file or a checkpoint directory"):
+    load_checkpoint(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="config.json: file not found"):
+    load_checkpoint(str(tmp_path))  # an empty directory reads as an HF one
+  with pytest.raises(ValueError, match="has no tokenizer alongside; give --tokenizer"):
+    load_checkpoint(tiny_orbax)

@@ -15,6 +15,7 @@ from clsalign_jax import masks
 from clsalign_jax import model as M
 from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, row_results
 from clsalign_jax.decode.generate import _decode_jit
+from clsalign_jax.interop.hf import save_hf
 
 CFG = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                     bos_id=1, eos_id=2)
@@ -95,6 +96,26 @@ def test_cached_decoding_matches_full_recomputation_without_cls_row():
     I, n = len(PROMPTS[b]), len(row.response_ids)
     np.testing.assert_allclose(out.logits_BNV[b, :n], ref_logits[b, I - 1:I - 1 + n], atol=2e-5, rtol=2e-5)
     assert row.response_ids == ref_logits[b, I - 1:I - 1 + n].argmax(-1).tolist()
+
+
+def test_decoding_without_response_sees_cls_is_the_plain_transformers_model(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  params = _params(seed=2)
+  # A CLS row far from the mean embedding, so reading it changes what the model says.
+  params["cls_embedding"] = np.random.default_rng(3).normal(0.0, 1.0, CFG.d_model).astype(np.float32)
+  save_hf(str(tmp_path), CFG, params)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  hf_model.generation_config.eos_token_id = None  # as eos_id=None below: always max_new_tokens
+  n = FIRST.max_new_tokens
+  rows = row_results(*_run(params, PROMPTS, FIRST.replace(strategic_decoding=False, response_sees_cls=False)))
+  for prompt, row in zip(PROMPTS, rows):
+    with torch.no_grad():  # the plain model's prompt has no CLS
+      ref = hf_model.generate(torch.tensor([prompt[1:]]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert row.response_ids == ref[0, len(prompt) - 1:].tolist()
+  # With the CLS slot visible (the default), the same weights generate something else.
+  visible = row_results(*_run(params, PROMPTS, FIRST, override=_override(3, FIRST)))
+  assert [r.response_ids for r in visible] != [r.response_ids for r in rows]
 
 
 def _expanded_reference(prompt, span, response, cls_steps, r2):

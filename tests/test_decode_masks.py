@@ -56,3 +56,16 @@ def test_prefill_mask():
   assert m[7:9, 0].all()  # attacker-prefilled response rows do
   np.testing.assert_array_equal(m[1:9, 1:9], np.tril(np.ones((8, 8), bool)))
   assert not m[9].any() and not m[:, 10:].any()
+
+
+def test_masks_without_response_sees_cls_close_slot_0_to_tokens():
+  for window in (None, 3):
+    seen = np.asarray(masks.decode_token_mask(np.asarray([5, 9]), 12, window))
+    hidden = np.asarray(masks.decode_token_mask(np.asarray([5, 9]), 12, window, response_sees_cls=False))
+    assert seen[:, 0].all() and not hidden[:, 0].any()
+    np.testing.assert_array_equal(hidden[:, 1:], seen[:, 1:])
+  args = (np.asarray([9]), np.asarray([7]), np.asarray([[3, 6]]), 10, 12)
+  seen, hidden = (np.asarray(masks.prefill_mask(*args, response_sees_cls=flag))[0] for flag in (True, False))
+  assert not hidden[1:, 0].any()  # attacker-prefilled rows no longer read the CLS
+  np.testing.assert_array_equal(hidden[0], seen[0])  # the CLS still judges the query
+  np.testing.assert_array_equal(hidden[:, 1:], seen[:, 1:])

@@ -7,7 +7,7 @@ import pytest
 from test_eval_lm import tiny_model
 
 from clsalign_jax.eval.gcg import GCG, GCGConfig, blocked_tokens
-from clsalign_jax.eval.lm import teacher_forced
+from clsalign_jax.eval.lm import TargetModel, random_params, teacher_forced
 from clsalign_jax.model import Transformer
 
 SMALL = GCGConfig(steps=4, suffix_tokens=6, top_k=16, search_width=32, eval_batch_size=32)
@@ -24,7 +24,7 @@ def _target_ce(model, row, target_ids):
   tokens = list(row.prompt) + target_ids
   T, P = len(tokens), len(row.prompt)
   out = teacher_forced(Transformer(model.cfg), model.params, jnp.asarray([tokens]), jnp.asarray([T]),
-                       jnp.asarray([P]), jnp.asarray([row.query_span]))
+                       jnp.asarray([P]), jnp.asarray([row.query_span]), model.dcfg.response_sees_cls)
   logp = jax.nn.log_softmax(out.logits_BTV[0])
   ce = -float(np.mean([logp[P - 1 + i, t] for i, t in enumerate(target_ids)]))
   return ce, float(jax.nn.sigmoid(out.cls_logit_B[0]))
@@ -56,6 +56,20 @@ def test_adaptive_gcg_also_pushes_the_cls_towards_benign(model):
   assert adaptive.best_loss == pytest.approx(ce - 5.0 * np.log1p(-p), abs=1e-3)
   assert adaptive.best_p_malicious == pytest.approx(p, abs=1e-4)
   assert adaptive.best_p_malicious < plain.best_p_malicious
+
+
+def test_gcg_optimises_against_the_variants_attention(model):
+  params = random_params(model.cfg, 1)
+  # A CLS row far from the mean embedding, so whether the target reads it changes the loss.
+  params["cls_embedding"] = np.random.default_rng(2).normal(0.0, 1.0, model.cfg.d_model).astype(np.float32)
+  blind, seeing = (TargetModel("t", model.cfg, params, model.tokenizer, model.template,
+                               model.dcfg.replace(response_sees_cls=sees_cls), model.batch_size)
+                   for sees_cls in (False, True))
+  res = GCG(blind, GCGConfig(**{**SMALL.__dict__, "steps": 1})).run(GOAL, TARGET)
+  target_ids = model.tokenizer.encode_continuation(TARGET)
+  ce, _ = _target_ce(blind, res.row, target_ids)
+  assert ce == pytest.approx(res.best_loss, abs=1e-5)
+  assert abs(_target_ce(seeing, res.row, target_ids)[0] - ce) > 1e-4
 
 
 def test_blocked_tokens(model):

@@ -5,11 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from test_eval_lm import REPO, tiny_config
 
+from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.eval import harness
+from clsalign_jax.eval.attacks import Attack, Case
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,26 @@ def test_changed_and_half_written_cells_are_recomputed(finished, monkeypatch):
   prefills = {json.loads(line)["prefill"] for line in lines}
   assert prefills == {"Of course:"}
   assert len(result["summary"]) == 24
+
+
+def test_optimised_cases_are_shared_only_by_variants_with_the_same_scoring_mask(tmp_path):
+  config = tiny_config()
+  config.output_dir, config.progress = str(tmp_path), False
+  config.variants = [("sees", "random:0", {}), ("blind", "random:0", dict(response_sees_cls=False)),
+                     ("blind_first", "random:0", dict(response_sees_cls=False, schedule="first"))]
+  h = harness.Harness(config)
+  optimised_for = []
+
+  class Optimising(Attack):
+    needs_model = True
+
+    def cases(self, item, model):
+      optimised_for.append(model.dcfg.response_sees_cls)
+      return [Case(item.id, f"{item.query} {model.dcfg.response_sees_cls}")]
+
+  attack = Optimising("optimising")
+  queries = {v.name: [c.query for c in h._cases(types.SimpleNamespace(dcfg=DecodeConfig(**v.decode)), v, attack,
+                                                  "tiny_harmful")]
+             for v in h.variants}
+  assert optimised_for == [True] * 3 + [False] * 3  # blind_first reuses blind's cases
+  assert queries["blind_first"] == queries["blind"] != queries["sees"]

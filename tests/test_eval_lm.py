@@ -10,12 +10,14 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clsalign_jax import checkpoint
+from clsalign_jax import checkpoint, masks
 from clsalign_jax.convert import save_orbax_params
 from clsalign_jax.eval import lm
+from clsalign_jax.model import Transformer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,6 +80,38 @@ def test_continuation_logprobs_match_next_token_logits(model):
   expected = jax.nn.log_softmax(scores.next_logits[0])[tok_id[0]]
   assert scores.continuation_logprobs[0].shape == (1,)
   assert scores.continuation_logprobs[0][0] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_scoring_without_response_sees_cls_is_the_plain_causal_model(model):
+  params = lm.random_params(model.cfg, 1)
+  # A CLS row far from the mean embedding, so reading it changes the logits.
+  params["cls_embedding"] = np.random.default_rng(2).normal(0.0, 1.0, model.cfg.d_model).astype(np.float32)
+  row = model.encode("Name a colour.", prefill="Sure")
+  cont = model.tokenizer.encode_continuation(", red and blue")
+  tokens = list(row.prompt + row.prefill) + cont
+  T, P, at = len(tokens), len(row.prompt), len(row.prompt) + len(row.prefill) - 1
+  plain = Transformer(model.cfg).apply({"params": params}, jnp.asarray([tokens[1:]]), jnp.arange(T - 1)[None],
+                                       masks.causal_mask(jnp.ones((1, T - 1), jnp.int32)), cls_row=None)
+  plain_TV = np.asarray(plain.logits_BTV[0])  # row t is row t + 1 of the CLS-prefixed rows
+
+  def forward(sees_cls):
+    out = lm.teacher_forced(Transformer(model.cfg), params, jnp.asarray([tokens]), jnp.asarray([T]),
+                            jnp.asarray([P]), jnp.asarray([row.query_span]), response_sees_cls=sees_cls)
+    return np.asarray(out.logits_BTV[0, 1:])
+
+  np.testing.assert_allclose(forward(False), plain_TV, atol=1e-5, rtol=0)
+  visible = forward(True)
+  np.testing.assert_allclose(visible[:P - 1], plain_TV[:P - 1], atol=1e-5, rtol=0)  # prompt rows never read it
+  assert np.abs(visible[P - 1:] - plain_TV[P - 1:]).max() > 1e-3
+
+  for sees_cls in (False, True):
+    target = lm.TargetModel("t", model.cfg, params, model.tokenizer, model.template,
+                            model.dcfg.replace(response_sees_cls=sees_cls), model.batch_size)
+    scores = target.score([row], [cont])
+    expected_logp = jax.nn.log_softmax(plain_TV, axis=-1)[np.arange(at - 1, at - 1 + len(cont)), cont]
+    matches = (np.allclose(scores.next_logits[0], plain_TV[at - 1], atol=1e-5, rtol=0)
+               and np.allclose(scores.continuation_logprobs[0], expected_logp, atol=1e-5, rtol=0))
+    assert matches == (not sees_cls)
 
 
 def test_strategic_decoding_inserts_the_refusal():

@@ -33,7 +33,7 @@ def _random_row(rng, T, n_max):
   return seg, q, r, labels
 
 
-def _reference(seg, q, r, labels, mode, window, cls_response):
+def _reference(seg, q, r, labels, mode, window, cls_response, response_sees_cls=True):
   T = len(seg)
   ref = np.zeros((T, T), bool)
 
@@ -63,26 +63,27 @@ def _reference(seg, q, r, labels, mode, window, cls_response):
       else:
         ref[i, j] = i == j or in_span(j, q) or cls_reads_response(j)
     elif is_cls(j):
-      ref[i, j] = mode == "sft" and in_span(i, r)
+      ref[i, j] = mode == "sft" and response_sees_cls and in_span(i, r)
     else:
       ref[i, j] = j <= i and (window is None or i - j < window)
   return ref
 
 
-@pytest.mark.parametrize("mode,cls_response,window", [
-    ("sft", "none", None), ("sft", "none", 3), ("sft", "benign_full", None),
-    ("sft", "malicious_full", 4), ("pretrain", "none", None), ("pretrain", "none", 2)])
-def test_training_mask_matches_brute_force(mode, cls_response, window):
-  rng = np.random.RandomState(zlib.crc32(f"{mode}{cls_response}{window}".encode()))
+@pytest.mark.parametrize("mode,cls_response,window,response_sees_cls", [
+    ("sft", "none", None, True), ("sft", "none", 3, True), ("sft", "benign_full", None, True),
+    ("sft", "malicious_full", 4, True), ("pretrain", "none", None, True), ("pretrain", "none", 2, True),
+    ("sft", "none", None, False), ("sft", "benign_full", 3, False), ("pretrain", "none", None, False)])
+def test_training_mask_matches_brute_force(mode, cls_response, window, response_sees_cls):
+  rng = np.random.RandomState(zlib.crc32(f"{mode}{cls_response}{window}{response_sees_cls}".encode()))
   T, n_max, B = 14, 3, 64
   rows = [_random_row(rng, T, n_max) for _ in range(B)]
   seg, q, r, labels = (np.stack(x) for x in zip(*rows))
   got = np.asarray(masks.cls_training_mask(jnp.asarray(seg), jnp.asarray(q), jnp.asarray(r), mode=mode,
                                            sliding_window=window, cls_response=cls_response,
-                                           cls_label=jnp.asarray(labels)))
+                                           cls_label=jnp.asarray(labels), response_sees_cls=response_sees_cls))
   for b in range(B):
-    np.testing.assert_array_equal(got[b], _reference(seg[b], q[b], r[b], labels[b], mode, window, cls_response),
-                                  err_msg=f"row {b}: seg={seg[b]} q={q[b]} r={r[b]}")
+    ref = _reference(seg[b], q[b], r[b], labels[b], mode, window, cls_response, response_sees_cls)
+    np.testing.assert_array_equal(got[b], ref, err_msg=f"row {b}: seg={seg[b]} q={q[b]} r={r[b]}")
 
 
 def test_single_example_spans_accept_b2_layout():

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from clsalign_jax import checkpoint, config as config_lib, metrics, model as model_lib, sharding, synthetic, train
+from clsalign_jax import (checkpoint, config as config_lib, losses, masks, metrics, model as model_lib, sharding,
+                          synthetic, train)
 from clsalign_jax.interop import hf
 from train_utils import (REPO, checkpoint_steps, compilation_cache, load_config, main_command, read_metrics, run,
                          saved_params, subprocess_env)
@@ -76,6 +78,25 @@ def test_bf16_params_keep_fp32_optimizer_state():
   assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype("float32")}
   updates, _ = tx.update({"w": jnp.full((4,), 0.5, jnp.float32)}, state, params)
   assert updates["w"].dtype == jnp.float32  # the gradient's dtype; apply_updates casts to the param's
+
+
+def test_cls_head_lr_scale_multiplies_only_the_head_updates():
+  params = {"cls_head": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones((1,))},
+            "layers_0": {"mlp": {"cls_head": jnp.ones((2,))}}}  # a name deeper down is not the head
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
+  c = load_config("tiny")
+
+  def updates(scale):
+    with c.unlocked():
+      c.optimizer.cls_head_lr_scale = scale
+    tx = train.make_optimizer(c, optax.constant_schedule(1e-3))
+    return tx.update(grads, tx.init(params), params)[0]
+
+  base, scaled = updates(1.0), updates(50.0)
+  np.testing.assert_allclose(scaled["cls_head"]["kernel"], 50 * base["cls_head"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(scaled["cls_head"]["bias"], 50 * base["cls_head"]["bias"], rtol=1e-6)
+  np.testing.assert_array_equal(scaled["layers_0"]["mlp"]["cls_head"], base["layers_0"]["mlp"]["cls_head"])
+  assert float(jnp.abs(base["cls_head"]["bias"][0])) > 0
 
 
 def test_trainable_subset_freezes_the_rest_and_resumes(tmp_path):
@@ -165,6 +186,57 @@ def test_missing_data_package_is_a_clear_error(monkeypatch):
   c = load_config("llama7b_sft")
   with pytest.raises(ValueError, match="clsalign_jax.data"):
     train.make_data_iterator(c, "train", 0, 1)
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def test_inert_cls_trains_the_plain_causal_model():
+  """loss.cls_weight=0 with mask.response_sees_cls=False: the response logits and the LM loss are
+  the plain model's on the rows without their CLS token, and the CLS parameters do not move."""
+  c = load_config("tiny")
+  c.loss.cls_weight = 0.0
+  c.mask.response_sees_cls = False
+  cfg = config_lib.model_config(c)
+  model = model_lib.Transformer(cfg)
+  # Drawn with numpy (init_params compiles every random op); norms at 1. The CLS row is far from
+  # the mean embedding: if responses read it, their logits move.
+  rng = np.random.default_rng(0)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(model_lib.abstract_params(cfg)))
+  params = jax.tree.unflatten(treedef, [
+      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
+      else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in leaves])
+  params["cls_embedding"] = rng.normal(0.0, 1.0, params["cls_embedding"].shape).astype(np.float32)
+  batch = jax.tree.map(jnp.asarray, next(synthetic.make_data_iterator(c, "train", 0, 1)))
+  weights_BT = losses.lm_target_weights(batch, "sft")
+  assert batch["segment_ids"][:, -1].min() == 0 and weights_BT.sum() > 100  # padded rows, many targets
+
+  seg_BT = batch["segment_ids"][:, 1:]
+  positions_BT = jnp.where(seg_BT > 0, batch["positions"][:, 1:] - 1, 0)  # BOS at 0, as in the plain model
+  plain = model.apply({"params": params}, batch["tokens"][:, 1:], positions_BT, masks.causal_mask(seg_BT),
+                      cls_row=None)
+  plain_sum, plain_n = losses.token_cross_entropy(plain.logits_BTV, batch["tokens"][:, 1:], weights_BT[:, 1:])
+
+  def with_cls(response_sees_cls):
+    mask_BTT = masks.cls_training_mask(batch["segment_ids"], batch["query_span"], batch["response_span"],
+                                       response_sees_cls=response_sees_cls)
+    return model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT).logits_BTV[:, 1:]
+
+  scored_BT = np.asarray(weights_BT[:, 1:] > 0)
+  inert = np.asarray(with_cls(False))[scored_BT]
+  np.testing.assert_allclose(inert, np.asarray(plain.logits_BTV)[scored_BT], atol=1e-6, rtol=0)
+  # The control: with the default mask the responses read this CLS.
+  assert np.abs(np.asarray(with_cls(True))[scored_BT] - inert).max() > 1e-2
+
+  schedule = optax.constant_schedule(1e-2)
+  tx = train.make_optimizer(c, schedule)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(2)))
+  new_state, step_metrics = jax.jit(train.make_train_step(c, cfg, tx, schedule))(state, batch)
+  np.testing.assert_allclose(step_metrics["lm_loss"], plain_sum / plain_n, rtol=1e-6)
+  for name in ("cls_embedding", "cls_head"):
+    jax.tree.map(np.testing.assert_array_equal, new_state.params[name], params[name])
+  assert not np.array_equal(new_state.params["embedding"], params["embedding"])
 
 
 # --- init_from ----------------------------------------------------------------------------------

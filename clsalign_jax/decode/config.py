@@ -54,9 +54,13 @@ class DecodeConfig:
   refusal_text: str = PAPER_REFUSAL
   # Ablations. Without strategic attention the CLS reads the query and every response token
   # so far (Rule 4 still applies). Without strategic decoding no refusal is ever inserted and
-  # nothing is rolled back; the CLS state still reaches later tokens through slot 0.
+  # nothing is rolled back; the CLS state still reaches later tokens through slot 0, unless
+  # `response_sees_cls` is False: then no token reads slot 0, the LM is the plain causal model
+  # (a model without a trained CLS, or trained with mask.response_sees_cls=False) and the CLS
+  # only feeds the safety head.
   strategic_attention: bool = True
   strategic_decoding: bool = True
+  response_sees_cls: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", _SCHEDULE_ALIASES.get(self.schedule, self.schedule))

@@ -144,6 +144,8 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
   N = dcfg.max_steps
   R = refusal_R.shape[0]
   window = cfg.sliding_window
+  token_mask = functools.partial(masks.decode_token_mask, num_slots=S, sliding_window=window,
+                                 response_sees_cls=dcfg.response_sees_cls)
   prompt_len_B, input_len_B, query_span_B2 = inputs.prompt_len_B, inputs.input_len_B, inputs.query_span_B2
   # First response slot the CLS may read under Rules 1–3 (decision 6: prefill counts by default).
   visible_start_B = prompt_len_B if dcfg.prefill_visible else input_len_B
@@ -157,7 +159,8 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
   # Prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only.
   slots_BP = jnp.where(jnp.arange(P)[None, :] < input_len_B[:, None], jnp.arange(P)[None, :], S)
   out = model.apply({"params": params}, inputs.tokens_BP, jnp.broadcast_to(jnp.arange(P), (B, P)),
-                    masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, P, S, window),
+                    masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, P, S, window,
+                                       response_sees_cls=dcfg.response_sees_cls),
                     cache=init_cache(cfg, B, S), slots_BT=slots_BP, cls_row=0)
   p0_B = override(jax.nn.sigmoid(out.cls_logit_B), 0)
   malicious0_B = p0_B > dcfg.threshold
@@ -184,7 +187,7 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
 
   def forward_token_only(st: _State, tok_B, pos_B, tok_slot_B):
     o = model.apply({"params": params}, tok_B[:, None], pos_B[:, None],
-                    masks.decode_token_mask(pos_B, S, window)[:, None], cache=st.cache,
+                    token_mask(pos_B)[:, None], cache=st.cache,
                     slots_BT=tok_slot_B[:, None], cls_row=None)
     return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
 
@@ -195,7 +198,7 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
     tokens_B2 = jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1)
     positions_B2 = jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1)
     slots_B2 = jnp.stack([tok_slot_B, jnp.where(wants_B, 0, S)], axis=1)
-    mask_B2S = jnp.stack([masks.decode_token_mask(pos_B, S, window), cls_mask_BS], axis=1)
+    mask_B2S = jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1)
     o = model.apply({"params": params}, tokens_B2, positions_B2, mask_B2S, cache=st.cache,
                     slots_BT=slots_B2, cls_row=1)
     return o.logits_BTV[:, 0], jax.nn.sigmoid(o.cls_logit_B), o.cache

@@ -2,7 +2,8 @@
 
 The row is `[CLS, BOS, template.., goal, suffix, template tail, target]`: the suffix sits inside
 the user query, so the CLS judges it (Rule 4), and the target tokens are response rows that read
-the CLS, exactly as in the decode loop's prompt pass. The objective is the mean cross-entropy of
+the CLS (unless the variant decodes with `response_sees_cls=False`), exactly as in the decode
+loop's prompt pass. The objective is the mean cross-entropy of
 the target; the adaptive variant adds `cls_weight · BCE(CLS, benign)`, which pushes the safety
 head towards "benign" so strategic decoding is not triggered at the prompt.
 
@@ -68,9 +69,9 @@ def _objective(logits_BTV, labels_BT, input_len_B, prompt_len_B, cls_logit_B, cl
   return ce_B + cls_weight * jax.nn.softplus(cls_logit_B), ce_B
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, params, tokens_T, suffix_start, input_len,
-                    prompt_len, query_span_2, suffix_L, cls_weight, blocked_V):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, response_sees_cls: bool, params, tokens_T, suffix_start,
+                    input_len, prompt_len, query_span_2, suffix_L, cls_weight, blocked_V):
   """[L, top_k] token ids per suffix position with the most negative one-hot gradient."""
   V, L = cfg.vocab_size, suffix_L.shape[0]
   embed_VD = params["embedding"]
@@ -83,7 +84,7 @@ def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, params, tokens_T, su
     inputs_T = jnp.where(tokens_T == V, V + L, tokens_T)
     inputs_T = inputs_T.at[suffix_start + jnp.arange(L)].set(V + jnp.arange(L))
     out = teacher_forced(model_lib.Transformer(cfg.replace(vocab_size=V + L)), wide, inputs_T[None],
-                         input_len[None], prompt_len[None], query_span_2[None])
+                         input_len[None], prompt_len[None], query_span_2[None], response_sees_cls)
     total_B, _ = _objective(out.logits_BTV[..., :V], tokens_T[None], input_len[None], prompt_len[None],
                             out.cls_logit_B, cls_weight)
     return total_B[0]
@@ -93,13 +94,13 @@ def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, params, tokens_T, su
   return jax.lax.top_k(-grad_LV, top_k)[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _candidate_objectives(cfg: model_lib.ModelConfig, params, tokens_BT, input_len, prompt_len, query_span_2,
-                          cls_weight):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _candidate_objectives(cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len,
+                          prompt_len, query_span_2, cls_weight):
   B = tokens_BT.shape[0]
   rows = lambda x: jnp.broadcast_to(x, (B,) + x.shape)
   out = teacher_forced(model_lib.Transformer(cfg), params, tokens_BT, rows(input_len), rows(prompt_len),
-                       rows(query_span_2))
+                       rows(query_span_2), response_sees_cls)
   total_B, ce_B = _objective(out.logits_BTV, tokens_BT, rows(input_len), rows(prompt_len), out.cls_logit_B,
                              cls_weight)
   return total_B, ce_B, jax.nn.sigmoid(out.cls_logit_B)
@@ -143,6 +144,7 @@ class GCG:
     span_2 = np.asarray([q0, q1 + L], np.int32)
     lens = (jnp.int32(input_len), jnp.int32(prompt_len), jnp.asarray(span_2))
     w = jnp.float32(cfg.cls_weight)
+    sees_cls = model.dcfg.response_sees_cls
 
     def evaluate(cands_NL):
       out = [], [], []
@@ -152,7 +154,8 @@ class GCG:
         tokens_BT = np.tile(base_T, (E, 1))
         tokens_BT[:len(chunk), q1:q1 + L] = chunk
         tokens_BT[len(chunk):, q1:q1 + L] = chunk[0]
-        for acc, x in zip(out, jax.device_get(_candidate_objectives(model.cfg, model.params, tokens_BT, *lens, w))):
+        scored = _candidate_objectives(model.cfg, sees_cls, model.params, tokens_BT, *lens, w)
+        for acc, x in zip(out, jax.device_get(scored)):
           acc.append(x[:len(chunk)])
       return [np.concatenate(x) for x in out]
 
@@ -165,8 +168,8 @@ class GCG:
     while steps < cfg.steps and not best_ce < cfg.early_stop_loss:
       tokens_T = base_T.copy()
       tokens_T[q1:q1 + L] = suffix_L
-      top_LK = np.asarray(_top_candidates(model.cfg, cfg.top_k, model.params, tokens_T, jnp.int32(q1), *lens,
-                                          suffix_L, w, self.blocked_V))
+      top_LK = np.asarray(_top_candidates(model.cfg, cfg.top_k, sees_cls, model.params, tokens_T, jnp.int32(q1),
+                                          *lens, suffix_L, w, self.blocked_V))
       cands_NL = self._candidates(suffix_L, top_LK, rng)
       total, ce, p = evaluate(cands_NL)
       i = int(np.argmin(total))

@@ -195,14 +195,16 @@ class Harness:
     if not a.needs_model:
       return [c for it in items for c in a.cases(it, model)]
     # Optimisation attacks take minutes per item: cache each item's cases on its own. They depend on
-    # the weights, tokenizer and template only (not on decode settings), so variants that share a
-    # checkpoint share them.
+    # the weights, tokenizer and template, and of the decode settings only on whether response rows
+    # read the CLS (their scoring mask), so variants that share a checkpoint and that mask share them.
     cases = []
-    weights = {key: val for key, val in self.variant_identity(v).items() if key not in ("name", "decode")}
-    fp = fingerprint({"weights": weights, "attack": a.fingerprint()})
+    target = {key: val for key, val in self.variant_identity(v).items() if key not in ("name", "decode")}
+    if not model.dcfg.response_sees_cls:  # keyed only when off: CLS-reading variants keep their caches
+      target["response_sees_cls"] = False
+    fp = fingerprint({"weights": target, "attack": a.fingerprint()})
     bar = self._progress(len(items), f"{a.name} optimisation")
     for it in items:
-      path = self.out / "attack_cases" / fingerprint(weights)[:12] / _slug(b) / _slug(a.name) / f"{_slug(it.id)}.json"
+      path = self.out / "attack_cases" / fingerprint(target)[:12] / _slug(b) / _slug(a.name) / f"{_slug(it.id)}.json"
       fp_item = fingerprint([fp, it.id, it.query, it.target])
       cases += [Case.from_json(c) for c in _cached(path, fp_item, lambda: [c.to_json() for c in a.cases(it, model)])]
       bar.update(1)

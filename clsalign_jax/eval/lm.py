@@ -200,11 +200,13 @@ class Scores(NamedTuple):
 
 
 def teacher_forced(model: model_lib.Transformer, params, tokens_BT: Array, input_len_B: Array,
-                   prompt_len_B: Array, query_span_B2: Array):
+                   prompt_len_B: Array, query_span_B2: Array, response_sees_cls: bool = True):
   """No-cache forward with the prompt-pass mask of decoding: the CLS reads the query, rows from
-  `prompt_len` on are response rows (they read the CLS, as generated or prefilled tokens do)."""
+  `prompt_len` on are response rows (they read the CLS, as generated or prefilled tokens do,
+  unless `response_sees_cls` is False: then every row but the CLS's is the plain causal model)."""
   T = tokens_BT.shape[1]
-  mask_BTT = masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, T, T, model.cfg.sliding_window)
+  mask_BTT = masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, T, T, model.cfg.sliding_window,
+                                response_sees_cls=response_sees_cls)
   positions_BT = jnp.broadcast_to(jnp.arange(T), tokens_BT.shape)
   return model.apply({"params": params}, tokens_BT, positions_BT, mask_BTT, cls_row=0)
 
@@ -217,9 +219,11 @@ def next_token_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
   return jnp.pad(logp_BT, ((0, 0), (0, 1)))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score_jit(cfg: model_lib.ModelConfig, params, tokens_BT, input_len_B, prompt_len_B, query_span_B2, at_B):
-  out = teacher_forced(model_lib.Transformer(cfg), params, tokens_BT, input_len_B, prompt_len_B, query_span_B2)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_jit(cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len_B, prompt_len_B,
+               query_span_B2, at_B):
+  out = teacher_forced(model_lib.Transformer(cfg), params, tokens_BT, input_len_B, prompt_len_B, query_span_B2,
+                       response_sees_cls)
   logits_BV = jnp.take_along_axis(out.logits_BTV, at_B[:, None, None], axis=1)[:, 0]
   return next_token_logprobs(out.logits_BTV, tokens_BT), logits_BV, jax.nn.sigmoid(out.cls_logit_B)
 
@@ -312,7 +316,8 @@ class TargetModel:
 
   def score(self, rows: Sequence[Encoded], continuations: Sequence[Sequence[int]] | None = None) -> Scores:
     """Teacher-forced log-likelihood of each continuation after its row (prompt + prefill), the
-    logits for the first token after the prefill, and the prompt-time p(malicious)."""
+    logits for the first token after the prefill, and the prompt-time p(malicious), under the
+    attention of this model's decoding (`dcfg.response_sees_cls`)."""
     continuations = continuations or [()] * len(rows)
     B = self.batch_size
     logps: list[np.ndarray | None] = [None] * len(rows)
@@ -335,8 +340,8 @@ class TargetModel:
         prompt_len_B[b] = len(rows[i].prompt)
         span_B2[b] = rows[i].query_span
         at_B[b] = len(rows[i].prompt) + len(rows[i].prefill) - 1
-      logp_BT, logits_BV, p_B = jax.device_get(_score_jit(self.cfg, self.params, tokens_BT, input_len_B,
-                                                          prompt_len_B, span_B2, at_B))
+      logp_BT, logits_BV, p_B = jax.device_get(_score_jit(self.cfg, self.dcfg.response_sees_cls, self.params,
+                                                          tokens_BT, input_len_B, prompt_len_B, span_B2, at_B))
       for b, i in enumerate(idx):
         start = at_B[b]
         logps[i] = logp_BT[b, start:start + len(continuations[i])]
