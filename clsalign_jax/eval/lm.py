@@ -243,7 +243,9 @@ class TargetModel:
     self.batch_size = batch_size
     # Evaluation runs the plain per-layer layout: no remat, no scan bookkeeping at decode time.
     self.cfg = cfg.replace(scan_layers=False, remat_policy="none")
-    self.params = jax.device_put(model_lib.to_layout(params, self.cfg))
+    # Onto the default device explicitly: a training run's params are restored onto the CPU, and a
+    # bare device_put would leave such committed arrays there (every decode would then run on the CPU).
+    self.params = jax.device_put(model_lib.to_layout(params, self.cfg), jax.devices()[0])
     self.eos_id = template.end.id(tokenizer)
 
   @classmethod
