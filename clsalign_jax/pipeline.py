@@ -53,6 +53,9 @@ def _log(msg: str) -> None:
 def harness_config(config, workdir: str) -> dict:
   """The eval harness config for the trained run in `workdir`."""
   a = config.after_training.to_dict()
+  # Decode with the attention the run was trained with (the key is added only when it is off, so
+  # the cached cells of ordinary runs keep their fingerprints).
+  blind = {} if config.mask.get("response_sees_cls", True) else {"response_sees_cls": False}
   return {
       "output_dir": os.path.join(workdir, "eval"),
       "seed": config.seed,
@@ -61,7 +64,8 @@ def harness_config(config, workdir: str) -> dict:
       "progress": True,
       "save_cls_trace": True,
       "model": {"tokenizer": a["tokenizer"], "template": a["template"], "template_kwargs": {}, "model": {}},
-      "variants": [("strategic", f"orbax:{workdir}", STRATEGIC), ("plain", f"orbax:{workdir}", PLAIN)],
+      "variants": [("strategic", f"orbax:{workdir}", {**STRATEGIC, **blind}),
+                   ("plain", f"orbax:{workdir}", {**PLAIN, **blind})],
       "benchmarks": [dict(a["malicious"], name="malicious"), dict(a["benign"], name="benign")],
       "attacks": [dict(name="direct", kind="direct"),
                   dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is",

@@ -54,3 +54,12 @@ def test_report_plots_and_resume(tiny_run, capsys):
   pipeline.run(config, str(workdir))
   out = capsys.readouterr().out
   assert "generating" not in out and "CLS metrics on" not in out and "done, skipped" in out
+
+
+def test_variants_decode_with_the_attention_the_run_was_trained_with():
+  c = load_config("tiny")
+  decode = lambda cfg: {name: d for name, _, d in pipeline.harness_config(cfg, "/run")["variants"]}
+  assert all("response_sees_cls" not in d for d in decode(c).values())
+  c.mask.response_sees_cls = False
+  assert {name: d["response_sees_cls"] for name, d in decode(c).items()} == {"strategic": False, "plain": False}
+  assert decode(c)["strategic"]["schedule"] == pipeline.STRATEGIC["schedule"]
