@@ -7,7 +7,10 @@ room shares one set of compiled programs.
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +160,23 @@ def test_loading_errors(model):
   wrong = model.cfg.replace(vocab_size=300)
   with pytest.raises(ValueError, match="model vocabulary 300"):
     lm.TargetModel("x", wrong, lm.random_params(wrong, 0), model.tokenizer, model.template)
+
+
+def test_params_committed_elsewhere_move_to_the_default_device(tmp_path):
+  # Two host devices stand in for "restored onto the CPU, evaluated on the accelerator".
+  script = f"""
+import jax
+from clsalign_jax.eval import lm
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from test_eval_lm import tiny_model
+assert len(jax.devices()) == 2, jax.devices()
+m = tiny_model()
+params = jax.device_put(m.params, jax.devices()[1])
+target = lm.TargetModel("t", m.cfg, params, m.tokenizer, m.template, m.dcfg)
+assert {{d for x in jax.tree.leaves(target.params) for d in x.devices()}} == {{jax.devices()[0]}}
+print("ok")
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
