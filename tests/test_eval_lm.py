@@ -162,7 +162,7 @@ def test_loading_errors(model):
     lm.TargetModel("x", wrong, lm.random_params(wrong, 0), model.tokenizer, model.template)
 
 
-def test_params_committed_elsewhere_move_to_the_default_device(tmp_path):
+def test_params_committed_elsewhere_move_to_the_default_device():
   # Two host devices stand in for "restored onto the CPU, evaluated on the accelerator".
   script = f"""
 import jax
