@@ -34,6 +34,8 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from clsalign_jax.eval.report import atomic_write
+
 BEGIN = "<!-- BEGIN GENERATED: python -m clsalign_jax.eval.results_table render (do not edit by hand) -->"
 END = "<!-- END GENERATED -->"
 
@@ -283,8 +285,7 @@ def write_into(path, block: str) -> None:
     text = head + block + tail
   else:
     text = text.rstrip("\n") + "\n\n" + block + "\n"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text, encoding="utf-8")
+  atomic_write(path, text)
 
 
 # ----- harmful responses --------------------------------------------------------------------------
@@ -303,9 +304,7 @@ def harmful_responses(eval_dir, out, variant: str = "as_shipped", benchmark: str
     rows.append({"messages": [{"role": "user", "content": g["query"]},
                               {"role": "assistant", "content": g["prefill"] + g["response"]}],
                  "source": f"{variant}/{benchmark}/{attack}/{g['item_id']}"})
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+  atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   return len(rows)
 
 
@@ -364,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{n} harmful responses written to {args.out}")
   elif args.command == "cls-test":
     value = cls_test(args.workdir, args.examples, args.batch_size)
-    pathlib.Path(args.out).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    atomic_write(args.out, json.dumps(value, indent=2) + "\n")
     print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")
   else:
     cls_path = pathlib.Path(args.cls_test) if args.cls_test else None
