@@ -12,11 +12,13 @@ hidden state of the CLS row. Attention is driven entirely by an explicit boolean
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
@@ -31,6 +33,9 @@ REMAT_POLICIES = {
 }
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -42,6 +47,14 @@ class ModelConfig:
   d_ff: int
   rms_eps: float = 1e-5
   rope_theta: float = 10000.0
+  # RoPE frequency scaling, as HF `rope_parameters`: "default" (none), "linear", "dynamic"
+  # (NTK-aware past max_seq_len, recomputed from the call's largest position) or "llama3"
+  # (Llama-3.1/3.2 frequency bands).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192  # llama3 only: the pre-extension context length
   max_seq_len: int = 4096
   sliding_window: int | None = None
   tie_embeddings: bool = False
@@ -63,6 +76,13 @@ class ModelConfig:
       raise ValueError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in ("xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}; known: xla, cudnn")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r}; known: {', '.join(ROPE_TYPES)}")
+    if self.rope_type != "default" and self.rope_factor <= 0:
+      raise ValueError(f"rope_factor={self.rope_factor} must be positive for rope_type={self.rope_type!r}")
+    if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+      raise ValueError(f"llama3 RoPE needs rope_high_freq_factor ({self.rope_high_freq_factor}) > "
+                       f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
     if self.family not in ("llama", "mistral"):
       raise ValueError(f"family={self.family!r}; known: llama, mistral")
     for key in ("dtype", "param_dtype"):
@@ -90,6 +110,19 @@ PRESETS = {
     "smollm2_135m": ModelConfig(
         vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
         d_ff=1536, rms_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    # Llama-3.1-8B (and -Instruct): vocab 128256, BOS <|begin_of_text|> 128000, EOS <|eot_id|> 128009
+    # (the instruct models' end-of-turn; the base model stops on <|end_of_text|> 128001).
+    "llama3_8b": ModelConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        d_ff=14336, rms_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+        max_seq_len=131072, bos_id=128000, eos_id=128009),
+    # Llama-3.2-1B(-Instruct): tied embeddings, head_dim 64, llama3 scaling with factor 32.
+    "llama3_2_1b": ModelConfig(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+        d_ff=8192, rms_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=32.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+        max_seq_len=131072, tie_embeddings=True, bos_id=128000, eos_id=128009),
 }
 
 
@@ -124,8 +157,39 @@ class RMSNorm(nn.Module):
     return weight_D.astype(self.dtype) * y
 
 
-def rope_tables(positions_BT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[H/2] fp32 inverse frequencies after any static scaling ("dynamic" is applied per call)."""
+  H = cfg.head_dim
+  # fp32 throughout, in HF's order of operations, so angles at long positions agree bit for bit.
+  inv_h = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2).astype(np.float32) / np.float32(H))))
+  if cfg.rope_type == "linear":
+    return (inv_h / np.float32(cfg.rope_factor)).astype(np.float32)
+  if cfg.rope_type != "llama3":
+    return inv_h.astype(np.float32)
+  # Llama 3.1: wavelengths longer than the original context / low_freq_factor are stretched by
+  # `factor`, those shorter than context / high_freq_factor are kept, the band between blends.
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen_h = 2 * math.pi / inv_h
+  scaled_h = np.where(wavelen_h > old_len / low, inv_h / factor, inv_h)
+  smooth_h = (old_len / wavelen_h - low) / (high - low)
+  blended_h = (1 - smooth_h) * scaled_h / factor + smooth_h * scaled_h
+  medium_h = ~(wavelen_h < old_len / high) & ~(wavelen_h > old_len / low)
+  return np.where(medium_h, blended_h, scaled_h).astype(np.float32)
+
+
+def rope_tables(positions_BT: Array, cfg: ModelConfig) -> tuple[Array, Array]:
+  """cos/sin [B, T, H] for `cfg`'s RoPE, scaling included."""
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  if cfg.rope_type == "dynamic":
+    # NTK-aware: past the original context the base grows with the longest position in the
+    # call (as HF does per forward), so prefill and each decode step may use different bases.
+    H = cfg.head_dim
+    # The threshold is max_seq_len, as HF's is max_position_embeddings.
+    seq_len = jnp.maximum(jnp.max(positions_BT).astype(jnp.float32) + 1, cfg.max_seq_len)
+    base = cfg.rope_theta * ((cfg.rope_factor * seq_len / cfg.max_seq_len) - (cfg.rope_factor - 1)
+                             ) ** (H / (H - 2))
+    inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2).astype(jnp.float32) / H))
   freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
   return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
@@ -251,7 +315,7 @@ class Transformer(nn.Module):
     x_BTD = jnp.take(embed_VD, jnp.clip(tokens_BT, 0, V - 1), axis=0)
     x_BTD = jnp.where(is_cls_BT1, cls_D, x_BTD).astype(dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
-    cos_BTH, sin_BTH = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+    cos_BTH, sin_BTH = rope_tables(positions_BT, cfg)
 
     layer_cls = DecoderLayer
     policy = REMAT_POLICIES[cfg.remat_policy]

@@ -36,6 +36,10 @@ CONFIGS = {
                                d_ff=80, rope_theta=20000.0, max_seq_len=512),
     "llama_tied": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=12,
                                 d_ff=80, tie_embeddings=True, max_seq_len=512),
+    # Llama-3.2-shaped: tied, GQA, llama3 RoPE bands acting within the 96 tested tokens.
+    "llama3_tied": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
+                                 d_ff=80, tie_embeddings=True, rope_theta=500000.0, rope_type="llama3",
+                                 rope_factor=32.0, rope_original_max_len=32, max_seq_len=512),
     "mistral_window": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=8,
                                     d_ff=80, sliding_window=24, family="mistral", max_seq_len=512),
 }
@@ -154,10 +158,29 @@ def test_unknown_architecture(tmp_path):
 def test_unsupported_rope_scaling(tmp_path):
   d = _export(tmp_path)
   cfg_json = json.load(open(d / "config.json"))
+  cfg_json["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
+  json.dump(cfg_json, open(d / "config.json", "w"))
+  with pytest.raises(hf.CheckpointError, match="config.json: rope type 'yarn' is not supported"):
+    hf.load_hf(str(d))
   cfg_json["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
   json.dump(cfg_json, open(d / "config.json", "w"))
-  with pytest.raises(hf.CheckpointError, match="rope type 'llama3'"):
+  with pytest.raises(hf.CheckpointError, match="'llama3' needs .*low_freq_factor"):
     hf.load_hf(str(d))
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "llama3"])
+def test_rope_scaling_round_trips(rope_type, tmp_path):
+  cfg = CONFIGS["llama_gqa"].replace(rope_type=rope_type, rope_factor=4.0, rope_original_max_len=128)
+  hf.save_hf(str(tmp_path), cfg, _random_params(cfg, seed=6))
+  cfg2, _ = hf.load_hf(str(tmp_path))
+  # rope_original_max_len only means something for llama3; dynamic scales past max_seq_len.
+  assert cfg2 == (cfg if rope_type == "llama3" else cfg.replace(rope_original_max_len=8192))
+  # Older transformers (and the Llama-3.1 checkpoints on the Hub) spell it rope_theta + rope_scaling.
+  legacy = json.load(open(tmp_path / "config.json"))
+  params = legacy.pop("rope_parameters")
+  legacy["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+  json.dump(legacy, open(tmp_path / "config.json", "w"))
+  assert hf.load_hf(str(tmp_path))[0] == cfg2
 
 
 def test_gguf_of_another_architecture(tmp_path):

@@ -28,6 +28,18 @@ def _tiny_hf(kind: str, seed: int = 0):
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **common))
   elif kind == "mistral_window":
     m = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=48, rope_theta=1e6, **common))
+  elif kind in LLAMA3_ROPE:
+    # Llama-3.1-8B / 3.2-1B shapes scaled down: GQA 4:1, theta 5e5, and an original context of 64
+    # so the llama3 frequency bands (stretched, blended, kept) all act within T_LONG tokens.
+    common.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16)
+    rope = {"rope_theta": 500000.0, **LLAMA3_ROPE[kind]}
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        rope_parameters=rope, tie_word_embeddings=kind == "llama32_tied", **common))
+  elif kind in ("llama_linear", "llama_dynamic"):
+    # dynamic grows the base once positions pass max_position_embeddings: 256 < T_LONG.
+    common.update(max_position_embeddings=256)
+    rope = {"rope_type": kind.split("_")[1], "rope_theta": 10000.0, "factor": 4.0}
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=rope, **common))
   else:
     raise ValueError(kind)
   # HF inits norms to 1; random norms make the test sensitive to scale mix-ups.
@@ -52,8 +64,18 @@ def _forward(cfg, params, tokens_BT, segment_ids_BT, cls_row=None):
   return np.asarray(out.logits_BTV)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("kind", ["llama_gqa", "mistral_window", "llama_tied"])
+LLAMA3_ROPE = {
+    "llama31_untied": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64},
+    "llama32_tied": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+}
+PARITY_CASES = [(kind, scan) for kind in ("llama_gqa", "mistral_window", "llama_tied", *LLAMA3_ROPE)
+                for scan in (False, True)] + [("llama_linear", False), ("llama_dynamic", False)]
+
+
+@pytest.mark.parametrize("kind,scan", PARITY_CASES,
+                         ids=[f"{k}-{'scan' if s else 'loop'}" for k, s in PARITY_CASES])
 def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
   m = _tiny_hf(kind)
   cfg, params = _import(m, tmp_path)
@@ -73,6 +95,10 @@ def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
     # The window must matter at this length, or the comparison proves nothing about it.
     unwindowed = _forward(cfg.replace(sliding_window=None), params, tokens, valid.astype(np.int32))
     assert np.abs(unwindowed[keep] - ref[keep]).max() > 1e-3
+  if cfg.rope_type != "default":
+    # Likewise the scaling: plain RoPE must miss the reference by far more than the bound.
+    unscaled = _forward(cfg.replace(rope_type="default"), params, tokens, valid.astype(np.int32))
+    assert np.abs(unscaled[keep] - ref[keep]).max() > 1e-3
 
 
 def test_tied_config_has_no_lm_head(tmp_path):
@@ -148,10 +174,14 @@ def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
 
 
 def test_preset_parameter_counts():
-  counts = {name: M.count_params(M.abstract_params(M.preset(name))) for name in ("llama2_7b", "smollm2_135m")}
+  names = ("llama2_7b", "smollm2_135m", "llama3_8b", "llama3_2_1b")
+  counts = {name: M.count_params(M.abstract_params(M.preset(name))) for name in names}
   extras = lambda d: d + d + 1  # CLS embedding row + Dense(1) head
   assert counts["llama2_7b"] == 6_738_415_616 + extras(4096)
   assert counts["smollm2_135m"] == 134_515_008 + extras(576)
+  # The published totals of Llama-3.1-8B and Llama-3.2-1B (tied).
+  assert counts["llama3_8b"] == 8_030_261_248 + extras(4096)
+  assert counts["llama3_2_1b"] == 1_235_814_400 + extras(2048)
 
 
 def test_bf16_compute_tracks_fp32():

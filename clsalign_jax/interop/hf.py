@@ -16,7 +16,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from clsalign_jax.model import ModelConfig, unstack_layers
+from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
 
 CLS_FILE = "clsalign_cls.safetensors"
 CLS_META = "clsalign.json"
@@ -40,11 +40,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise CheckpointError(f"{source}: {flag}=true is not supported")
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
-  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope = rope_fields_from_hf(hf, source)
   n_heads = hf["num_attention_heads"]
   d_model = hf["hidden_size"]
   family = ARCHITECTURES[known[0]]
@@ -53,11 +49,48 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
       vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
       n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       head_dim=hf.get("head_dim") or d_model // n_heads, d_ff=hf["intermediate_size"],
-      rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+      rms_eps=hf.get("rms_norm_eps", 1e-6), **rope,
       max_seq_len=hf.get("max_position_embeddings", 4096), sliding_window=window,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       bos_id=_first_id(hf.get("bos_token_id"), 1), eos_id=_first_id(hf.get("eos_token_id"), 2),
       family=family)
+
+
+def rope_fields_from_hf(hf: dict, source: str) -> dict:
+  """ModelConfig rope_* fields from `rope_parameters` (transformers >= 5) or the older
+  `rope_theta` + `rope_scaling` pair; any scaling we do not implement is refused."""
+  rope = dict(hf.get("rope_scaling") or {})
+  rope.update(hf.get("rope_parameters") or {})
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+  fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": rope_type}
+  if rope_type == "default":
+    return fields
+  # "dynamic" grows the base past max_position_embeddings, as in HF (which ignores any
+  # original_max_position_embeddings for this type).
+  needed = {"linear": ("factor",), "dynamic": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+  missing = [k for k in needed[rope_type] if k not in rope]
+  if missing:
+    raise CheckpointError(f"{source}: rope type {rope_type!r} needs {missing} in rope_parameters")
+  fields["rope_factor"] = float(rope["factor"])
+  if rope_type == "llama3":
+    fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  return fields
+
+
+def rope_parameters_to_hf(cfg: ModelConfig) -> dict:
+  out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    out["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_len)
+  return out
 
 
 def _first_id(value, default):
@@ -73,7 +106,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
       "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
       "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
       "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_eps,
-      "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters_to_hf(cfg),
       "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
       "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
       "torch_dtype": dtype, "dtype": dtype,
