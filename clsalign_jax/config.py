@@ -75,6 +75,12 @@ def default_config() -> config_dict.ConfigDict:
   # train.num_steps < 0 and by per-epoch LR decay.
   c.data.num_train_examples = 29_600
   c.data.eval_split = "validation"
+  # Tokenizer of the training data: '' = the one stored with `init_from` (GGUF file, HF
+  # directory), else 'smollm2', 'mistral' or a .gguf / .model / tokenizer.json path.
+  c.data.tokenizer = ""
+  # Chat template (data/templates.py): '' = chatml for ChatML vocabularies, else llama2;
+  # set 'llama3' for Llama-3 checkpoints, 'mistral' for Mistral-Instruct's own format.
+  c.data.template = ""
 
   c.train = config_dict.ConfigDict()
   c.train.mode = "sft"  # 'sft': L_sft + λ·BCE, SFT masks; 'pretrain': L_lm + λ·BCE, pretraining masks

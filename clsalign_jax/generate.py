@@ -27,7 +27,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "auto (from the GGUF, or t
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.")
 _PREFILL = flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).")
-_TEMPLATE = flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, or auto.")
+_TEMPLATE = flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Queries decoded together.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
@@ -60,6 +60,8 @@ def pick_template(name: str, cfg, tokenizer):
   if name == "auto":
     if tokenizer.token_to_id("<|im_start|>") is not None:
       name = "chatml"
+    elif tokenizer.token_to_id("<|start_header_id|>") is not None:
+      name = "llama3"
     else:
       name = "mistral" if cfg.family == "mistral" else "llama2"
   return get_template(name)

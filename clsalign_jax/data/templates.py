@@ -40,6 +40,10 @@ LLAMA2_SYSTEM_PROMPT = (
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+# What Llama-3.1's chat template puts at the top of its system turn (no tools, default date).
+LLAMA31_DATE_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+
+
 class SpanError(ValueError):
   """The query cannot be tokenised so that its tokens decode back to exactly the query."""
 
@@ -132,13 +136,31 @@ def chatml_template(system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT) -> ChatTe
   )
 
 
+def llama3_template(system_prompt: str | None = None) -> ChatTemplate:
+  """Llama-3.x instruct: header-delimited turns, each closed by `<|eot_id|>`, after BOS.
+
+  One user turn with a generation prompt, as the Llama-3 chat template renders it (the template
+  trims the message: queries with surrounding whitespace render differently there). With
+  `system_prompt` a system turn comes first; Llama-3.1's template always writes one, starting
+  with its knowledge-cutoff lines (`LLAMA31_DATE_PREAMBLE`), pass them here to match it.
+  """
+  start, end_header, eot = Special("<|start_header_id|>"), Special("<|end_header_id|>"), Special("<|eot_id|>")
+  system = (start, "system", end_header, f"\n\n{system_prompt}", eot) if system_prompt is not None else ()
+  return ChatTemplate(
+    name="llama3",
+    prompt=(BOS, *system, start, "user", end_header, "\n\n", QUERY, eot, start, "assistant", end_header, "\n\n"),
+    end=eot,
+  )
+
+
 def get_template(name: str, **kwargs) -> ChatTemplate:
-  """`llama2` (the paper's), `mistral`, or `chatml` (alias `smollm2`)."""
+  """`llama2` (the paper's), `mistral`, `chatml` (alias `smollm2`) or `llama3`."""
   factories = {
     "llama2": llama2_template,
     "mistral": mistral_template,
     "chatml": chatml_template,
     "smollm2": chatml_template,
+    "llama3": llama3_template,
   }
   if name not in factories:
     raise ValueError(f"unknown chat template {name!r}; choose from {sorted(factories)}")
