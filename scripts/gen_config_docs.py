@@ -41,6 +41,7 @@ _MODEL_FIELDS = {
     "d_ff": "SwiGLU hidden width",
     "rms_eps": "RMSNorm epsilon",
     "rope_theta": "RoPE base frequency",
+    "rope_factor": "RoPE scaling factor (`linear`, `dynamic`, `llama3`)",
     "max_seq_len": "longest sequence the model accepts (`data.seq_len` must not exceed it)",
     "sliding_window": "attention window in tokens (Mistral v0.1); 0 = none",
     "tie_embeddings": "the LM head reuses the input embedding (SmolLM2)",
