@@ -71,3 +71,172 @@ def test_llama3_example_ends_with_eot(ours, theirs):
   r0, r1 = ex.response_span
   assert ours.decode_fragment(ex.tokens[r0:r1 - 1].tolist()) == "Mix flour and water."
   assert np.asarray(ex.loss_mask)[r0:].all()
+
+
+# ----- GGUF: a Llama-3.2-shaped file written with the `gguf` package, as llama.cpp's converter lays it out
+
+
+def _hf_llama3(tied=True):
+  cfg = transformers.LlamaConfig(
+      vocab_size=0, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5,
+      tie_word_embeddings=tied, rope_parameters={
+          "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+  return cfg
+
+
+def _llama_cpp_rope_factors(theta, head_dim, factor, low, high, old_len):
+  """The per-frequency divisors llama.cpp's converter stores as rope_freqs.weight (fp32)."""
+  import math
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  out = []
+  for f in inv:
+    wavelen = 2 * math.pi / f
+    if wavelen < old_len / high:
+      out.append(1.0)
+    elif wavelen > old_len / low:
+      out.append(factor)
+    else:
+      smooth = (old_len / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
+def _write_gguf(path, model, tok_dir, pre="llama-bpe", extra_tensors=(), scaling_type=None, rope_freqs="llama3"):
+  import json
+
+  import gguf
+  cfg = model.config
+  n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+  spec = json.loads((tok_dir / "tokenizer.json").read_text())
+  vocab = spec["model"]["vocab"]
+  specials = {t["content"]: t["id"] for t in spec["added_tokens"]}
+  tokens = [None] * (len(vocab) + len(specials))
+  for t, i in {**vocab, **specials}.items():
+    tokens[i] = t
+  merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(n_heads)
+  w.add_head_count_kv(n_kv)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_freq_base(500000.0)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_vocab_size(len(tokens))
+  if scaling_type is not None:
+    w.add_string("llama.rope.scaling.type", scaling_type)
+    w.add_float32("llama.rope.scaling.factor", 4.0)
+  w.add_tokenizer_model("gpt2")
+  if pre is not None:
+    w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_types([3 if t in specials else 1 for t in tokens])
+  w.add_token_merges(merges)
+  w.add_bos_token_id(specials["<|begin_of_text|>"])
+  w.add_eos_token_id(specials["<|eot_id|>"])
+  w.add_add_bos_token(True)
+  if isinstance(rope_freqs, str):
+    w.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(500000.0, cfg.head_dim, 32.0, 1.0, 4.0, 8192))
+  elif rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", rope_freqs)
+  top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+  layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+  for name, t in model.state_dict().items():
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    arr = t.detach().numpy().astype(np.float32)
+    base = name.rsplit(".", 1)[0]
+    if base.startswith("model.layers."):
+      _, _, i, rest = base.split(".", 3)
+      gname = f"blk.{i}.{layer[rest]}.weight"
+      if rest in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's interleaved RoPE row order
+        heads = n_heads if rest == "self_attn.q_proj" else n_kv
+        arr = arr.reshape(heads, 2, arr.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(arr.shape)
+    else:
+      gname = f"{top[base]}.weight"
+    w.add_tensor(gname, arr)
+  for name, arr in extra_tensors:
+    w.add_tensor(name, arr)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama3_gguf(tmp_path_factory, llama3_dir):
+  import torch
+  cfg = _hf_llama3(tied=True)
+  cfg.vocab_size = transformers.AutoTokenizer.from_pretrained(str(llama3_dir)).backend_tokenizer.get_vocab_size()
+  cfg.bos_token_id, cfg.eos_token_id = 0, 0
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  path = _write_gguf(tmp_path_factory.mktemp("gguf") / "llama32.gguf", model, llama3_dir)
+  return path, model
+
+
+def test_llama3_gguf_matches_transformers(llama3_gguf, llama3_dir, theirs, record_figure):
+  import jax.numpy as jnp
+  import torch
+
+  from clsalign_jax import masks
+  from clsalign_jax import model as M
+  from clsalign_jax.interop import gguf as G
+  path, hf_model = llama3_gguf
+  cfg, params = G.load_gguf(path)
+  assert cfg.rope_type == "llama3" and cfg.rope_factor == 32.0 and cfg.rope_original_max_len == 8192
+  assert cfg.tie_embeddings and cfg.n_kv_heads == 2 and cfg.head_dim == 16
+  # Tokenizer: tokenizer.ggml.pre='llama-bpe' gives the Llama-3 split, so ids equal tokenizer.json's.
+  tok = Tokenizer.from_gguf(path)
+  texts = [*QUERIES, "digits 1234567 split in threes", "line\n\n1. item", "  spaces   and\ttabs\r\n"]
+  assert [tok.encode(t) for t in texts] == [theirs.encode(t, add_special_tokens=False) for t in texts]
+  assert tok.bos_id == theirs.bos_token_id and tok.eos_id == theirs.convert_tokens_to_ids("<|eot_id|>")
+  # Weights: Q/K rows un-permuted, llama3 RoPE from rope_freqs.weight, at 320 tokens.
+  T = 320
+  ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, T))
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(ids)).logits.numpy()
+  ours = M.Transformer(cfg).apply({"params": params}, jnp.asarray(ids), jnp.arange(T)[None],
+                                  masks.causal_mask(jnp.ones((1, T), jnp.int32)), cls_row=None).logits_BTV
+  err = np.abs(np.asarray(ours) - ref).max()
+  record_figure(f"max|dlogits| Llama-3.2-shaped GGUF (rope_freqs) T={T}", err)
+  assert err <= 1e-4
+
+
+def test_gguf_refuses_what_it_does_not_handle(tmp_path, llama3_gguf, llama3_dir):
+  from clsalign_jax.interop import gguf as G
+  from clsalign_jax.interop.hf import CheckpointError
+  _, model = llama3_gguf
+  for pre in ("qwen2", None):
+    path = _write_gguf(tmp_path / f"pre_{pre}.gguf", model, llama3_dir, pre=pre)
+    with pytest.raises(NotImplementedError, match=f"tokenizer.ggml.pre={pre!r} is not supported"):
+      Tokenizer.from_gguf(path)
+  path = _write_gguf(tmp_path / "yarn.gguf", model, llama3_dir, scaling_type="yarn", rope_freqs=None)
+  with pytest.raises(CheckpointError, match="llama.rope.scaling.type='yarn' is not supported"):
+    G.load_gguf(path)
+  path = _write_gguf(tmp_path / "bias.gguf", model, llama3_dir,
+                     extra_tensors=[("blk.0.attn_q.bias", np.zeros(64, np.float32))])
+  with pytest.raises(CheckpointError, match="tensor 'blk.0.attn_q.bias' is not supported"):
+    G.load_gguf(path)
+  path = _write_gguf(tmp_path / "layer.gguf", model, llama3_dir,
+                     extra_tensors=[("blk.2.attn_norm.weight", np.ones(64, np.float32))])
+  with pytest.raises(CheckpointError, match="tensor 'blk.2.attn_norm.weight' is not supported"):
+    G.load_gguf(path)
+  odd = np.linspace(1.0, 3.0, 8).astype(np.float32)
+  path = _write_gguf(tmp_path / "freqs.gguf", model, llama3_dir, rope_freqs=odd)
+  with pytest.raises(CheckpointError, match="rope_freqs.weight' is not Llama-3 RoPE scaling"):
+    G.load_gguf(path)
+  # Linear scaling is read from the metadata.
+  path = _write_gguf(tmp_path / "linear.gguf", model, llama3_dir, scaling_type="linear", rope_freqs=None)
+  cfg, _ = G.load_gguf(path)
+  assert cfg.rope_type == "linear" and cfg.rope_factor == 4.0

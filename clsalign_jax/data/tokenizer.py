@@ -200,11 +200,19 @@ class Tokenizer:
     bos_id, eos_id = meta.get(keys.BOS_ID), meta.get(keys.EOS_ID)
     unk_id, pad_id = meta.get(keys.UNK_ID), meta.get(keys.PAD_ID)
     if model == "gpt2":
+      pre = meta.get(keys.PRE)
+      if pre not in GGUF_PRE_TOKENIZERS:
+        raise NotImplementedError(
+          f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: "
+          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}); its split rules decide which merges apply, "
+          "so a guessed pre-tokenizer would give wrong ids"
+        )
       hf = _byte_level_tokenizer(
         tokens,
         types,
         meta[keys.MERGES],
         add_prefix_space=bool(meta.get(keys.ADD_PREFIX, False)),
+        pre=pre,
       )
       add_bos = bool(meta.get(keys.ADD_BOS, False))
     elif model == "llama":
@@ -601,12 +609,31 @@ def _spm_tokenizer(
   return tok
 
 
+# GPT-2's split pattern (what ByteLevel(use_regex=True) applies).
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+# Llama-3's: case-insensitive contractions, a letter run with one leading non-letter, digit groups
+# of at most three, punctuation runs with their trailing newlines, newline runs, spaces.
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+  r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` values (llama.cpp's names) -> split patterns applied in order before the
+# byte-level mapping. SmolLM splits every digit on its own first, then applies GPT-2's pattern.
+GGUF_PRE_TOKENIZERS = {
+  "gpt-2": (_GPT2_SPLIT,),
+  "smollm": (r"\p{N}", _GPT2_SPLIT),
+  "llama-bpe": (_LLAMA3_SPLIT,),
+  "llama3": (_LLAMA3_SPLIT,),
+}
+
+
 def _byte_level_tokenizer(
   tokens: Sequence[str],
   types: Sequence[int],
   merges: Sequence[str],
   *,
   add_prefix_space: bool,
+  pre: str = "gpt-2",
 ) -> tokenizers.Tokenizer:
   vocab = {t: i for i, t in enumerate(tokens)}
   # Byte-level tokens never contain a literal space (it is mapped to "Ġ"), so one split is exact.
@@ -614,7 +641,13 @@ def _byte_level_tokenizer(
   tok = tokenizers.Tokenizer(
     models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False)
   )
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+  splits = [
+    pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated", invert=False)
+    for pattern in GGUF_PRE_TOKENIZERS[pre]
+  ]
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [*splits, pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)]
+  )
   tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens(
     [

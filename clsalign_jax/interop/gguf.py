@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 
 from clsalign_jax.assets import smollm2_gguf_path  # noqa: F401  (re-exported)
-from clsalign_jax.interop.hf import CheckpointError, fresh_cls_extras, params_from_hf_tensors
-from clsalign_jax.model import ModelConfig
+from clsalign_jax.interop.hf import CheckpointError, fresh_cls_extras, hf_tensor_shapes, params_from_hf_tensors
+from clsalign_jax.model import ModelConfig, rope_inv_freq
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -64,14 +64,72 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
   if vocab == 0:
     raise CheckpointError(f"{path}: cannot tell the vocabulary size (no llama.vocab_size, no tokenizer)")
   names = {t.name for t in reader.tensors}
-  return ModelConfig(
+  head_dim = int(f("attention.key_length", d_model // n_heads))
+  rope_dim = int(f("rope.dimension_count", head_dim))
+  if rope_dim != head_dim or int(f("attention.value_length", head_dim)) != head_dim:
+    raise CheckpointError(f"{path}: rope.dimension_count={rope_dim} / attention.value_length differ from the "
+                          f"head size {head_dim}; partial rotary and unequal K/V heads are not supported")
+  cfg = ModelConfig(
       vocab_size=vocab, d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
       n_kv_heads=int(f("attention.head_count_kv", n_heads)),
-      head_dim=int(f("rope.dimension_count", d_model // n_heads)), d_ff=int(f("feed_forward_length")),
+      head_dim=head_dim, d_ff=int(f("feed_forward_length")),
       rms_eps=_f32(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(f("rope.freq_base", 10000.0)),
       max_seq_len=int(f("context_length", 4096)), tie_embeddings="output.weight" not in names,
       bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path, 1)),
       eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path, 2)))
+  return cfg.replace(**_rope_scaling(reader, cfg, path))
+
+
+# llama.cpp's converter writes Llama-3.1/3.2 scaling as a `rope_freqs` tensor only (per-frequency
+# divisors, no metadata); these are the band parameters every Meta release uses.
+_LLAMA3_BANDS = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192}
+
+
+def _rope_scaling(reader: gguf.GGUFReader, cfg: ModelConfig, path: str) -> dict:
+  """rope_* fields from `llama.rope.scaling.*` and `rope_freqs.weight`; anything else is refused."""
+  meta = lambda key: _field(reader, f"llama.rope.scaling.{key}", path, _ABSENT)
+  kind = meta("type")
+  factor = meta("factor")
+  for key in ("attn_factor", "yarn_log_multiplier", "yarn_ext_factor", "finetuned"):
+    value = meta(key)
+    if value is not _ABSENT and key != "finetuned" and float(value) not in (0.0, 1.0):
+      raise CheckpointError(f"{path}: llama.rope.scaling.{key}={value} is not supported")
+  freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  out: dict = {}
+  if kind in (_ABSENT, "none"):
+    if factor is not _ABSENT and float(factor) not in (0.0, 1.0):
+      raise CheckpointError(f"{path}: llama.rope.scaling.factor={factor} without a scaling type")
+  elif kind == "linear":
+    if factor is _ABSENT:
+      raise CheckpointError(f"{path}: llama.rope.scaling.type='linear' without llama.rope.scaling.factor")
+    out = {"rope_type": "linear", "rope_factor": _f32(factor)}
+  else:
+    raise CheckpointError(f"{path}: llama.rope.scaling.type={kind!r} is not supported (supported: none, "
+                          "linear, and llama3 scaling given as rope_freqs.weight)")
+  if freqs is None:
+    return out
+  if out:
+    raise CheckpointError(f"{path}: both llama.rope.scaling.type={kind!r} and a rope_freqs.weight tensor")
+  divisors_h = gguf.quants.dequantize(freqs.data, freqs.tensor_type).astype(np.float32).reshape(-1)
+  if divisors_h.shape != (cfg.head_dim // 2,):
+    raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' has shape {divisors_h.shape}, "
+                          f"expected ({cfg.head_dim // 2},) from the head size")
+  if np.all(divisors_h == 1.0):
+    return out
+  orig = meta("original_context_length")
+  llama3 = dict(_LLAMA3_BANDS, rope_type="llama3", rope_factor=float(divisors_h.max()))
+  if orig is not _ABSENT:
+    llama3["rope_original_max_len"] = int(orig)
+  want_h = rope_inv_freq(cfg.replace(rope_type="default")) / rope_inv_freq(cfg.replace(**llama3))
+  if not np.allclose(divisors_h, want_h, rtol=1e-5, atol=0):
+    raise CheckpointError(
+        f"{path}: tensor 'rope_freqs.weight' is not Llama-3 RoPE scaling (factor {llama3['rope_factor']:g}, "
+        f"low/high freq factors 1/4, original context {llama3['rope_original_max_len']}): max relative "
+        f"difference {np.max(np.abs(divisors_h / want_h - 1)):.3g}; other per-frequency factors are not supported")
+  return llama3
+
+
+_ABSENT = object()
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict]:
@@ -83,11 +141,17 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict]:
   except Exception as e:  # the reader raises bare ValueErrors/asserts on foreign files
     raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
   cfg = config_from_gguf(reader, path)
+  expected = hf_tensor_shapes(cfg)
   by_name = {}
   for t in reader.tensors:
+    if t.name == "rope_freqs.weight":
+      continue  # checked against the config's RoPE scaling in config_from_gguf
     name = hf_name(t.name)
-    if name is not None:
-      by_name[name] = t
+    if name is None or name not in expected:
+      # A tensor we do not place would be a silently wrong model (biases, extra layers, ...).
+      raise CheckpointError(f"{path}: tensor {t.name!r} is not supported for this architecture "
+                            f"(block_count={cfg.n_layers}); refusing to drop it")
+    by_name[name] = t
 
   def get(name):
     t = by_name.get(name)
