@@ -18,6 +18,7 @@ import re
 from ml_collections import config_dict
 
 from clsalign_jax import masks, model as model_lib
+from clsalign_jax.errors import ConfigError
 
 _MODEL_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(model_lib.ModelConfig)}
 # `from __future__ import annotations` makes the dataclass field types strings.
@@ -133,8 +134,18 @@ def default_config() -> config_dict.ConfigDict:
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every_steps = 500
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3  # >= 1; the newest step is never deleted
   c.checkpoint.async_save = True
+  # A step whose files differ from the digests recorded at save is refused; True resumes from the
+  # newest intact step instead and moves the corrupted ones to <workdir>/corrupt_checkpoints.
+  c.checkpoint.fallback_to_intact = False
+
+  # Stops the run, before saving, when the loss stays above divergence_factor × the median of the
+  # last median_window losses for divergence_steps steps in a row (NaN/inf always stops it).
+  c.guard = config_dict.ConfigDict()
+  c.guard.divergence_factor = 10.0  # 0: off
+  c.guard.divergence_steps = 3
+  c.guard.median_window = 50
 
   c.eval = config_dict.ConfigDict()
   c.eval.every_steps = 500  # 0: only after the last step
@@ -176,13 +187,13 @@ def model_config(config: config_dict.ConfigDict) -> model_lib.ModelConfig:
   missing = [f for f in _MODEL_FIELD_TYPES
              if f not in fields and model_lib.ModelConfig.__dataclass_fields__[f].default is dataclasses.MISSING]
   if missing:
-    raise ValueError(f"config.model: no preset and no value for {missing}")
+    raise ConfigError(f"config.model: no preset and no value for {missing}")
   return model_lib.ModelConfig(**fields)
 
 
 def steps_per_epoch(config: config_dict.ConfigDict) -> int:
   if config.data.num_train_examples <= 0:
-    raise ValueError("config.data.num_train_examples must be > 0 to count epochs "
+    raise ConfigError("config.data.num_train_examples must be > 0 to count epochs "
                      "(or set config.train.num_steps and a fixed schedule.decay_every_steps)")
   return math.ceil(config.data.num_train_examples / config.data.global_batch_size)
 
@@ -193,8 +204,90 @@ def total_steps(config: config_dict.ConfigDict) -> int:
   return math.ceil(config.train.num_epochs * steps_per_epoch(config))
 
 
+# Every numeric key's valid range: (key, test, what the test means). Keys a preset does not set
+# (None) are skipped; the model's own fields are checked when given.
+_RANGES = (
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("data.seq_len", lambda v: v >= 2, ">= 2 (the [CLS] row and one token)"),
+    ("data.global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_train_examples", lambda v: v >= 1, ">= 1"),
+    ("train.num_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for num_epochs"),
+    ("train.num_epochs", lambda v: v > 0, "> 0"),
+    ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    ("loss.cls_weight", lambda v: v >= 0, ">= 0"),
+    ("loss.cls_threshold", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("optimizer.learning_rate", lambda v: v > 0, "> 0"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "> 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("optimizer.cls_head_lr_scale", lambda v: v >= 0, ">= 0"),
+    ("schedule.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("schedule.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("schedule.decay_rate", lambda v: v > 0, "> 0"),
+    ("schedule.decay_every_steps", lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+    ("mesh.data", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+    ("mesh.fsdp", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+    ("mesh.tensor", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+    ("checkpoint.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
+    ("checkpoint.keep", lambda v: v >= 1, ">= 1 (0 would delete the final checkpoint)"),
+    ("guard.divergence_factor", lambda v: v == 0 or v > 1, "> 1, or 0 for off"),
+    ("guard.divergence_steps", lambda v: v >= 1, ">= 1"),
+    ("guard.median_window", lambda v: v >= 5, ">= 5"),
+    ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
+    ("eval.num_batches", lambda v: v >= 1, ">= 1"),
+    ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
+    ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("after_training.cls_test_examples", lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),
+    ("metrics.peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: by device kind)"),
+    ("model.vocab_size", lambda v: v >= 1, ">= 1"),
+    ("model.d_model", lambda v: v >= 1, ">= 1"),
+    ("model.n_layers", lambda v: v >= 1, ">= 1"),
+    ("model.n_heads", lambda v: v >= 1, ">= 1"),
+    ("model.n_kv_heads", lambda v: v >= 1, ">= 1"),
+    ("model.head_dim", lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (RoPE rotates pairs)"),
+    ("model.d_ff", lambda v: v >= 1, ">= 1"),
+    ("model.max_seq_len", lambda v: v >= 2, ">= 2"),
+    ("model.rope_theta", lambda v: v > 0, "> 0"),
+    ("model.rms_eps", lambda v: v > 0, "> 0"),
+    ("model.sliding_window", lambda v: v >= 0, ">= 0 (0: none)"),
+)
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_ranges(config: config_dict.ConfigDict) -> None:
+  """One-line ConfigError naming the first key outside its range (or not a finite number)."""
+  for key, ok, expected in _RANGES:
+    value = _lookup(config, key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config.{key}={value!r}: expected a number {expected}")
+    if not math.isfinite(value) or not ok(value):
+      raise ConfigError(f"config.{key}={value!r}: must be {expected}")
+  for key in ("model.dtype", "model.param_dtype", "optimizer.state_dtype"):
+    value = _lookup(config, key)
+    if value is not None and value not in _DTYPES:
+      raise ConfigError(f"config.{key}={value!r}; expected one of {_DTYPES}")
+  heads, kv_heads = _lookup(config, "model.n_heads"), _lookup(config, "model.n_kv_heads")
+  if heads and kv_heads and heads % kv_heads:
+    raise ConfigError(f"config.model.n_heads={heads} is not a multiple of config.model.n_kv_heads={kv_heads}")
+
+
 def validate(config: config_dict.ConfigDict) -> None:
-  """Checks the combinations a single key's type cannot express; raises ValueError."""
+  """Every key's range and the combinations a single key's type cannot express; raises
+  ConfigError (a ValueError) naming the key and its value."""
+  check_ranges(config)
   choices = {
       "train.mode": (config.train.mode, ("sft", "pretrain")),
       "schedule.name": (config.schedule.name, ("constant", "cosine", "step")),
@@ -202,19 +295,22 @@ def validate(config: config_dict.ConfigDict) -> None:
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
-      raise ValueError(f"config.{key}={value!r}; expected one of {allowed}")
+      raise ConfigError(f"config.{key}={value!r}; expected one of {allowed}")
   if config.data.global_batch_size % config.train.grad_accum_steps:
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
-                     f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
-  if config.eval.num_batches < 1:
-    raise ValueError("config.eval.num_batches must be >= 1")
+    raise ConfigError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
+                      f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
   try:
     re.compile(config.train.trainable)
   except re.error as e:
-    raise ValueError(f"config.train.trainable={config.train.trainable!r} is not a regular expression: {e}") from None
-  init_kind = config.init_from.partition(":")[0]
-  if config.init_from and init_kind not in ("hf", "gguf", "orbax"):
-    raise ValueError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")
-  cfg = model_config(config)
+    raise ConfigError(f"config.train.trainable={config.train.trainable!r} is not a regular expression: {e}") from None
+  init_kind, _, init_path = config.init_from.partition(":")
+  if config.init_from and (init_kind not in ("hf", "gguf", "orbax") or not init_path):
+    raise ConfigError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")
+  try:
+    cfg = model_config(config)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ConfigError(f"config.model: {e}") from None
   if config.data.seq_len > cfg.max_seq_len:
-    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+  if config.train.num_steps < 0 and config.schedule.name == "step" and not config.schedule.decay_every_steps:
+    steps_per_epoch(config)  # needs an epoch size

@@ -1,25 +1,37 @@
 """`python -m clsalign_jax.evaluate --config=configs/eval_<name>.py [--config.key=value ...]`.
 
 Runs every variant × attack × benchmark cell of the config (resuming: finished cells are
-skipped), judges the generations, and writes the tables and plots; see `eval/harness.py`.
+skipped; a cell whose generations file does not hold every case is generated again), judges
+the generations, and writes the tables and plots; see `eval/harness.py`. Errors end in one
+line (`--debug`: with the traceback).
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from clsalign_jax.eval import harness
+from clsalign_jax import cli
+from clsalign_jax.errors import UsageError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).", flag_values=fv,
+                                  sys_argv=argv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  harness.run(_CONFIG.value)
+def body(fv: flags.FlagValues, args: list[str]) -> None:
+  if args:
+    raise UsageError(f"unexpected arguments: {args}")
+  config = cli.config_value(fv)
+  from clsalign_jax.eval import harness
+  harness.run(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  return cli.run(body, define_flags, argv)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.exit_with(main)

@@ -6,45 +6,53 @@ re-classification) and where the refusal prefix went in. `--checkpoint` is anyth
 file, an HF directory (e.g. from `clsalign_jax.interop.hf.save_hf`) or an orbax params directory
 from `clsalign_jax.convert --dst_format=orbax`. The tokenizer comes from the GGUF or the
 tokenizer.json next to the HF weights unless `--tokenizer` names one (orbax needs it).
+
+A prompt that is empty, or that with the template, the prefill and --max_new_tokens does not fit
+the model's context, is refused before anything is decoded. Errors end in one line (`--debug`:
+with the traceback).
 """
 
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from clsalign_jax import convert
-from clsalign_jax.data.templates import get_template
+from clsalign_jax import cli, convert
+from clsalign_jax.data.templates import encode_prompt, get_template
 from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
 from clsalign_jax.decode.sampling import SamplingParams
 from clsalign_jax.decode.text import generate_text
+from clsalign_jax.errors import UsageError
 from clsalign_jax.model import to_layout
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "smollm2",
-                                  "'smollm2', a .gguf file, an HF directory or an orbax params directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "auto", "auto (from the GGUF, or tokenizer.json next to the weights), "
-                                 "smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).")
-_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.")
-_PREFILL = flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).")
-_TEMPLATE = flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Queries decoded together.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "0: off.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "1: off.")
-_SEED = flags.DEFINE_integer("seed", 0, "Row i samples with seed + i.")
-_SCHEDULE = flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule.")
-_PERIOD = flags.DEFINE_integer("period", 10, "k of the periodic schedule.")
-_ANNEAL_CUTOFF = flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "p(malicious) above this is malicious.")
-_TAU = flags.DEFINE_integer("tau", 3, "Consecutive malicious re-classifications that confirm a flip.")
-_R = flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules.")
-_REFUSAL = flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text.")
-_STRATEGIC_ATTENTION = flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response).")
-_STRATEGIC_DECODING = flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never).")
-_RESPONSE_SEES_CLS = flags.DEFINE_bool("response_sees_cls", True,
-                                       "Tokens read the CLS slot (off: the plain model's generation).")
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("checkpoint", "smollm2", "'smollm2', a .gguf file, an HF directory or an orbax params directory.",
+                      **d)
+  flags.DEFINE_string("tokenizer", "auto", "auto (from the GGUF, or tokenizer.json next to the weights), "
+                      "smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)", **d)
+  flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).", **d)
+  flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.", **d)
+  flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).", **d)
+  flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto.", **d)
+  flags.DEFINE_integer("batch_size", 8, "Queries decoded together.", lower_bound=1, **d)
+  flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).", lower_bound=1, **d)
+  flags.DEFINE_float("temperature", 0.0, "0: greedy.", lower_bound=0.0, **d)
+  flags.DEFINE_integer("top_k", 0, "0: off.", lower_bound=0, **d)
+  flags.DEFINE_float("top_p", 1.0, "1: off.", lower_bound=0.0, upper_bound=1.0, **d)
+  flags.DEFINE_integer("seed", 0, "Row i samples with seed + i.", **d)
+  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule.", **d)
+  flags.DEFINE_integer("period", 10, "k of the periodic schedule.", lower_bound=1, **d)
+  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule.", lower_bound=1, **d)
+  flags.DEFINE_float("threshold", 0.5, "p(malicious) above this is malicious.", lower_bound=0.0, upper_bound=1.0, **d)
+  flags.DEFINE_integer("tau", 3, "Consecutive malicious re-classifications that confirm a flip.", lower_bound=1, **d)
+  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules.", **d)
+  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text.", **d)
+  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response).", **d)
+  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never).", **d)
+  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation).", **d)
 
 
 def load_checkpoint(spec: str, tokenizer: str = "auto"):
@@ -67,14 +75,32 @@ def pick_template(name: str, cfg, tokenizer):
   return get_template(name)
 
 
-def read_queries() -> list[str]:
-  queries = list(_PROMPT.value)
-  if _PROMPT_FILE.value:
-    with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-      queries += [line.strip() for line in f if line.strip()]
+def read_queries(prompts: list[str], prompt_file: str | None) -> list[str]:
+  """The queries of --prompt and --prompt_file; an empty or whitespace-only one is refused, as
+  training refuses empty records."""
+  for i, query in enumerate(prompts, start=1):
+    if not query.strip():
+      raise UsageError(f"--prompt #{i} is empty or whitespace-only")
+  queries = list(prompts)
+  if prompt_file:
+    with open(prompt_file, encoding="utf-8") as f:
+      from_file = [line.strip() for line in f if line.strip()]
+    if not from_file:
+      raise UsageError(f"--prompt_file={prompt_file}: no non-empty line")
+    queries += from_file
   if not queries:
-    raise app.UsageError("give --prompt or --prompt_file")
+    raise UsageError("give --prompt or --prompt_file")
   return queries
+
+
+def check_budget(cfg, tokenizer, template, queries: list[str], prefill: str, dcfg: DecodeConfig) -> None:
+  """Every prompt (with [CLS], the template and the prefill) plus max_new_tokens must fit the
+  model's context: positions past it were never trained, and the decode cache grows with them."""
+  for i, query in enumerate(queries, start=1):
+    n = len(encode_prompt(tokenizer, template, query, prefill).tokens)
+    if n + dcfg.max_new_tokens > cfg.max_seq_len:
+      raise UsageError(f"prompt #{i} is {n} tokens (template and prefill included); with --max_new_tokens="
+                       f"{dcfg.max_new_tokens} that exceeds the model's context of {cfg.max_seq_len} tokens")
 
 
 def format_result(i: int, result) -> str:
@@ -96,28 +122,39 @@ def format_result(i: int, result) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  r1, r2, r3 = (int(x) for x in _R.value)
-  dcfg = DecodeConfig(max_new_tokens=_MAX_NEW.value, threshold=_THRESHOLD.value, r1=r1, r2=r2, r3=r3,
-                      tau=_TAU.value, schedule=_SCHEDULE.value, period=_PERIOD.value,
-                      anneal_cutoff=_ANNEAL_CUTOFF.value, refusal_text=_REFUSAL.value,
-                      strategic_attention=_STRATEGIC_ATTENTION.value,
-                      strategic_decoding=_STRATEGIC_DECODING.value,
-                      response_sees_cls=_RESPONSE_SEES_CLS.value)
-  queries = read_queries()
-  cfg, params, tokenizer = load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
+def body(fv: flags.FlagValues, args: list[str]) -> None:
+  if args:
+    raise UsageError(f"unexpected arguments: {args}")
+  try:
+    r1, r2, r3 = (int(x) for x in fv.r)
+  except ValueError:
+    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
+  try:
+    dcfg = DecodeConfig(max_new_tokens=fv.max_new_tokens, threshold=fv.threshold, r1=r1, r2=r2, r3=r3,
+                        tau=fv.tau, schedule=fv.schedule, period=fv.period, anneal_cutoff=fv.anneal_cutoff,
+                        refusal_text=fv.refusal, strategic_attention=fv.strategic_attention,
+                        strategic_decoding=fv.strategic_decoding, response_sees_cls=fv.response_sees_cls)
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
+  if fv.strategic_decoding and not fv.refusal.strip():
+    raise UsageError("--refusal is empty or whitespace-only")
+  queries = read_queries(fv.prompt, fv.prompt_file)
+  cfg, params, tokenizer = load_checkpoint(fv.checkpoint, fv.tokenizer)
+  template = pick_template(fv.template, cfg, tokenizer)
+  check_budget(cfg, tokenizer, template, queries, fv.prefill, dcfg)
   params = jax.device_put(to_layout(params, cfg))  # once, not on every batch
-  template = pick_template(_TEMPLATE.value, cfg, tokenizer)
-  for start in range(0, len(queries), _BATCH.value):
-    batch = queries[start:start + _BATCH.value]
-    sampling = SamplingParams.make(len(batch), _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
-                                   _SEED.value + start)
+  for start in range(0, len(queries), fv.batch_size):
+    batch = queries[start:start + fv.batch_size]
+    sampling = SamplingParams.make(len(batch), fv.temperature, fv.top_k, fv.top_p, fv.seed + start)
     for i, result in enumerate(generate_text(cfg, params, tokenizer, template, batch, dcfg, sampling,
-                                             _PREFILL.value), start=start):
+                                             fv.prefill), start=start):
       print(format_result(i, result), flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  return cli.run(body, define_flags, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.exit_with(main)

@@ -9,6 +9,7 @@ import time
 
 import jax
 import tqdm
+from absl import logging
 
 from clsalign_jax.model import ModelConfig
 
@@ -78,7 +79,22 @@ class MetricWriter:
     if not os.path.exists(self.jsonl_path):
       return
     with open(self.jsonl_path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+      lines = f.read().split("\n")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        step = record["step"]
+      except (ValueError, KeyError, TypeError) as e:
+        if not any(rest.strip() for rest in lines[number:]):
+          # A run killed mid-write leaves a torn last record; it is past the checkpoint anyway.
+          logging.warning("%s:%d: dropped a torn last line (%s)", self.jsonl_path, number, e)
+          continue
+        raise ValueError(f"{self.jsonl_path}:{number}: not a metrics record ({e}); fix or remove that line") from None
+      if step <= start_step:
+        kept.append(line + "\n")
     tmp = self.jsonl_path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)

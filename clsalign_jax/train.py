@@ -30,9 +30,10 @@ from absl import logging
 
 from clsalign_jax import checkpoint as ckpt_lib
 from clsalign_jax import config as config_lib
-from clsalign_jax import losses, masks, metrics as metrics_lib
+from clsalign_jax import errors, losses, masks, metrics as metrics_lib
 from clsalign_jax import model as model_lib
 from clsalign_jax import sharding
+from clsalign_jax.lock import workdir_lock
 
 # Fields a checkpoint or imported weights must share with the configured model.
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -40,10 +41,27 @@ _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "h
 _LAYOUT_FIELDS = _ARCH_FIELDS + ("scan_layers", "param_dtype")
 # What `_forward_sums` returns: float32 scalars summed over rows.
 _SUM_KEYS = ("lm_sum", "lm_count", "cls_sum", "tp", "fp", "fn", "tn")
+# Workdir subdirectories for step directories taken out of `checkpoints/` (kept, never deleted):
+# corrupted ones skipped by `checkpoint.fallback_to_intact`, and ones saved from a state that
+# went on to a non-finite or diverging loss.
+CORRUPT_DIR = "corrupt_checkpoints"
+REJECTED_DIR = "rejected_checkpoints"
 
 
-class NonFiniteLossError(FloatingPointError):
+def atomic_write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class NonFiniteLossError(errors.TrainingStopped, FloatingPointError):
   """Loss or gradient norm became NaN/inf; the run stops before saving the broken state."""
+
+
+class DivergenceError(errors.TrainingStopped):
+  """The loss stayed above `guard.divergence_factor` × its running median for
+  `guard.divergence_steps` steps; the run stops before saving the diverged state."""
 
 
 @flax.struct.dataclass
@@ -336,6 +354,8 @@ def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
     else:
       from clsalign_jax.interop import gguf
       src_cfg, params = gguf.load_gguf(gguf.smollm2_gguf_path() if path == "smollm2" else path)
+    from clsalign_jax.convert import check_float_params
+    check_float_params(params, config.init_from)
     _check_same_arch(dataclasses.asdict(src_cfg), cfg, _ARCH_FIELDS, config.init_from)
     params = model_lib.to_layout(params, cfg)
   if jax.tree.structure(params) != jax.tree.structure(layout.abstract.params):
@@ -365,19 +385,47 @@ def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
   return {"model_config": dataclasses.asdict(cfg), "config": json.loads(config.to_json_best_effort())}
 
 
-def _initial_state(config, cfg, tx, layout: _Layout, partition: ParamPartition, ckpt: ckpt_lib.Checkpointer,
-                   train_iter) -> TrainState:
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.read_meta(latest)
-    _check_same_arch(meta["model_config"], cfg, _LAYOUT_FIELDS, f"{ckpt.directory}/{latest}")
-    items = ckpt.restore(latest, layout.abstract.params, layout.abstract.opt_state,
-                         {"step": layout.abstract.step, "rng": layout.abstract.rng})
-    train_iter.set_state(items["data"])
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
-    return TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"],
-                      rng=items["progress"]["rng"])
+def _restore_latest(config, cfg, layout: _Layout, directory: str, train_iter) -> tuple[TrainState | None, list[int]]:
+  """The newest usable checkpoint of `directory`, read without writing anything: (state or None when
+  there is no checkpoint, the corrupted newer steps skipped). A corrupted step is refused unless
+  `checkpoint.fallback_to_intact`, which skips to the newest intact one."""
+  if not os.path.isdir(directory):
+    return None, []
+  reader = ckpt_lib.Checkpointer(directory, read_only=True)
+  try:
+    steps = reader.all_steps()
+    skipped = []
+    for step in reversed(steps):
+      try:
+        reader.verify(step)
+        meta = reader.read_meta(step)
+        # Another model is not corruption: never fall back past it.
+        _check_same_arch(meta["model_config"], cfg, _LAYOUT_FIELDS, reader.step_dir(step))
+        items = reader.restore(step, layout.abstract.params, layout.abstract.opt_state,
+                               {"step": layout.abstract.step, "rng": layout.abstract.rng})
+      except ckpt_lib.CorruptCheckpointError as e:
+        if not config.checkpoint.fallback_to_intact:
+          raise ckpt_lib.CorruptCheckpointError(
+              f"{e}; to resume from the newest intact step instead, rerun with "
+              f"--config.checkpoint.fallback_to_intact=true (corrupted steps are then moved to "
+              f"{os.path.join(os.path.dirname(directory), CORRUPT_DIR)})") from None
+        logging.warning("%s; trying the step before", e)
+        skipped.append(step)
+        continue
+      train_iter.set_state(items["data"])
+      logging.info("resumed from %s", reader.step_dir(step))
+      state = TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"],
+                         rng=items["progress"]["rng"])
+      return state, skipped
+    if skipped:
+      raise ckpt_lib.CorruptCheckpointError(f"{directory}: no intact checkpoint among steps {steps}; "
+                                            "refusing to start from scratch")
+    return None, []
+  finally:
+    reader.close()
 
+
+def _fresh_state(config, cfg, tx, layout: _Layout, partition: ParamPartition) -> TrainState:
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   if config.init_from:
     params = _load_init_params(config, cfg, layout)
@@ -409,6 +457,9 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
   """Train until `total_steps(config)`, resuming from `workdir` when it holds a checkpoint.
 
   `devices` (default: all) are the devices the mesh is built from. Returns the final state.
+  Holds the workdir lock throughout. Nothing is written into `workdir` until the config, the
+  checkpoint (digests, architecture, restore) or the init weights have been checked, so a refused
+  invocation leaves it as it was.
   """
   config_lib.validate(config)
   cfg = config_lib.model_config(config)
@@ -417,11 +468,11 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
   rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
   schedule = make_schedule(config, num_steps)
   tx = make_optimizer(config, schedule)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2) + "\n")
+  with workdir_lock(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, tx)
 
+
+def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, tx) -> TrainState:
   # Axis rules are active only while the step functions are traced: unboxing and init would
   # otherwise apply activation constraints to trees and dummy batches they do not fit.
   partition = ParamPartition(config, cfg)
@@ -434,14 +485,22 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
                        "change config.mesh, data.global_batch_size or train.grad_accum_steps")
     shard_index, shard_count = sharding.process_batch_block(mesh, rules, config.data.global_batch_size)
     train_iter = make_data_iterator(config, "train", shard_index, shard_count)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    state, corrupted = _restore_latest(config, cfg, layout, directory, train_iter)
+    if state is None:
+      state = _fresh_state(config, cfg, tx, layout, partition)
+    start = int(state.step)
+    if start >= num_steps:
+      print(f"training is complete: checkpoint at step {start} of {num_steps} in {directory}", flush=True)
+      return state
+
+    # Everything is checked: from here on the run writes.
+    if jax.process_index() == 0:
+      atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+    ckpt = ckpt_lib.Checkpointer(directory, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
-      state = _initial_state(config, cfg, tx, layout, partition, ckpt, train_iter)
-      start = int(state.step)
-      if start >= num_steps:
-        print(f"training is complete: checkpoint at step {start} of {num_steps} in {ckpt.directory}", flush=True)
-        return state
+      for step in corrupted:
+        logging.warning("moved corrupted checkpoint to %s", ckpt.move_aside(step, os.path.join(workdir, CORRUPT_DIR)))
       with nn.logical_axis_rules(rules):
         state = _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start,
                             num_steps, workdir, (shard_index, shard_count))
@@ -450,16 +509,48 @@ def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | Non
   return state
 
 
+class LossGuard:
+  """Divergence guard: a step is flagged when its loss exceeds `factor` × the median of the last
+  `window` unflagged losses (once 5 are known); `patience` flagged steps in a row stop the run.
+  factor 0 turns it off."""
+
+  def __init__(self, factor: float, patience: int, window: int):
+    self.factor, self.patience, self.window = factor, patience, window
+    self.history: list[float] = []
+    self.flagged = 0  # consecutive flagged steps so far
+    self.first_flagged: int | None = None
+    self.median = math.nan
+
+  def observe(self, step: int, loss: float) -> bool:
+    """Records one step's loss; True if that step is flagged."""
+    if self.factor > 0 and len(self.history) >= 5:
+      self.median = float(np.median(self.history[-self.window:]))
+      if loss > self.factor * self.median:
+        self.flagged += 1
+        self.first_flagged = step if self.flagged == 1 else self.first_flagged
+        return True
+    self.flagged, self.first_flagged = 0, None
+    self.history = self.history[-self.window:] + [loss]
+    return False
+
+  @property
+  def tripped(self) -> bool:
+    return self.flagged >= self.patience
+
+
 class _StepMetrics:
   """Fetches step k's metrics only after step k+1 is dispatched, so the host never idles the
-  device; adds throughput, writes them, and stops the run on a non-finite loss. Checkpoint and
-  eval steps `flush()` first, so a non-finite step is never saved."""
+  device; adds throughput, writes them, and stops the run on a non-finite or diverging loss.
+  Checkpoint and eval steps `flush()` first, so a flagged step is never saved."""
 
-  def __init__(self, writer, ckpt, cfg, n_params: int, global_batch: int, peak_flops: float | None):
+  def __init__(self, writer, ckpt, cfg, n_params: int, global_batch: int, peak_flops: float | None,
+               guard: LossGuard, workdir: str):
     self.writer, self.ckpt, self.cfg, self.n_params = writer, ckpt, cfg, n_params
     self.global_batch, self.peak_flops = global_batch, peak_flops
+    self.guard, self.workdir = guard, workdir
     self.pending = None
     self.last_time = None
+    self.suspect = False  # the last flushed step's loss is flagged by the guard
 
   def push(self, step: int, device_metrics: dict, seq_len: int) -> None:
     self.flush()
@@ -485,11 +576,29 @@ class _StepMetrics:
         values["mfu"] = flops / (dt * jax.device_count() * self.peak_flops)
     self.last_time = now
     self.writer.write(step, "train", values)
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-      self.ckpt.wait()
-      raise NonFiniteLossError(
-          f"step {step}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; training "
-          f"stopped without saving. Last good checkpoint: step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+    loss = values["loss"]
+    if not (math.isfinite(loss) and math.isfinite(values["grad_norm"])):
+      raise NonFiniteLossError(f"step {step}: loss={loss} grad_norm={values['grad_norm']} is not finite; training "
+                               f"stopped without saving. {self._last_good(self.guard.first_flagged or step)}")
+    self.suspect = self.guard.observe(step, loss)
+    if self.guard.tripped:
+      g = self.guard
+      raise DivergenceError(
+          f"step {step}: loss={loss:.4g} has been above {g.factor:g} x its running median {g.median:.4g} for "
+          f"{g.patience} steps (config.guard.divergence_factor, config.guard.divergence_steps); training stopped "
+          f"without saving. {self._last_good(g.first_flagged)}")
+
+  def _last_good(self, first_bad: int) -> str:
+    """Step `first_bad`'s loss was computed from the state after step first_bad - 1, so a checkpoint
+    of that step or later holds a broken state: move those aside, then name the newest intact one."""
+    self.ckpt.wait()
+    moved = [s for s in self.ckpt.all_steps() if s >= first_bad - 1]
+    for s in moved:
+      self.ckpt.move_aside(s, os.path.join(self.workdir, REJECTED_DIR))
+    note = f" (moved step(s) {moved} saved after the loss went bad to {self.workdir}/{REJECTED_DIR})" if moved else ""
+    good = self.ckpt.latest_intact_step()
+    where = f"step {good} in {self.ckpt.directory}" if good is not None else f"none in {self.ckpt.directory}"
+    return f"Last good checkpoint: {where}{note}"
 
 
 def _next_batch(batches, step: int) -> dict:
@@ -515,22 +624,32 @@ def _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter
                     out_shardings=replicated)
   gbs = config.data.global_batch_size
   writer = metrics_lib.MetricWriter(workdir, start, num_steps, config.metrics.progress_bar)
+  g = config.guard
   step_metrics = _StepMetrics(
       writer, ckpt, cfg, model_lib.count_params(layout.abstract.params), gbs,
-      metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device))
+      metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device),
+      LossGuard(g.divergence_factor, g.divergence_steps, g.median_window), workdir)
   meta = _run_meta(config, cfg)
   every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
+  save_due = False  # a save was due at a step the guard flagged; it happens at the next clean step
   try:
     for step in range(start + 1, num_steps + 1):
       local = _next_batch(batches, step)
       state, device_metrics = step_fn(state, sharding.to_global_batch(local, batch_shardings, gbs))
       step_metrics.push(step, device_metrics, local["tokens"].shape[1])
-      save_now = step == num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
+      save_due = save_due or step == num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
       eval_now = step == num_steps or (every_eval > 0 and step % every_eval == 0)
-      if not (save_now or eval_now):
+      if not (save_due or eval_now):
         continue
       step_metrics.flush()
-      if save_now:
+      if save_due and step_metrics.suspect:
+        if step == num_steps:
+          raise DivergenceError(
+              f"step {step}: the last step's loss is above {config.guard.divergence_factor:g} x its running median "
+              f"{step_metrics.guard.median:.4g}; not saving it. {step_metrics._last_good(step_metrics.guard.first_flagged or step)}")
+        logging.warning("step %d: loss flagged by the divergence guard; checkpoint deferred", step)
+      elif save_due:
+        save_due = False
         ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
                   train_iter.get_state(), meta)
       if eval_now:

@@ -176,10 +176,23 @@ class Harness:
                         "seed": self.config["seed"], "trace": self.config.get("save_cls_trace", True)})
 
   def gen_done(self, v: Variant, a: Attack, b: str) -> bool:
+    """The cell's generations are current and complete: a file cut short (a copy, a full disk, an
+    edit) or a meta file that does not parse means the cell is generated again."""
     jsonl, meta = self.gen_paths(v, a, b)
     if not (jsonl.exists() and meta.exists()):
       return False
-    return json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") == self.gen_fingerprint(v, a, b)
+    try:
+      recorded = json.loads(meta.read_text(encoding="utf-8"))
+      if recorded.get("fingerprint") != self.gen_fingerprint(v, a, b):
+        return False
+      rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, AttributeError):
+      logging.warning("%s: unreadable generations; generating the cell again", jsonl)
+      return False
+    if len(rows) != recorded.get("n_cases") or not all(isinstance(r, dict) and "response" in r for r in rows):
+      logging.warning("%s holds %d of %s cases; generating the cell again", jsonl, len(rows), recorded.get("n_cases"))
+      return False
+    return True
 
   def read_generations(self, v: Variant, a: Attack, b: str) -> list[dict]:
     jsonl, _ = self.gen_paths(v, a, b)
