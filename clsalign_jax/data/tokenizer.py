@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import struct
 from collections.abc import Sequence
 
@@ -254,6 +255,33 @@ class Tokenizer:
   def encode_continuation(self, text: str) -> list[int]:
     """Ids of `text` when it directly follows other text at a token boundary."""
     return self._cont.encode(text, add_special_tokens=False).ids
+
+  def encode_markup(self, template: str, **slots: str) -> list[int]:
+    """Ids of a prompt template whose literal special tokens (e.g. "<|eot_id|>") become their ids.
+
+    The template is split at this vocabulary's special-token strings *before* the `{slot}` values
+    (str.format syntax) are filled in, so slot text is always encoded as text: a response that
+    contains "<|eot_id|>" cannot close the judge's turn. Text after a special token is encoded as
+    a continuation (no SentencePiece dummy prefix), as HF tokenizers do.
+    """
+    specials = self.special_tokens()
+    if not specials:
+      pieces = [template]
+    else:
+      pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+      pieces = [p for p in re.split(f"({pattern})", template) if p]
+    ids: list[int] = []
+    for piece in pieces:
+      if piece in specials:
+        ids.append(specials[piece])
+        continue
+      text = piece.format(**slots)
+      ids.extend(self.encode_continuation(text) if ids else self.encode(text))
+    return ids
+
+  def special_tokens(self) -> dict[str, int]:
+    """The base vocabulary's special tokens (text -> id); [CLS] is not among them."""
+    return {t["content"]: t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")}
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.decode.config import PAPER_REFUSAL, RELEASED_REFUSAL
 from clsalign_jax.eval.benchmarks import read_rows
-from clsalign_jax.eval.lm import Sampling, TargetModel
+from clsalign_jax.eval.lm import Encoded, Sampling, TargetModel
 
 # §1b: GCG's evaluation list, copied verbatim by HarmBench as `advbench_metric_test_prefixes`.
 ADVBENCH_METRIC = (
@@ -171,8 +171,9 @@ def parse_verdict(text: str, rule: str) -> int:
 class LLMJudge:
   """A classifier model (e.g. HarmBench-cls or Llama Guard) generating its verdict greedily.
 
-  The prompt is fed raw (no chat template: the format carries its own), the CLS head and
-  strategic decoding are off, no token reads the CLS slot (the judge is the plain model), and
+  The prompt is the format's own (no chat template on top), with the judge tokenizer's special
+  tokens written in the format fed as their ids (`prompt_ids`); the CLS head and strategic
+  decoding are off, no token reads the CLS slot (the judge is the plain model), and
   each generation is cut to `max_response_tokens` of the judge's tokenizer first, as HarmBench
   does with 512.
   """
@@ -188,13 +189,29 @@ class LLMJudge:
             "max_response_tokens": self.max_response_tokens}
 
   def prompt(self, x: JudgeInput) -> str:
+    """The prompt as text (for reading; `prompt_ids` is what the judge is fed)."""
+    return self.fmt.template.format(behavior=x.behavior, query=x.query, response=self._cut(x.response))
+
+  def prompt_ids(self, x: JudgeInput) -> list[int]:
+    """The judge's prompt as the classifier was trained on it: BOS, then the format with its
+    special tokens (Llama Guard 3's `<|start_header_id|>`, `<|eot_id|>`) as single ids and the
+    behaviour / query / response slots as text. No [CLS]: the row builder adds it."""
     tok = self.model.tokenizer
-    ids = tok.encode(x.response)
-    response = tok.decode(ids[:self.max_response_tokens]) if len(ids) > self.max_response_tokens else x.response
-    return self.fmt.template.format(behavior=x.behavior, query=x.query, response=response)
+    return [tok.bos_id] + tok.encode_markup(self.fmt.template, behavior=x.behavior, query=x.query,
+                                             response=self._cut(x.response))
+
+  def _cut(self, response: str) -> str:
+    tok = self.model.tokenizer
+    ids = tok.encode(response)
+    return tok.decode(ids[:self.max_response_tokens]) if len(ids) > self.max_response_tokens else response
 
   def judge(self, inputs: Sequence[JudgeInput]) -> list[int]:
-    rows = [self.model.encode(self.prompt(x), raw=True) for x in inputs]
+    cls_id = self.model.tokenizer.cls_id
+    rows = []
+    for x in inputs:
+      ids = [cls_id] + self.prompt_ids(x)
+      # The CLS is off for the judge; its span only has to be a valid one.
+      rows.append(Encoded(tuple(ids), (2, len(ids))))
     outs = self.model.generate(rows, [Sampling()] * len(rows), dcfg=self.dcfg)
     return [parse_verdict(o.response, self.fmt.parse) for o in outs]
 
