@@ -32,6 +32,8 @@ def _flag_name(arg: str) -> str | None:
 
 
 def _parse_message(e: Exception, argv: list[str]) -> str:
+  if isinstance(e, SyntaxError):  # a config file that does not parse
+    return f"{e.filename}:{e.lineno}: {e.msg}"
   lookup = isinstance(e, (KeyError, AttributeError))
   while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps a KeyError in an AttributeError
     e = e.args[0]
