@@ -144,8 +144,8 @@ def default_config() -> config_dict.ConfigDict:
   # last median_window losses for divergence_steps steps in a row (NaN/inf always stops it).
   c.guard = config_dict.ConfigDict()
   c.guard.divergence_factor = 10.0  # 0: off
-  c.guard.divergence_steps = 3
-  c.guard.median_window = 50
+  c.guard.divergence_steps = 3  # consecutive flagged steps that stop the run
+  c.guard.median_window = 50  # losses the running median is taken over
 
   c.eval = config_dict.ConfigDict()
   c.eval.every_steps = 500  # 0: only after the last step

@@ -70,7 +70,6 @@ _UNCOMMENTED = {
     "mesh.data": "size of the `data` mesh axis (pure data parallelism: params replicated)",
     "mesh.tensor": "size of the `tensor` mesh axis (heads, MLP and vocabulary split)",
     "checkpoint.every_steps": "save cadence in steps; the last step is always saved",
-    "checkpoint.keep": "newest checkpoints kept",
     "checkpoint.async_save": "write checkpoints in the background while training goes on",
     "eval.num_batches": "global batches per evaluation",
     "metrics.progress_bar": "show a tqdm progress bar (steps, ETA, loss, CLS accuracy)",
