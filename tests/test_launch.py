@@ -70,9 +70,12 @@ def test_shellcheck_passes_on_launch_scripts():
   assert result.returncode == 0, result.stdout + result.stderr
 
 
+REPO_URL = "https://example.com/me/clsalign-jax.git"
+
+
 def test_tpu_pod_dry_run_prints_every_step_and_a_runnable_training_command(tmp_path):
   printed = _dry_run("tpu_pod.sh", "--name=cls-pod", "--zone=us-east5-a", "--accelerator_type=v5p-16",
-                     "--bucket=gs://my-bucket/runs/llama7b", "--project=my-project", "--delete",
+                     "--bucket=gs://my-bucket/runs/llama7b", "--project=my-project", "--delete", f"--repo={REPO_URL}",
                      "--", "--dry_run", "--dry_run_devices=8")
   create, setup, train, listing, delete = _replay(printed, tmp_path, _stand_ins(tmp_path, ["gcloud"]))
 
@@ -86,30 +89,60 @@ def test_tpu_pod_dry_run_prints_every_step_and_a_runnable_training_command(tmp_p
 
   setup_script = setup[-1]
   assert subprocess.run(["bash", "-n", "-c", setup_script]).returncode == 0
-  assert "-e ~/clsalign-jax 'jax[tpu]'" in setup_script
+  assert "-c ~/clsalign-jax/requirements/constraints.txt -e ~/clsalign-jax 'jax[tpu]'" in setup_script
+  assert f"git clone --depth=1 --branch=main {REPO_URL} ~/clsalign-jax" in setup_script
   assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 --only-dir=runs/llama7b my-bucket /mnt/clsalign" in setup_script
 
   cd, python_cmd = train[-1].split(" && ")
   assert cd == "cd ~/clsalign-jax"
-  assert shlex.split(python_cmd) == ["python3", "-m", "clsalign_jax.main", "--config=configs/llama7b_sft.py",
-                                     "--workdir=/mnt/clsalign", "--distributed", "--dry_run", "--dry_run_devices=8"]
-  # The worker's command, run here: ~/clsalign-jax is this checkout.
+  assert shlex.split(python_cmd) == ["~/clsalign-venv/bin/python", "-m", "clsalign_jax.main",
+                                     "--config=configs/llama7b_sft.py", "--workdir=/mnt/clsalign", "--distributed",
+                                     "--dry_run", "--dry_run_devices=8"]
+  # The worker's command, run here: ~/clsalign-jax is this checkout, ~/clsalign-venv this environment.
   home = tmp_path / "home"
-  home.mkdir()
+  (home / "clsalign-venv" / "bin").mkdir(parents=True)
   (home / "clsalign-jax").symlink_to(ROOT)
+  venv_python = home / "clsalign-venv" / "bin" / "python"
+  venv_python.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+  venv_python.chmod(0o755)
   result = subprocess.run(["bash", "-c", train[-1]], capture_output=True, text=True, timeout=120,
                           env=_env(tmp_path, tmp_path / "bin", HOME=str(home)))
   assert result.returncode == 0, result.stderr[-3000:]
   assert LLAMA_PARAMS in result.stdout and "mesh: 8 devices = data 1 x fsdp 8 x tensor 1" in result.stdout
 
 
+# Google's table of TPU software versions for JAX, per generation (cloud.google.com/tpu/docs/runtimes).
+GENERATIONS = {"v4-32": "tpu-ubuntu2204-base", "v5litepod-16": "v2-alpha-tpuv5-lite", "v5p-16": "v2-alpha-tpuv5",
+               "v6e-16": "v2-alpha-tpuv6e"}
+
+
+@pytest.mark.parametrize("accelerator", sorted(GENERATIONS))
+def test_tpu_pod_each_generation_gets_its_runtime_and_a_python_311_env(accelerator, tmp_path):
+  printed = _dry_run("tpu_pod.sh", "--name=p", "--zone=z", f"--accelerator_type={accelerator}",
+                     "--bucket=gs://b/p", f"--repo={REPO_URL}")
+  create, setup, train, _ = _replay(printed, tmp_path, _stand_ins(tmp_path, ["gcloud"]))
+  assert create[-1] == f"--version={GENERATIONS[accelerator]}"
+  script = setup[-1]
+  # uv installs a Python >= 3.11 of its own (the images' python3 is 3.10) and everything goes into that venv.
+  assert "uv venv --python 3.11 ~/clsalign-venv" in script
+  assert "uv pip install --quiet --python ~/clsalign-venv/bin/python -c ~/clsalign-jax/requirements/constraints.txt" in script
+  assert "sys.version_info >= (3, 11)" in script
+  assert "python3 -m pip install" not in script.replace("python3 -m pip install --quiet --user uv", "")
+  assert " ~/clsalign-venv/bin/python -m clsalign_jax.main " in train[-1]
+
+
 def test_tpu_pod_refuses_incomplete_arguments():
-  base = ["--name=p", "--zone=z", "--accelerator_type=v4-16"]
-  for args, message in ((base, "--bucket must be gs://BUCKET/PATH"),
+  base = ["--name=p", "--zone=z", "--accelerator_type=v4-16", f"--repo={REPO_URL}"]
+  for args, message in ((base[:3] + ["--bucket=gs://b/p"], "--repo=URL is required"),
+                        (base[:2] + ["--accelerator_type=v9x-8", "--bucket=gs://b/p", f"--repo={REPO_URL}"],
+                         "no default TPU software version for --accelerator_type=v9x-8"),
+                        (base, "--bucket must be gs://BUCKET/PATH"),
                         (base + ["--bucket=gs://only-bucket"], "--bucket must be gs://BUCKET/PATH"),
                         (base[1:] + ["--bucket=gs://b/p"], "--name is required"),
                         (base + ["--bucket=gs://b/p", "--nmae=x"], "unknown argument: --nmae=x")):
-    result = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry_run", *args], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "CLSALIGN_REPO_URL"}
+    result = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry_run", *args], capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 

@@ -27,6 +27,15 @@ def test_notebook_is_stored_without_outputs(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_notebook_install_cell_pins_versions_and_says_to_restart(name):
+  text = "".join(cell.source for cell in _read(name).cells)
+  assert "YOUR_ORG" not in text
+  install = _read(name).cells[1].source
+  assert '"-c", "clsalign-jax/requirements/constraints.txt"' in install
+  assert "restart the runtime" in install and 'os.environ.get("CLSALIGN_REPO_URL", "")' in install
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_at_small_budget(name, monkeypatch, record_figure):
   # The kernel inherits this environment.
   monkeypatch.setenv("CLSALIGN_NOTEBOOK_BUDGET", "small")
