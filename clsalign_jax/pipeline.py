@@ -26,12 +26,11 @@ import os
 import pathlib
 import time
 
-import matplotlib
 import numpy as np
 from absl import logging
-
-matplotlib.use("Agg")  # headless CI
-import matplotlib.pyplot as plt  # noqa: E402
+# Figures without pyplot: no global backend switch, so importing this module leaves a notebook's
+# inline backend alone, and no GUI window is ever opened headless.
+from matplotlib.figure import Figure
 
 from clsalign_jax import losses
 from clsalign_jax.decode import DecodeConfig
@@ -139,7 +138,8 @@ def _read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 
 
 def _plot_training(train: list[dict], evals: list[dict], path: pathlib.Path) -> None:
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  fig = Figure(figsize=(13, 3.6))
+  axes = fig.subplots(1, 3)
   for ax, key, title in zip(axes, ("lm_loss", "cls_loss", "cls_accuracy"),
                             ("LM loss (SFT targets)", "CLS BCE loss", "CLS accuracy")):
     ax.plot([r["step"] for r in train], [r[key] for r in train], label="train (batch)", lw=1)
@@ -152,11 +152,11 @@ def _plot_training(train: list[dict], evals: list[dict], path: pathlib.Path) -> 
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def _plot_traces(traces: dict[str, dict], threshold: float, path: pathlib.Path) -> None:
-  fig, ax = plt.subplots(figsize=(7, 3.6))
+  fig = Figure(figsize=(7, 3.6))
+  ax = fig.subplots()
   for label, g in traces.items():
     ys = [g["p_initial"]] + list(g["cls_trace"])
     ax.plot(range(len(ys)), ys, marker=".", label=label)
@@ -170,13 +170,13 @@ def _plot_traces(traces: dict[str, dict], threshold: float, path: pathlib.Path) 
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def _plot_rates(rows: list[dict], path: pathlib.Path) -> None:
   cells = sorted({(r["benchmark"], r["attack"]) for r in rows})
   variants = list(dict.fromkeys(r["variant"] for r in rows))
-  fig, ax = plt.subplots(figsize=(7, 3.6))
+  fig = Figure(figsize=(7, 3.6))
+  ax = fig.subplots()
   width = 0.8 / len(variants)
   for i, v in enumerate(variants):
     vals = [next(r["rate"] for r in rows if r["variant"] == v and (r["benchmark"], r["attack"]) == c) for c in cells]
@@ -190,7 +190,6 @@ def _plot_rates(rows: list[dict], path: pathlib.Path) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 # ----- report -------------------------------------------------------------------------------------

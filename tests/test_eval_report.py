@@ -57,3 +57,4 @@ def test_write_report_files(tmp_path):
   assert "| cls | mmlu | 0.5 | 2 |" in md and "| cls | direct | 0.500 ± 0.100 | 0.900 ± 0.050 | 4 |" in md
   for png in ("asr_advbench_kw.png", "asr_advbench_guard.png", "probe.png"):
     assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert f"](plots/{png})" in md, png  # every plot written is linked from the summary

@@ -63,3 +63,13 @@ def test_variants_decode_with_the_attention_the_run_was_trained_with():
   c.mask.response_sees_cls = False
   assert {name: d["response_sees_cls"] for name, d in decode(c).items()} == {"strategic": False, "plain": False}
   assert decode(c)["strategic"]["schedule"] == pipeline.STRATEGIC["schedule"]
+
+
+def test_import_leaves_the_matplotlib_backend_alone():
+  import subprocess
+  import sys
+  code = ("import sys, matplotlib; matplotlib.use('svg'); import clsalign_jax.pipeline, clsalign_jax.eval.report; "
+          "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+          "assert 'matplotlib.pyplot' not in sys.modules")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import tempfile
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 # Figures are built without pyplot: no global backend state, and no display needed on servers.
@@ -158,9 +159,15 @@ def write_report(out_dir, summary: Sequence[Mapping], settings: Sequence[Mapping
     md += ["| " + " | ".join(str(round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns) + " |"
            for r in validation]
     md.append("")
+  asr_plots = []
   for benchmark in dict.fromkeys(r["benchmark"] for r in summary):
     for judge in dict.fromkeys(r["judge"] for r in summary):
-      plot_asr(summary, benchmark, judge, out / "plots" / f"asr_{benchmark}_{judge}.png")
+      name = f"asr_{benchmark}_{judge}.png"
+      plot_asr(summary, benchmark, judge, out / "plots" / name)
+      asr_plots.append(f"![ASR on {benchmark}, judge {judge}](plots/{urllib.parse.quote(name)})")
+  if asr_plots:
+    # Links relative to summary.md, so the report renders with its plots wherever the directory goes.
+    md += ["## ASR plots", "", *(line for link in asr_plots for line in (link, "")), ""]
   if probe:
     plot_probe(probe, out / "plots" / "probe.png", sharpness, top_k)
     md += ["## Probe (first response position)", "", "![probe](plots/probe.png)", ""]
