@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
-from clsalign_jax.data import mixture
+from clsalign_jax.data import curation, mixture
 from clsalign_jax.data.records import (
   LABEL_NAMES,
   FieldMap,
@@ -50,6 +50,7 @@ class UserFile:
 @dataclasses.dataclass
 class SafetyMixConfig(tfds.core.BuilderConfig):
   files: tuple[UserFile, ...] = ()  # empty: the shipped mixture
+  mixture_version: str = "v2"  # without files: "v2" (data/curation.py) or "v1" (data/mixture.py, the first mixture)
   fractions: tuple[tuple[str, float], ...] = tuple(mixture.DEFAULT_SPLIT_FRACTIONS.items())
   split_seed: int = mixture.DEFAULT_SPLIT_SEED
   safety_phrase_filter: bool = True
@@ -113,15 +114,20 @@ class SafetyMix(tfds.core.GeneratorBasedBuilder):
 
   code_path = _CODE_PATH
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
     "1.0.0": "LIMA + AlpacaEval (benign), safety-tuned-llamas (malicious), AdvBench (eval split).",
+    "2.0.0": "`shipped` is mixture v2 (data/curation.py: new sources, form-balanced); v1 stays as config `v1`.",
   }
   BUILDER_CONFIGS = [
     SafetyMixConfig(
       name="shipped",
-      description="The mixture shipped in clsalign_jax/data/shipped; see docs/data.md.",
-    )
+      description="Mixture v2 built from clsalign_jax/data/shipped by data/curation.py; see docs/data.md.",
+    ),
+    SafetyMixConfig(
+      name="v1", mixture_version="v1",
+      description="The first mixture (LIMA + AlpacaEval vs safety-tuned-llamas), kept to reproduce old runs.",
+    ),
   ]
 
   def __init__(self, **kwargs):
@@ -149,7 +155,10 @@ class SafetyMix(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
     config = self.builder_config
-    if not config.files:
+    if not config.files and config.mixture_version == "v2":
+      rows, report = curation.build_mixture_v2()
+      splits = {name: [r.record for r in rs] for name, rs in rows.items()}
+    elif not config.files:
       splits, report = mixture.build_safety_mix(dict(config.fractions), config.split_seed)
     else:
       splits, report = _user_mix(config)

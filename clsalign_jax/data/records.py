@@ -261,13 +261,15 @@ def assign_splits(
   *,
   seed: int = 0,
   key=lambda r: r.prompt,
+  stratum=lambda r: r.label,
 ) -> dict[str, list]:
-  """Deterministic split, stratified by label, with every prompt in exactly one split.
+  """Deterministic split, stratified by `stratum` (the label by default), with every prompt in
+  exactly one split.
 
-  Records sharing a normalised prompt form a group and stay together. Within each label the groups
+  Records sharing a normalised prompt form a group and stay together. Within each stratum the groups
   are ordered by a salted SHA-256 of their key (independent of input order) and cut by `fractions`
-  (largest remainder, so the counts sum up). A group whose records disagree on the label is
-  stratified as malicious, so the result never depends on input order.
+  (largest remainder, so the counts sum up). A group whose records disagree on the stratum is
+  stratified under the largest one, so the result never depends on input order.
   """
   if abs(sum(fractions.values()) - 1.0) > 1e-9:
     raise ValueError(f"split fractions must sum to 1, got {dict(fractions)}")
@@ -275,9 +277,9 @@ def assign_splits(
   for r in records:
     groups.setdefault(normalize_prompt(key(r)), []).append(r)
   out: dict[str, list] = {name: [] for name in fractions}
-  group_label = {k: max(r.label for r in g) for k, g in groups.items()}
-  for label in sorted(set(group_label.values())):
-    keys = [k for k in groups if group_label[k] == label]
+  group_stratum = {k: max(stratum(r) for r in g) for k, g in groups.items()}
+  for s in sorted(set(group_stratum.values())):
+    keys = [k for k in groups if group_stratum[k] == s]
     keys.sort(key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
     start = 0
     for name, count in zip(fractions, _apportion(len(keys), list(fractions.values()))):

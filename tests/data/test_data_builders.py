@@ -18,8 +18,20 @@ def _text(value):
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def test_shipped_mixture_as_array_record(tmp_path, shipped):
-  builder = SafetyMix(data_dir=str(tmp_path))
+def test_shipped_v2_is_the_curated_mixture(tmp_path):
+  from clsalign_jax.data import curation
+
+  splits, report = curation.build_mixture_v2()
+  sources = prepare(SafetyMix(data_dir=str(tmp_path)))
+  assert {n: len(s) for n, s in sources.items()} == {n: len(r) for n, r in splits.items()}
+  test = sources["test"]
+  stored = {_text(test[i]["id"]): (_text(test[i]["prompt"]), int(test[i]["label"])) for i in range(len(test))}
+  assert stored == {r.record.id: (r.record.prompt, r.record.label) for r in splits["test"]}
+  assert (tmp_path / "safety_mix" / "shipped" / "2.0.0").is_dir()
+
+
+def test_v1_mixture_as_array_record(tmp_path, shipped):
+  builder = SafetyMix(data_dir=str(tmp_path), config="v1")
   sources = prepare(builder)
   splits, report = shipped
   assert {name: len(src) for name, src in sources.items()} == {n: len(r) for n, r in splits.items()}
@@ -31,10 +43,10 @@ def test_shipped_mixture_as_array_record(tmp_path, shipped):
     assert stored == {r.id: (r.prompt, r.response, r.label, r.source) for r in rows}
   assert builder.info.metadata["split_counts"] == report.split_counts
   assert builder.info.metadata["dropped_safety_phrases"] == {"lima": 15, "alpaca_eval": 4}
-  files = {p.name for p in (tmp_path / "safety_mix" / "shipped" / "1.0.0").iterdir()}
+  files = {p.name for p in (tmp_path / "safety_mix" / "v1" / "2.0.0").iterdir()}
   assert "safety_mix-train.array_record-00000-of-00001" in files
   # A second builder reuses the prepared files, metadata included.
-  again = SafetyMix(data_dir=str(tmp_path))
+  again = SafetyMix(data_dir=str(tmp_path), config="v1")
   assert len(prepare(again)["test"]) == len(splits["test"])
   assert again.info.metadata["dropped_duplicates"] == 4
 
