@@ -94,17 +94,19 @@ def run(body: Callable[[flags.FlagValues, list[str]], Any],
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
     print(fv.get_help(), flush=True)
     return 0
+  logging.use_absl_handler()  # before absl's flags are parsed, as app.run does: --verbosity then applies
   try:
     if shared or not flags.FLAGS.is_parsed():
       flags.FLAGS.unparse_flags()
       flags.FLAGS(argv[:1] + shared)
     args = fv(argv[:1] + own)
+    if not any(_flag_name(x) in ("v", "verbosity") for x in shared):
+      logging.set_verbosity(logging.INFO)  # app.run's default: progress lines such as "resumed from ..."
     debug = fv.debug
   except Exception as e:  # noqa: BLE001 - config_flags raises KeyError/AttributeError for unknown keys
     if debug:
       traceback.print_exc()
     return report(_parse_message(e, argv), 2)
-  logging.use_absl_handler()
   try:
     body(fv, args[1:])
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every error ends in one line
