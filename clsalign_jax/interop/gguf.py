@@ -90,9 +90,10 @@ def _rope_scaling(reader: gguf.GGUFReader, cfg: ModelConfig, path: str) -> dict:
   meta = lambda key: _field(reader, f"llama.rope.scaling.{key}", path, _ABSENT)
   kind = meta("type")
   factor = meta("factor")
-  for key in ("attn_factor", "yarn_log_multiplier", "yarn_ext_factor", "finetuned"):
+  # Attention / YaRN factors change more than the frequencies; 0 and 1 are llama.cpp's "unset".
+  for key in ("attn_factor", "yarn_log_multiplier", "yarn_ext_factor"):
     value = meta(key)
-    if value is not _ABSENT and key != "finetuned" and float(value) not in (0.0, 1.0):
+    if value is not _ABSENT and float(value) not in (0.0, 1.0):
       raise CheckpointError(f"{path}: llama.rope.scaling.{key}={value} is not supported")
   freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
   out: dict = {}
