@@ -59,7 +59,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
   config_lib.validate(config)  # before the lock: a refused invocation must not touch the workdir
   # The lock spans training and the after-training stages: both write into the workdir.
-  with train.workdir_lock(fv.workdir):
+  with train.workdir_lock(fv.workdir, enabled=jax.process_index() == 0):
     train.train_and_evaluate(config, fv.workdir)
     if config.after_training.evaluate and jax.process_index() == 0:
       pipeline.run(config, fv.workdir)

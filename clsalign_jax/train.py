@@ -389,7 +389,13 @@ def _restore_latest(config, cfg, layout: _Layout, directory: str, train_iter) ->
   """The newest usable checkpoint of `directory`, read without writing anything: (state or None when
   there is no checkpoint, the corrupted newer steps skipped). A corrupted step is refused unless
   `checkpoint.fallback_to_intact`, which skips to the newest intact one."""
-  if not os.path.isdir(directory):
+  exists = os.path.isdir(directory)
+  if jax.process_count() > 1:
+    # Opening a checkpoint manager is collective: every process must take the same branch, even if
+    # process 0 has since created the directory.
+    from jax.experimental import multihost_utils
+    exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+  if not exists:
     return None, []
   reader = ckpt_lib.Checkpointer(directory, read_only=True)
   try:
