@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-CLS_RESPONSE_MODES = ("none", "benign_full", "malicious_full")
+CLS_RESPONSE_MODES = ("none", "benign_full", "malicious_full", "window")
 
 
 def causal_mask(segment_ids_BT, sliding_window: int | None = None):
@@ -57,13 +57,19 @@ def span_membership(segment_ids_BT, span_BN2):
   return inside_BNT.any(axis=1)
 
 
-def cls_visible_response(response_span, cls_label, mode: str):
+def cls_visible_response(response_span, cls_label, mode: str, window: int = 15):
   """The part of each response span the CLS row may read under the label-dependent option.
 
   `benign_full`: benign examples expose the whole response, malicious ones only its first
-  token (the released dataset code); `malicious_full` is the inverted variant.
+  token (the released dataset code); `malicious_full` is the inverted variant. `window`: the last
+  `window` response tokens of every example, whatever its label: with the query, what Rule 2
+  shows the CLS at decode time when `rule2_include_query` is on (the CLS learns to read answers
+  and refusals, not only queries).
   """
   span_BN2 = _as_spans_BN2(response_span)
+  if mode == "window":
+    start_BN, end_BN = span_BN2[..., 0], span_BN2[..., 1]
+    return jnp.stack([jnp.maximum(start_BN, end_BN - window), end_BN], axis=-1)
   label_BN = jnp.asarray(cls_label).reshape(span_BN2.shape[:2])
   full_label = 0 if mode == "benign_full" else 1
   start_BN, end_BN = span_BN2[..., 0], span_BN2[..., 1]
@@ -73,7 +79,7 @@ def cls_visible_response(response_span, cls_label, mode: str):
 
 def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mode: str = "sft",
                       sliding_window: int | None = None, cls_response: str = "none", cls_label=None,
-                      response_sees_cls: bool = True):
+                      response_sees_cls: bool = True, cls_window: int = 15):
   """[B, T, T] training mask with a CLS at the start of every segment."""
   if mode not in ("sft", "pretrain"):
     raise ValueError(f"mask mode {mode!r}; expected 'sft' or 'pretrain'")
@@ -94,9 +100,10 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
       raise ValueError("sft masks need query_span and response_span")
     cls_sees_BT = span_membership(segment_ids_BT, query_span)
     if cls_response != "none":
-      if cls_label is None:
+      if cls_label is None and cls_response != "window":
         raise ValueError(f"cls_response={cls_response!r} needs cls_label")
-      cls_sees_BT |= span_membership(segment_ids_BT, cls_visible_response(response_span, cls_label, cls_response))
+      cls_sees_BT |= span_membership(segment_ids_BT,
+                                     cls_visible_response(response_span, cls_label, cls_response, cls_window))
     cls_row_BTT = same_BTT & (cls_sees_BT[:, None, :] | diag_TT)
     is_resp_BT = span_membership(segment_ids_BT, response_span) & response_sees_cls
     cls_col_BTT = same_BTT & is_resp_BT[:, :, None]

@@ -127,3 +127,33 @@ def test_generic_errors(tmp_path):
     B.load_benchmark({"kind": "advbench", "path": str(tmp_path / "missing.csv")})
   with pytest.raises(B.BenchmarkError, match="unknown benchmark kind"):
     B.load_benchmark({"kind": "hexphi"})
+
+
+def test_jailbreakbench_pairs_harmful_and_benign_twins_per_category():
+  from clsalign_jax.eval.benchmarks import load_jailbreakbench
+  items = B.load_benchmark(dict(kind="jailbreakbench"))
+  harmful = [i for i in items if i.meta["label"] == 1]
+  benign = [i for i in items if i.meta["label"] == 0]
+  assert len(harmful) == len(benign) == 100
+  by_index = lambda rows: {i.id.rsplit(":", 1)[1]: i for i in rows}
+  h, b = by_index(harmful), by_index(benign)
+  assert h.keys() == b.keys() and all(h[k].category == b[k].category for k in h)
+  assert len({i.category for i in items}) == 10
+  assert [i.id for i in load_jailbreakbench(side="benign")] == [i.id for i in benign]
+  with pytest.raises(B.BenchmarkError, match="side"):
+    load_jailbreakbench(side="evil")
+
+
+def test_alpaca_eval_and_stride():
+  items = B.load_benchmark(dict(kind="alpaca_eval"))
+  assert len(items) == 805 and items[0].response
+  sampled = B.load_benchmark(dict(kind="alpaca_eval", stride=8, limit=100))
+  assert [i.id for i in sampled] == [f"alpaca_eval:{n}" for n in range(0, 800, 8)]
+
+
+def test_jailbreakbench_bad_row_names_the_line(tmp_path):
+  from clsalign_jax.eval.benchmarks import load_jailbreakbench
+  bad = tmp_path / "jbb.jsonl"
+  bad.write_text('{"prompt": "x", "label": "harmful", "index": 0}\n{"prompt": "y"}\n')
+  with pytest.raises(B.BenchmarkError, match=r"jbb.jsonl:2"):
+    load_jailbreakbench(bad)

@@ -125,3 +125,13 @@ def test_optimised_cases_are_shared_only_by_variants_with_the_same_scoring_mask(
              for v in h.variants}
   assert optimised_for == [True] * 3 + [False] * 3  # blind_first reuses blind's cases
   assert queries["blind_first"] == queries["blind"] != queries["sees"]
+
+
+def test_insertion_stats_by_hand():
+  gens = [{"refusal_inserted": True, "insert_index": i} for i in (0, 3, 25, 40)]
+  gens += [{"refusal_inserted": False, "insert_index": -1}]
+  assert harness.insertion_stats(gens) == {"n_inserted": 4, "insert_median_index": 14.0, "insert_late_share": 0.5}
+  gens[0]["refusal_inserted"] = False
+  assert harness.insertion_stats(gens)["insert_median_index"] == 25.0
+  none = harness.insertion_stats(gens[-1:])
+  assert none["n_inserted"] == 0 and none["insert_median_index"] != none["insert_median_index"]  # NaN

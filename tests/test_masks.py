@@ -33,6 +33,9 @@ def _random_row(rng, T, n_max):
   return seg, q, r, labels
 
 
+CLS_WINDOW = 2
+
+
 def _reference(seg, q, r, labels, mode, window, cls_response, response_sees_cls=True):
   T = len(seg)
   ref = np.zeros((T, T), bool)
@@ -51,6 +54,8 @@ def _reference(seg, q, r, labels, mode, window, cls_response, response_sees_cls=
     n = segment_of(j)
     if cls_response == "none" or not in_span(j, r):
       return False
+    if cls_response == "window":  # the last CLS_WINDOW response tokens, either label
+      return j >= r[n][1] - CLS_WINDOW
     full = labels[n] == (0 if cls_response == "benign_full" else 1)
     return full or j == r[n][0]
 
@@ -72,7 +77,8 @@ def _reference(seg, q, r, labels, mode, window, cls_response, response_sees_cls=
 @pytest.mark.parametrize("mode,cls_response,window,response_sees_cls", [
     ("sft", "none", None, True), ("sft", "none", 3, True), ("sft", "benign_full", None, True),
     ("sft", "malicious_full", 4, True), ("pretrain", "none", None, True), ("pretrain", "none", 2, True),
-    ("sft", "none", None, False), ("sft", "benign_full", 3, False), ("pretrain", "none", None, False)])
+    ("sft", "none", None, False), ("sft", "benign_full", 3, False), ("pretrain", "none", None, False),
+    ("sft", "window", None, True), ("sft", "window", 3, False)])
 def test_training_mask_matches_brute_force(mode, cls_response, window, response_sees_cls):
   rng = np.random.RandomState(zlib.crc32(f"{mode}{cls_response}{window}{response_sees_cls}".encode()))
   T, n_max, B = 14, 3, 64
@@ -80,7 +86,8 @@ def test_training_mask_matches_brute_force(mode, cls_response, window, response_
   seg, q, r, labels = (np.stack(x) for x in zip(*rows))
   got = np.asarray(masks.cls_training_mask(jnp.asarray(seg), jnp.asarray(q), jnp.asarray(r), mode=mode,
                                            sliding_window=window, cls_response=cls_response,
-                                           cls_label=jnp.asarray(labels), response_sees_cls=response_sees_cls))
+                                           cls_label=jnp.asarray(labels), response_sees_cls=response_sees_cls,
+                                           cls_window=CLS_WINDOW))
   for b in range(B):
     ref = _reference(seg[b], q[b], r[b], labels[b], mode, window, cls_response, response_sees_cls)
     np.testing.assert_array_equal(got[b], ref, err_msg=f"row {b}: seg={seg[b]} q={q[b]} r={r[b]}")

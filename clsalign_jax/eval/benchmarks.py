@@ -1,7 +1,8 @@
 """Benchmark loaders: every source becomes a list of `Item`s.
 
 Loaders: AdvBench CSV, HarmBench behaviours CSV, MaliciousInstruct (one prompt per line),
-safety-tuned-llamas evaluation JSON, DeepInception's instantiated prompts, and a generic
+safety-tuned-llamas evaluation JSON, DeepInception's instantiated prompts, JailbreakBench's
+harmful behaviours and benign twins (the shortcut probe), AlpacaEval's instructions, and a generic
 JSONL / JSON / CSV / TSV loader with a column mapping. Files of ready-made adversarial prompts
 (AutoDAN outputs, GCG suffixes, PAP paraphrases) are generic files: map their prompt column to
 `query`, or a behaviour plus a `prefix` / `suffix` column.
@@ -18,7 +19,7 @@ import json
 import pathlib
 from collections.abc import Iterator, Mapping
 
-from clsalign_jax.data.mixture import ADVBENCH_FILE
+from clsalign_jax.data.mixture import ADVBENCH_FILE, ALPACA_EVAL_FILE
 
 SHIPPED_DIR = pathlib.Path(__file__).parent / "shipped"
 DEEPINCEPTION_FILE = SHIPPED_DIR / "deepinception" / "data_main.json"
@@ -29,6 +30,8 @@ SAFETY_TUNED_LLAMAS_SETS = {
     "controversial": "I-Controversial.json",
     "alpaca": "I-Alpaca.json",
 }
+JAILBREAKBENCH_FILE = SHIPPED_DIR / "jailbreakbench" / "normalized.jsonl"
+JAILBREAKBENCH_SIDES = ("harmful", "benign", "both")
 HARMBENCH_CATEGORIES = ("standard", "contextual", "copyright")
 
 
@@ -156,6 +159,36 @@ def load_safety_tuned_llamas(path=None, subset: str = "malicious_instructions") 
   return items
 
 
+def load_jailbreakbench(path=JAILBREAKBENCH_FILE, side: str = "both") -> list[Item]:
+  """JailbreakBench's 100 harmful behaviours and their 100 topic-matched benign twins (same
+  category, same imperative form): the shortcut probe. `meta["label"]` is 1 for harmful, 0 for
+  benign; `category` is JailbreakBench's (10 categories x 10 pairs); ids are `jbb:{side}:{index}`."""
+  if side not in JAILBREAKBENCH_SIDES:
+    raise BenchmarkError(f"jailbreakbench side {side!r}; known: {JAILBREAKBENCH_SIDES}")
+  items = []
+  for n, line in enumerate(read_text(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      label = {"harmful": 1, "benign": 0}[row["label"]]
+      item = Item(f"jbb:{row['label']}:{row['index']}", row["prompt"], category=row.get("category", ""),
+                  source="jailbreakbench", meta={"label": label, "behavior_name": row.get("behavior", "")})
+    except (json.JSONDecodeError, KeyError) as e:
+      raise BenchmarkError(f"{path}:{n}: not a JailbreakBench row ({type(e).__name__}: {e})") from None
+    if side == "both" or side == row["label"]:
+      items.append(item)
+  return items
+
+
+def load_alpaca_eval(path=ALPACA_EVAL_FILE) -> list[Item]:
+  """AlpacaEval's 805 benign instructions (text-davinci-003 answers as `response`): an
+  over-refusal set since it left the training mixture (mixture v2)."""
+  rows = json.loads(read_text(path))
+  return [Item(f"alpaca_eval:{n}", r["instruction"], response=r.get("output", ""), category=r.get("dataset", ""),
+               source="alpaca_eval") for n, r in enumerate(rows)]
+
+
 def load_deepinception(path=DEEPINCEPTION_FILE) -> list[Item]:
   """DeepInception's 50 behaviours: `query` is the plain behaviour; the paper's instantiated
   nested prompt rides along in meta['inception_attack'] for the DeepInception attack."""
@@ -244,20 +277,26 @@ LOADERS = {
     "malicious_instruct": load_malicious_instruct,
     "safety_tuned_llamas": load_safety_tuned_llamas,
     "deepinception": load_deepinception,
+    "jailbreakbench": load_jailbreakbench,
+    "alpaca_eval": load_alpaca_eval,
     "generic": load_generic,
 }
 
 
 def load_benchmark(spec: Mapping) -> list[Item]:
-  """`spec`: kind (a LOADERS name), its arguments (path, fields, subset, ...), optional `limit`
-  (the first N items) and `name` (not passed to the loader)."""
+  """`spec`: kind (a LOADERS name), its arguments (path, fields, subset, ...), optional `stride`
+  (every k-th item, before the limit), `limit` (the first N items) and `name` (not passed to the
+  loader)."""
   spec = {k: v for k, v in dict(spec).items() if v is not None}
   kind = spec.pop("kind")
   spec.pop("name", None)
   limit = spec.pop("limit", None)
+  stride = spec.pop("stride", None)
   if kind not in LOADERS:
     raise BenchmarkError(f"unknown benchmark kind {kind!r}; known: {sorted(LOADERS)}")
   items = LOADERS[kind](**spec)
+  if stride:
+    items = items[::int(stride)]
   ids = [it.id for it in items]
   if len(set(ids)) != len(ids):
     raise BenchmarkError(f"benchmark {kind}: duplicate item ids (map an id column, or drop it to number rows)")
