@@ -100,6 +100,8 @@ def default_config() -> config_dict.ConfigDict:
 
   c.mask = config_dict.ConfigDict()
   c.mask.cls_response = "none"  # masks.CLS_RESPONSE_MODES: the released code's label-dependent span
+  # Response tokens the CLS reads under cls_response="window" (the last ones); match decode's r2.
+  c.mask.cls_window = 15
   # False: no token attends to the CLS (sft response rows included), so the LM trains as the plain
   # causal model; with loss.cls_weight=0 the CLS is inert (the SFT-only baseline). Decode such a
   # model with DecodeConfig(response_sees_cls=False).
@@ -163,6 +165,13 @@ def default_config() -> config_dict.ConfigDict:
   # (over-refusal). AdvBench is not in the training mixture; I-Alpaca is not either.
   c.after_training.malicious = config_dict.ConfigDict(dict(kind="advbench", limit=100))
   c.after_training.benign = config_dict.ConfigDict(dict(kind="safety_tuned_llamas", subset="alpaca", limit=100))
+  # More over-refusal sets, by name (decoded `direct` like `benign`); neither is in mixture v2.
+  c.after_training.over_refusal = config_dict.ConfigDict(dict(
+      alpaca_eval=dict(kind="alpaca_eval", stride=8, limit=100),
+      jbb_benign=dict(kind="jailbreakbench", side="benign")))
+  # The shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful behaviours vs their
+  # topic-matched benign twins, per category (kind "" skips it).
+  c.after_training.probe = config_dict.ConfigDict(dict(kind="jailbreakbench", side="both"))
   # Prompts per label from the test split for the CLS metrics (-1: all), or a JSONL of
   # prompt/label rows to use instead.
   c.after_training.cls_test_examples = -1
@@ -237,6 +246,7 @@ _RANGES = (
     ("guard.median_window", lambda v: v >= 5, ">= 5"),
     ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
     ("eval.num_batches", lambda v: v >= 1, ">= 1"),
+    ("mask.cls_window", lambda v: v >= 1, ">= 1"),
     ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
     ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("after_training.cls_test_examples", lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),

@@ -223,6 +223,7 @@ def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng
   mask_BTT = masks.cls_training_mask(
       batch["segment_ids"], batch.get("query_span"), batch.get("response_span"), mode=config.train.mode,
       sliding_window=model.cfg.sliding_window, cls_response=config.mask.cls_response,
+      cls_window=int(config.mask.cls_window),
       cls_label=batch["cls_label"], response_sees_cls=config.mask.response_sees_cls)
   mask_BTT = nn.with_logical_constraint(mask_BTT, ("activation_batch", "activation_length", None))
   out = model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT, cls_row=0,
