@@ -168,7 +168,7 @@ def default_config() -> config_dict.ConfigDict:
   # More over-refusal sets, by name (decoded `direct` like `benign`); neither is in mixture v2.
   c.after_training.over_refusal = config_dict.ConfigDict(dict(
       alpaca_eval=dict(kind="alpaca_eval", stride=8, limit=100),
-      jbb_benign=dict(kind="jailbreakbench", side="benign")))
+      jbb_benign=dict(kind="jailbreakbench", side="benign", stride=1)))
   # The shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful behaviours vs their
   # topic-matched benign twins, per category (kind "" skips it).
   c.after_training.probe = config_dict.ConfigDict(dict(kind="jailbreakbench", side="both"))

@@ -176,3 +176,19 @@ def test_shellcheck_passes_on_results_script():
   result = subprocess.run([found, "--severity=style", str(ROOT / "scripts" / "results.sh")], capture_output=True,
                           text=True)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_insertion_table_by_hand(tmp_path):
+  out = tmp_path / "eval"
+  _cell(out, "cls_full", "advbench", "direct", _items(0, 3))
+  path = out / "generations" / "cls_full" / "advbench" / "direct.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for r, (inserted, at) in zip(rows, [(True, 0), (True, 30), (False, -1)]):
+    r.update(refusal_inserted=inserted, insert_index=at)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  text = rt.insertion_table(out)
+  cls_row = next(line for line in text.splitlines() if line.startswith("| CLS (full method)"))
+  cells = [c.strip() for c in cls_row.strip("|").split("|")]
+  assert cells[1] == "2 / 15 / 50.0 %"  # insertions at 0 and 30: median 15, one of two late
+  assert cells[2] == "–"  # not run
+  assert "as shipped" not in text  # rows without a safety head have no insertions to account for
