@@ -223,6 +223,26 @@ def test_second_process_is_refused_and_a_dead_holder_is_taken_over(run_dir, run_
   assert tree_digest(run_dir) == run_digest  # the stale lock file is gone again
 
 
+def test_two_trainings_on_one_workdir(tmp_path, capsys):
+  """A real training process holds the workdir; a second training is refused and A is unharmed."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  a = subprocess.Popen([sys.executable, "-m", "clsalign_jax.main", *TINY, f"--workdir={workdir}",
+                        "--config.train.num_steps=8"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not (workdir / ".lock").exists() and a.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+  check(main.main, [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=0.1"], 1,
+        f"is in use by process {a.pid}", capsys)
+  _, err = a.communicate(timeout=240)
+  assert a.returncode == 0, err[-3000:]
+  steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert sorted(set(steps)) == list(range(1, 9))
+  assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == 3e-3
+  assert not (workdir / ".lock").exists()
+
+
 # --- training guards ----------------------------------------------------------------------------
 
 
