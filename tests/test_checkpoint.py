@@ -102,3 +102,25 @@ def test_data_state_is_captured_at_save_time(tmp_path):
   assert restored["meta"] == {"note": "x"}
   assert (Path(tmp_path) / "5" / "data" / "process_0-of-1.json").exists()
   np.testing.assert_array_equal(restored["params"]["w"], np.arange(3.0))
+
+
+def test_rotation_keeps_the_newest_and_digests_catch_a_flipped_byte(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  params = {"w": np.arange(1000.0)}
+  for step in (1, 2, 3):
+    ckpt.save(step, params, {"count": np.array(step, np.int32)}, {"step": np.array(step, np.int32)}, {}, {})
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  for step in (2, 3):
+    assert (Path(tmp_path) / str(step) / checkpoint.DIGESTS).exists()
+    ckpt.verify(step)
+  victim = next(p for p in (Path(tmp_path) / "3" / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+  data = bytearray(victim.read_bytes())
+  data[-1] ^= 1
+  victim.write_bytes(bytes(data))
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=f"3: checkpoint is corrupted: params/.*{victim.name} differs"):
+    ckpt.verify(3)
+  assert ckpt.latest_intact_step() == 2
+  ckpt.close()
+  with pytest.raises(checkpoint.CheckpointError, match="keep=0: must be >= 1"):
+    checkpoint.Checkpointer(str(tmp_path), keep=0)
