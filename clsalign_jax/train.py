@@ -374,6 +374,7 @@ def _params_from_run(directory: str, cfg: model_lib.ModelConfig, layout: _Layout
     step = source.latest_step()
     if step is None:
       raise ckpt_lib.CheckpointError(f"{directory}: no checkpoint to initialise from")
+    source.verify(step)
     # The param dtype may differ (restoring casts); the layer layout may not.
     _check_same_arch(source.read_meta(step)["model_config"], cfg, _ARCH_FIELDS + ("scan_layers",),
                      f"{directory}/{step}")

@@ -68,6 +68,7 @@ def _training_run_params(directory: str, step: int | None) -> tuple[model_lib.Mo
     step = source.latest_step() if step is None else step
     if step is None:
       raise ckpt_lib.CheckpointError(f"{source.directory}: no checkpoint step to evaluate")
+    source.verify(step)  # the digests recorded at save: never evaluate flipped bytes
     cfg = model_lib.ModelConfig(**source.read_meta(step)["model_config"])
     device = jax.local_devices(backend="cpu")[0]
     abstract = jax.tree.map(
