@@ -234,8 +234,8 @@ def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng
           **losses.cls_confusion(out.cls_logit_B, batch["cls_label"], config.loss.cls_threshold)}
 
 
-def _with_lm_weights(batch: dict, mode: str) -> dict:
-  return dict(batch, lm_weights=losses.lm_target_weights(batch, mode))
+def _with_lm_weights(batch: dict, mode: str, malicious_weight: float = 1.0) -> dict:
+  return dict(batch, lm_weights=losses.lm_target_weights(batch, mode, malicious_weight))
 
 
 def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransformation, schedule):
@@ -247,7 +247,7 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     trainable, frozen = partition.split(state.params)
-    batch = _with_lm_weights(batch, config.train.mode)
+    batch = _with_lm_weights(batch, config.train.mode, float(config.loss.malicious_lm_weight))
     n_rows = batch["tokens"].shape[0]
     # Normalisers of the *global* batch, so each micro-batch's gradient is its exact share.
     n_tok = jnp.maximum(jnp.sum(batch["lm_weights"]), 1.0)
@@ -296,7 +296,7 @@ def make_eval_step(config, cfg: model_lib.ModelConfig):
   model = model_lib.Transformer(cfg)
 
   def eval_step(params, batch: dict) -> dict:
-    return _forward_sums(model, params, _with_lm_weights(batch, config.train.mode), config)
+    return _forward_sums(model, params, _with_lm_weights(batch, config.train.mode, float(config.loss.malicious_lm_weight)), config)
 
   return eval_step
 
@@ -519,8 +519,8 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
 
 class LossGuard:
   """Divergence guard: a step is flagged when its loss exceeds `factor` × the median of the last
-  `window` unflagged losses (once 5 are known); `patience` flagged steps in a row stop the run.
-  factor 0 turns it off."""
+  `window` unflagged losses (from the second step of an invocation on, so a run that blows up at
+  once is caught too); `patience` flagged steps in a row stop the run. factor 0 turns it off."""
 
   def __init__(self, factor: float, patience: int, window: int):
     self.factor, self.patience, self.window = factor, patience, window
@@ -531,7 +531,7 @@ class LossGuard:
 
   def observe(self, step: int, loss: float) -> bool:
     """Records one step's loss; True if that step is flagged."""
-    if self.factor > 0 and len(self.history) >= 5:
+    if self.factor > 0 and self.history:
       self.median = float(np.median(self.history[-self.window:]))
       if loss > self.factor * self.median:
         self.flagged += 1
@@ -605,7 +605,8 @@ class _StepMetrics:
       self.ckpt.move_aside(s, os.path.join(self.workdir, REJECTED_DIR))
     note = f" (moved step(s) {moved} saved after the loss went bad to {self.workdir}/{REJECTED_DIR})" if moved else ""
     good = self.ckpt.latest_intact_step()
-    where = f"step {good} in {self.ckpt.directory}" if good is not None else f"none in {self.ckpt.directory}"
+    where = (f"step {good} in {self.ckpt.directory}" if good is not None
+             else f"none (no step was saved in {self.ckpt.directory} before the loss went bad)")
     return f"Last good checkpoint: {where}{note}"
 
 

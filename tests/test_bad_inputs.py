@@ -259,6 +259,16 @@ def test_divergence_guard_stops_before_saving_and_names_the_last_good_step(tmp_p
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, 6, 8]
 
 
+def test_divergence_from_the_first_steps_saves_nothing(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code, line = call(main.main, [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=1e6",
+                                "--config.schedule.warmup_steps=0"], capsys)
+  assert code == 1
+  assert line.startswith("error: step 4: loss=") and "above 10 x its running median" in line, line
+  assert "Last good checkpoint: none (no step was saved" in line
+  assert os.listdir(workdir / "checkpoints") == []
+
+
 # --- data files (the readers training uses) -----------------------------------------------------
 
 DATA_CASES = [
