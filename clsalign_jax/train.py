@@ -520,7 +520,8 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
 class LossGuard:
   """Divergence guard: a step is flagged when its loss exceeds `factor` × the median of the last
   `window` unflagged losses (from the second step of an invocation on, so a run that blows up at
-  once is caught too); `patience` flagged steps in a row stop the run. factor 0 turns it off."""
+  once is caught too) and by more than 1 nat; `patience` flagged steps in a row stop the run.
+  factor 0 turns it off."""
 
   def __init__(self, factor: float, patience: int, window: int):
     self.factor, self.patience, self.window = factor, patience, window
@@ -533,7 +534,8 @@ class LossGuard:
     """Records one step's loss; True if that step is flagged."""
     if self.factor > 0 and self.history:
       self.median = float(np.median(self.history[-self.window:]))
-      if loss > self.factor * self.median:
+      # The 1-nat margin keeps a run that has converged to a tiny loss from stopping on batch noise.
+      if loss > self.factor * self.median and loss > self.median + 1.0:
         self.flagged += 1
         self.first_flagged = step if self.flagged == 1 else self.first_flagged
         return True

@@ -269,6 +269,22 @@ def test_divergence_from_the_first_steps_saves_nothing(tmp_path, capsys):
   assert os.listdir(workdir / "checkpoints") == []
 
 
+def test_loss_guard_rules():
+  from clsalign_jax.train import LossGuard
+  converged = LossGuard(10.0, 3, 50)
+  assert not any(converged.observe(i, x) for i, x in enumerate([0.01] * 20 + [0.3, 0.4, 0.5, 0.3], 1))
+  assert not converged.tripped  # 30x the median, but within 1 nat: batch noise, not divergence
+  blowup = LossGuard(10.0, 3, 50)
+  flags = [blowup.observe(i, x) for i, x in enumerate([5.6, 50005.0, 39147.0, 1398.0], 1)]
+  assert flags == [False, True, True, True] and blowup.tripped and blowup.first_flagged == 2
+  spike = LossGuard(10.0, 3, 50)
+  for i, x in enumerate([5.0, 4.9, 80.0, 4.8, 90.0, 85.0, 4.7], 1):
+    spike.observe(i, x)
+    assert not spike.tripped  # isolated spikes and two in a row are tolerated
+  off = LossGuard(0.0, 1, 50)
+  assert not any(off.observe(i, x) for i, x in enumerate([1.0, 1e9, 1e9], 1))
+
+
 # --- data files (the readers training uses) -----------------------------------------------------
 
 DATA_CASES = [
