@@ -97,6 +97,9 @@ def default_config() -> config_dict.ConfigDict:
   c.loss = config_dict.ConfigDict()
   c.loss.cls_weight = 0.1  # λ2 for SFT (λ1 for pretraining)
   c.loss.cls_threshold = 0.5
+  # Weight of the LM loss on malicious examples' responses (refusals); 0: the LM learns only from
+  # benign answers and refusing is left to the CLS and strategic decoding.
+  c.loss.malicious_lm_weight = 1.0
 
   c.mask = config_dict.ConfigDict()
   c.mask.cls_response = "none"  # masks.CLS_RESPONSE_MODES: the released code's label-dependent span
@@ -169,6 +172,10 @@ def default_config() -> config_dict.ConfigDict:
   c.after_training.over_refusal = config_dict.ConfigDict(dict(
       alpaca_eval=dict(kind="alpaca_eval", stride=8, limit=100),
       jbb_benign=dict(kind="jailbreakbench", side="benign", stride=1)))
+  # DecodeConfig fields the `strategic` variant sets on top of the paper's prefill settings
+  # (pipeline.STRATEGIC). rule2_include_query: Rules 2-3 also let the CLS read the query; pair it
+  # with mask.cls_response="window", which trains the CLS on query + response window.
+  c.after_training.decode = config_dict.ConfigDict(dict(rule2_include_query=False))
   # The shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful behaviours vs their
   # topic-matched benign twins, per category (kind "" skips it).
   c.after_training.probe = config_dict.ConfigDict(dict(kind="jailbreakbench", side="both"))
@@ -247,6 +254,7 @@ _RANGES = (
     ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
     ("eval.num_batches", lambda v: v >= 1, ">= 1"),
     ("mask.cls_window", lambda v: v >= 1, ">= 1"),
+    ("loss.malicious_lm_weight", lambda v: v >= 0, ">= 0"),
     ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
     ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("after_training.cls_test_examples", lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),

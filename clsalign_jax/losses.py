@@ -14,16 +14,25 @@ import optax
 from clsalign_jax import masks
 
 
-def lm_target_weights(batch: dict, mode: str) -> jax.Array:
+def lm_target_weights(batch: dict, mode: str, malicious_weight: float = 1.0) -> jax.Array:
   """[B, T] float32 weight of the prediction made at row t (of token t + 1).
 
-  sft: `loss_mask` of the target (response tokens and the final EOS).
+  sft: `loss_mask` of the target (response tokens and the final EOS), times `malicious_weight` in
+  malicious examples (0: the LM learns only from benign answers and refusing is left to the CLS
+  and strategic decoding).
   pretrain: every next token inside the same segment, except predictions made by the CLS row
   (no token attends to CLS in pretraining, and the CLS row has no next-token meaning).
   """
   seg_BT = batch["segment_ids"]
   if mode == "sft":
     target_w_BT = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if malicious_weight != 1.0:
+      label = batch["cls_label"]
+      if label.ndim == 1:  # one example per row
+        label_BT = jnp.broadcast_to(label[:, None], seg_BT.shape)
+      else:  # packed rows: segment n + 1 carries label[:, n]
+        label_BT = jnp.take_along_axis(label, jnp.clip(seg_BT - 1, 0, label.shape[1] - 1), axis=1)
+      target_w_BT *= jnp.where(label_BT[:, 1:] == 1, malicious_weight, 1.0)
   elif mode == "pretrain":
     same_BT = (seg_BT[:, 1:] == seg_BT[:, :-1]) & (seg_BT[:, 1:] > 0)
     target_w_BT = (same_BT & ~masks.segment_starts(seg_BT)[:, :-1]).astype(jnp.float32)
