@@ -41,7 +41,10 @@ def get_config():
   c.eval.update(every_steps=0, num_batches=4)
   a = c.after_training
   a.evaluate = True
-  a.update(batch_size=16, max_new_tokens=48, cls_test_examples=-1)
-  a.malicious.limit = 48
-  a.benign.limit = 48
+  a.update(batch_size=16, max_new_tokens=48, cls_test_examples=150)
+  a.malicious.limit = 50
+  a.benign.limit = 50
+  # 50 of each over-refusal set, spread over the file (JailbreakBench: 5 twins per category).
+  a.over_refusal.alpaca_eval.update(stride=16, limit=50)
+  a.over_refusal.jbb_benign.stride = 2
   return c
