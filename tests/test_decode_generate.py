@@ -268,6 +268,24 @@ def test_schedules_reclassify_exactly_at_their_steps(dcfg, expected):
   assert all({s for s, *_ in row.trace} == expected for row in rows)
 
 
+def test_annealing_confirms_a_late_flip():
+  # Annealing re-classifies at 0, 1, 2, 4, ..., 64, 128: a flip first seen at step 64 would
+  # have to wait for step 128 (past the budget) for its second event. In Rule 3 it is re-read at
+  # every step instead, so τ = 3 malicious steps (64, 65, 66) confirm it.
+  params, chain = _chain_params()
+  r0, r1, r2 = REFUSAL
+  dcfg = DecodeConfig(max_new_tokens=80, r2=4, tau=3, schedule="annealing", anneal_cutoff=256)
+  t = chain(PROMPTS[0][-1], 80)
+  row, = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=range(64, 160))))
+  assert [s for s, *_ in row.trace] == [0, 1, 2, 4, 8, 16, 32, 64, 65, 66]
+  assert (row.trigger_step, row.trigger_index, row.insert_index) == (64, 64, 64)
+  assert row.response_ids == t[:64] + [r0, r1, r2] + chain(r2, 13)
+  # A flip withdrawn in Rule 3 goes back to the annealing steps.
+  row, = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=(64, 65))))
+  assert [s for s, *_ in row.trace] == [0, 1, 2, 4, 8, 16, 32, 64, 65, 66]
+  assert (row.insert_index, row.false_alarms, row.response_ids) == (-1, 1, t)
+
+
 def test_eos_stops_a_row_and_the_loop():
   params, chain = _chain_params()
   t = chain(PROMPTS[0][-1], 12)

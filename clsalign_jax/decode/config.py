@@ -30,7 +30,9 @@ class DecodeConfig:
     each       every step;
     first      never (prompt-time classification only);
     periodic   s % period == 0;
-    annealing  s = 0 and s = 1, 2, 4, 8, ... (intervals double) while s < anneal_cutoff.
+    annealing  s = 0 and s = 1, 2, 4, 8, ... (intervals double) while s < anneal_cutoff; a row
+               whose flip awaits confirmation (Rule 3) is re-classified at every step until the
+               flip is confirmed or withdrawn, so a late flip can still gather τ events.
   """
 
   max_new_tokens: int = 128

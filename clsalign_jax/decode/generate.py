@@ -209,6 +209,15 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
     rule1_open_B = (st.length_B < visible_start_B + dcfg.r1) | (not dcfg.strategic_attention)
     return ~st.done_B & (st.mode_B != CONFIRMED) & ((st.mode_B != MALICIOUS) | rule1_open_B)
 
+  def due_B(st: _State) -> Array:
+    """[B] rows the schedule re-classifies now. Under `annealing` a row in Rule 3 is re-read every
+    step until its flip is confirmed or withdrawn: the gaps reach 64 steps, so a flip first seen at
+    step 64 or later could otherwise never gather its τ events. (`periodic` keeps its own steps;
+    its late flips are what `tau_unit="steps"` is for.)"""
+    if dcfg.schedule != "annealing":
+      return dcfg.reclassify_at(st.step) & jnp.ones_like(st.done_B)
+    return dcfg.reclassify_at(st.step) | (st.mode_B == TRANSITION)
+
   def step(st: _State, with_cls: bool) -> _State:
     """One loop step; `with_cls` (static) adds the CLS row for the rows that want it."""
     active_B = ~st.done_B
@@ -216,7 +225,7 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
     tok_B = _take_B(st.seq_BS, pos_B)
     tok_slot_B = jnp.where(active_B, pos_B, S)
     if with_cls:
-      judged_B = wants_cls(st) & dcfg.reclassify_at(st.step)
+      judged_B = wants_cls(st) & due_B(st)
       logits_BV, p_B, cache = forward_with_cls(st, tok_B, pos_B, tok_slot_B, judged_B)
     else:
       judged_B = jnp.zeros((B,), bool)
@@ -270,7 +279,7 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
 
   running = lambda st: (st.step < N) & ~jnp.all(st.done_B)
   token_steps = lambda st: jax.lax.while_loop(
-      lambda s: running(s) & ~(dcfg.reclassify_at(s.step) & jnp.any(wants_cls(s))),
+      lambda s: running(s) & ~jnp.any(due_B(s) & wants_cls(s)),
       lambda s: step(s, with_cls=False), st)
   if dcfg.schedule == "first":
     final = jax.lax.while_loop(running, lambda s: step(s, with_cls=False), state)
