@@ -224,7 +224,7 @@ def test_convert_cli_orbax_round_trip_and_bad_source(tmp_path):
   assert cfg2 == cfg
   _tree_equal(params2, params)
   bad = run(f"--src={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'x'}")
-  assert bad.returncode == 2 and "nowhere: not found" in bad.stderr
+  assert bad.returncode == 1 and "nowhere: not found" in bad.stderr
 
 
 def test_smollm2_export_with_tokenizer_loads_in_transformers(tmp_path, record_figure):
