@@ -131,14 +131,7 @@ def cls_test_metrics(config, workdir: str, h: harness_lib.Harness) -> dict:
     return {**counts, **{k: float(v) for k, v in losses.classification_metrics(*counts.values()).items()},
             "n": len(prompts), "p_malicious": [round(float(x), 4) for x in p]}
 
-  path = pathlib.Path(workdir, "eval", "cls_test.json")
-  if path.exists():
-    stored = json.loads(path.read_text(encoding="utf-8"))
-    if stored["fingerprint"] == fp:
-      return stored["value"]
-  value = compute()
-  report_lib.atomic_write_json(path, {"fingerprint": fp, "value": value})
-  return value
+  return _cached_json(pathlib.Path(workdir, "eval", "cls_test.json"), fp, compute)
 
 
 def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
@@ -173,7 +166,11 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
     return {**metrics(p, y), "per_category": {c: metrics(p[cats == c], y[cats == c]) for c in sorted(set(cats))},
             "p_malicious": {i.id: round(float(x), 4) for i, x in zip(items, p)}}
 
-  path = pathlib.Path(workdir, "eval", "probe.json")
+  return _cached_json(pathlib.Path(workdir, "eval", "probe.json"), fp, compute)
+
+
+def _cached_json(path: pathlib.Path, fp: str, compute):
+  """The value stored at `path` if its fingerprint is `fp`, else compute() stored there."""
   if path.exists():
     stored = json.loads(path.read_text(encoding="utf-8"))
     if stored["fingerprint"] == fp:
