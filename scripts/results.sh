@@ -150,7 +150,7 @@ builders.prepare(builders.SafetyMix(data_dir=os.path.expanduser(os.environ.get('
 job_train_cls() { await data; train train_cls "$W/cls"; }
 job_train_sft() {
   await data
-  train train_sft "$W/sft" --config.loss.cls_weight=0 --config.mask.response_sees_cls=False
+  train train_sft "$W/sft" --config.loss.cls_weight=0 --config.mask.response_sees_cls=False --config.loss.malicious_lm_weight=1
 }
 job_harmful() {
   evaluate eval_harmful harmful as_shipped || return 1
