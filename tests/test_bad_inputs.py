@@ -295,6 +295,8 @@ DATA_CASES = [
     ("list.jsonl", b'[1, 2]\n', "list.jsonl:1: expected a JSON object"),
     ("data.txt", b"hello\n", "data.txt: unsupported file type '.txt'"),
     ("empty_response.jsonl", b'{"prompt": "a", "response": "", "label": 0}\n', "empty_response.jsonl:1: empty"),
+    ("empty.jsonl", b"", "empty.jsonl: no records"),
+    ("blank.csv", b"prompt,response,label\n\n", "blank.csv: no records"),
 ]
 
 

@@ -64,6 +64,12 @@ class ReadResult:
   skipped: list[str] = dataclasses.field(default_factory=list)  # "path:line: reason"
 
 
+def _require_some(path, result: ReadResult) -> None:
+  # An empty file would otherwise surface much later, inside TFDS, without its name.
+  if not result.records and not result.skipped:
+    raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
+
+
 def normalize_prompt(text: str) -> str:
   """The key under which prompts count as the same: whitespace collapsed, case folded."""
   return " ".join(text.split()).casefold()
@@ -106,6 +112,7 @@ def read_sft_records(
       if not skip_bad_records:
         raise
       result.skipped.append(str(e))
+  _require_some(path, result)
   return result
 
 
@@ -137,6 +144,7 @@ def read_text_records(
       if not skip_bad_records:
         raise
       result.skipped.append(str(e))
+  _require_some(path, result)
   return result
 
 
