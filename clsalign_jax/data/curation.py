@@ -8,11 +8,10 @@ is what the `safety_mix` TFDS builder calls, so the printed mixture is the train
 
 Why: in the first mixture every "Write/Create ..." prompt and every "How/What ...?" question was
 benign and the malicious side opened with "Research/Identify/Compile ...": a classifier learned the
-phrasing of each source, not harm. Here every form bucket (`prompt_form`: create-style imperatives,
-other imperatives, questions) holds both labels in a ratio between 0.8 and 1.25. Where a bucket is
-short of one label, prompts of that label are rewritten into the bucket's form by fixed templates
-(`REWRITES`), and as many prompts of the other label are rewritten by the same templates, so a
-template is never a label marker either.
+phrasing of each source, not harm. Here labels are balanced per first word (which balances every
+form bucket of `prompt_form`: create-style imperatives, other imperatives, questions, to a benign :
+malicious ratio between 0.8 and 1.25). Prompts cut from a one-sided first word are rewritten by fixed
+templates (`REWRITES`) in benign / malicious pairs, so a template is never a label marker either.
 
 Steps (all deterministic; every drop is counted in the report):
   1. read the shipped sources (`SOURCES`), malicious safety-tuned-llamas rows only where the answer
@@ -23,7 +22,7 @@ Steps (all deterministic; every drop is counted in the report):
   3. benign prompts touching crime, violence, sex or self-harm leave the benign side
      (`mixture.SAFETY_PHRASES`); prompts equal to an evaluation prompt (AdvBench, JailbreakBench,
      AlpacaEval, the safety-tuned-llamas evaluation sets) or carrying both labels are dropped;
-  4. form buckets balanced as above;
+  4. first words and form buckets balanced as above (`balance_forms`);
   5. train / validation / test split stratified by (label, source, form).
 """
 
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
 import hashlib
 import json
