@@ -156,7 +156,7 @@ def default_config() -> config_dict.ConfigDict:
   c.eval.every_steps = 500  # 0: only after the last step
   c.eval.num_batches = 8
 
-  # Stages `python -m clsalign_jax.main` runs once training is complete (clsalign_jax/pipeline.py).
+  # Stages `python -m clsalign_jax.main` runs once training is complete (clsalign_jax/after_training.py).
   c.after_training = config_dict.ConfigDict()
   # CLS metrics on test prompts, strategic vs plain decoding under attack, report.md + plots/.
   c.after_training.evaluate = False
@@ -195,16 +195,7 @@ def default_config() -> config_dict.ConfigDict:
 
 def model_config(config: config_dict.ConfigDict) -> model_lib.ModelConfig:
   """The model.ModelConfig a training config describes."""
-  fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-  if fields.get("sliding_window") == 0:
-    fields["sliding_window"] = None
-  if config.model.preset:
-    return model_lib.preset(config.model.preset, **fields)
-  missing = [f for f in _MODEL_FIELD_TYPES
-             if f not in fields and model_lib.ModelConfig.__dataclass_fields__[f].default is dataclasses.MISSING]
-  if missing:
-    raise ConfigError(f"config.model: no preset and no value for {missing}")
-  return model_lib.ModelConfig(**fields)
+  return model_lib.config_from_fields(config.model)
 
 
 def steps_per_epoch(config: config_dict.ConfigDict) -> int:

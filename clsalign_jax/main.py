@@ -45,7 +45,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   # Imported here so that a wrong invocation is reported before jax starts up.
   import jax
 
-  from clsalign_jax import config as config_lib, pipeline, train
+  from clsalign_jax import after_training, config as config_lib, train
   logging.get_absl_handler().python_handler.addFilter(_QuietOrbax())
   if fv.dry_run:
     print(train.dry_run(config, fv.dry_run_devices or jax.device_count()))
@@ -62,7 +62,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   with train.workdir_lock(fv.workdir, enabled=jax.process_index() == 0):
     train.train_and_evaluate(config, fv.workdir)
     if config.after_training.evaluate and jax.process_index() == 0:
-      pipeline.run(config, fv.workdir)
+      after_training.run(config, fv.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from clsalign_jax.errors import ConfigError
+
 Array = jax.Array
 
 REMAT_POLICIES = {
@@ -130,6 +132,22 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides)
+
+
+def config_from_fields(fields, where: str = "config.model") -> ModelConfig:
+  """A `preset` plus overrides, or every required ModelConfig field spelled out; None values are
+  "not set" and a sliding_window of 0 is "no window" (a config placeholder cannot hold None)."""
+  fields = {k: v for k, v in dict(fields).items() if v is not None}
+  name = fields.pop("preset", None)
+  if fields.get("sliding_window") == 0:
+    fields["sliding_window"] = None
+  if name:
+    return preset(name, **fields)
+  missing = [f.name for f in dataclasses.fields(ModelConfig)
+             if f.name not in fields and f.default is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where}: no preset and no value for {missing}")
+  return ModelConfig(**fields)
 
 
 class ModelOutput(NamedTuple):

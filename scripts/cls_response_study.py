@@ -20,7 +20,7 @@ import math
 import pathlib
 import sys
 
-from clsalign_jax import pipeline
+from clsalign_jax import after_training
 from clsalign_jax.data import curation
 from clsalign_jax.eval import harness as harness_lib
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
   variants = []
   for spec in args.variant:
     name, run_dir, decode = spec.split(":", 2)
-    variants.append((name, f"orbax:{run_dir}", {**pipeline.STRATEGIC, **json.loads(decode or "{}")}))
+    variants.append((name, f"orbax:{run_dir}", {**after_training.STRATEGIC, **json.loads(decode or "{}")}))
   config = {
       "output_dir": str(out / "eval"), "seed": 0, "batch_size": args.batch_size,
       "max_new_tokens": args.max_new_tokens, "progress": True, "save_cls_trace": True,

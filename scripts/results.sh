@@ -158,7 +158,7 @@ job_harmful() {
 }
 job_cls_test() {
   await train_cls || return 1
-  py cls_test 0.25 -m clsalign_jax.eval.results_table cls-test --workdir "$W/cls" --out "$W/cls_test.json" \
+  py cls_test 0.25 -m clsalign_jax.after_training cls-test --workdir "$W/cls" --out "$W/cls_test.json" \
     --examples "$CLS_TEST_EXAMPLES" --batch_size "$BATCH"
 }
 # One process per variant: their compilations run in parallel (with --gpu), and the overhead column's

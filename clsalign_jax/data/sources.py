@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 
+from clsalign_jax import model as model_lib
 from clsalign_jax.data import builders, pipeline, templates
 from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,10 +40,8 @@ PRETRAIN_SOURCES = ("wiki_pretrain", "safety_pretrain_corpus")
 
 def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
   """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch."""
-  from clsalign_jax import config as config_lib
-
   data = config.data
-  model_cfg = config_lib.model_config(config)
+  model_cfg = model_lib.config_from_fields(config.model)
   tokenizer_spec = _tokenizer_spec(config)
   tokenizer = load_tokenizer(tokenizer_spec)
   if (tokenizer.cls_id, tokenizer.bos_id, tokenizer.eos_id) != (

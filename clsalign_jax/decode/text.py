@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
 from clsalign_jax.decode.config import DecodeConfig
-from clsalign_jax.decode.generate import RowResult, generate_ids
+from clsalign_jax.decode.loop import RowResult, generate_ids
 from clsalign_jax.decode.sampling import SamplingParams
 from clsalign_jax.model import ModelConfig
 

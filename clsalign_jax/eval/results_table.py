@@ -1,7 +1,7 @@
 """docs/results.md: the issue-7 results table, and the two helper steps of scripts/results.sh.
 
   python -m clsalign_jax.eval.results_table harmful --eval_dir OUT --out FILE
-  python -m clsalign_jax.eval.results_table cls-test --workdir RUN --out FILE [--examples -1] [--batch_size 64]
+  python -m clsalign_jax.after_training cls-test --workdir RUN --out FILE [--examples -1] [--batch_size 64]
   python -m clsalign_jax.eval.results_table render --eval_dir OUT --cls_test FILE --out docs/results.md \
       [--mode smoke|gpu] [--run_info TEXT]
 
@@ -12,7 +12,7 @@ jailbroken, and writes them as [user, assistant] `messages` pairs (the layout th
 loader reads).
 
 `cls-test`: prompt-time CLS accuracy / precision / recall / F1 on the test split of the shipped
-mixture (`pipeline.cls_test_metrics`; -1 examples = the whole split).
+mixture (`python -m clsalign_jax.after_training cls-test`; -1 examples = the whole split).
 
 `render`: reads the harness's files directly: a cell `generations/<variant>/<benchmark>/<attack>.jsonl`
 counts once its `.meta.json` exists (the harness writes it last). Responses are judged here with the
@@ -333,30 +333,6 @@ def harmful_responses(eval_dir, out, variant: str = "as_shipped", benchmark: str
   return len(rows)
 
 
-# ----- CLS metrics --------------------------------------------------------------------------------
-
-
-def cls_test(workdir: str, examples: int = -1, batch_size: int = 64) -> dict:
-  from clsalign_jax import config as config_lib
-  from clsalign_jax import pipeline
-  from clsalign_jax.eval import harness as harness_lib
-
-  config = config_lib.default_config()
-  run_config = pathlib.Path(workdir, "config.json")
-  if run_config.exists():
-    config.loss.cls_threshold = json.loads(run_config.read_text())["loss"]["cls_threshold"]
-  config.after_training.cls_test_examples = examples
-  config.after_training.batch_size = batch_size
-  hc = pipeline.harness_config(config, workdir)
-  # The einsum attention path: a run trained with cuDNN attention (bf16 only) may be scored in any dtype.
-  hc["model"]["model"] = {"attention_impl": "xla"}
-  h = harness_lib.Harness(hc)
-  value = pipeline.cls_test_metrics(config, workdir, h)
-  step = h.variant_identity(h.variants[0])["weights"].get("step")
-  return {**{k: v for k, v in value.items() if k != "p_malicious"}, "workdir": workdir, "step": step,
-          "threshold": config.loss.cls_threshold}
-
-
 # ----- command line -------------------------------------------------------------------------------
 
 
@@ -370,14 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--variant", default="as_shipped")
   p.add_argument("--benchmark", default="advbench")
   p.add_argument("--attack", default="prefill_target")
-  p = sub.add_parser("cls-test", help="CLS metrics on the test split")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--examples", type=int, default=-1, help="per label; -1: the whole split")
-  p.add_argument("--batch_size", type=int, default=64)
   p = sub.add_parser("render", help="write the table into a markdown file")
   p.add_argument("--eval_dir", required=True)
-  p.add_argument("--cls_test", default="", help="cls-test output (missing file: 'not run')")
+  p.add_argument("--cls_test", default="", help="`after_training cls-test` output (missing file: 'not run')")
   p.add_argument("--out", required=True)
   p.add_argument("--mode", choices=("gpu", "smoke"), default="gpu")
   p.add_argument("--run_info", default="")
@@ -386,10 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "harmful":
     n = harmful_responses(args.eval_dir, args.out, args.variant, args.benchmark, args.attack)
     print(f"{n} harmful responses written to {args.out}")
-  elif args.command == "cls-test":
-    value = cls_test(args.workdir, args.examples, args.batch_size)
-    atomic_write(args.out, json.dumps(value, indent=2) + "\n")
-    print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")
   else:
     cls_path = pathlib.Path(args.cls_test) if args.cls_test else None
     cls_value = json.loads(cls_path.read_text()) if cls_path and cls_path.exists() else None

@@ -14,7 +14,7 @@ import pytest
 from clsalign_jax import masks
 from clsalign_jax import model as M
 from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, row_results
-from clsalign_jax.decode.generate import _decode_jit
+from clsalign_jax.decode.loop import _decode_jit
 from clsalign_jax.interop.hf import save_hf
 
 CFG = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clsalign_jax import pipeline, train
+from clsalign_jax import after_training, train
 from train_utils import REPO, load_config
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -37,7 +37,7 @@ def tiny_run(tmp_path):
 
 def test_report_plots_and_resume(tiny_run, capsys):
   config, workdir = tiny_run
-  report = pipeline.run(config, str(workdir))
+  report = after_training.run(config, str(workdir))
   text = report.read_text()
   for heading in ("## Training", "## CLS classification on held-out test prompts", "## Decoding"):
     assert heading in text
@@ -59,7 +59,7 @@ def test_report_plots_and_resume(tiny_run, capsys):
 
   # A second invocation reuses every generation and the CLS metrics: nothing is recomputed.
   capsys.readouterr()
-  pipeline.run(config, str(workdir))
+  after_training.run(config, str(workdir))
   out = capsys.readouterr().out
   assert "generating" not in out and "CLS metrics on" not in out and "done, skipped" in out
   assert "shortcut probe: CLS on" not in out
@@ -67,11 +67,11 @@ def test_report_plots_and_resume(tiny_run, capsys):
 
 def test_variants_decode_with_the_attention_the_run_was_trained_with():
   c = load_config("tiny")
-  decode = lambda cfg: {name: d for name, _, d in pipeline.harness_config(cfg, "/run")["variants"]}
+  decode = lambda cfg: {name: d for name, _, d in after_training.harness_config(cfg, "/run")["variants"]}
   assert all("response_sees_cls" not in d for d in decode(c).values())
   c.mask.response_sees_cls = False
   assert {name: d["response_sees_cls"] for name, d in decode(c).items()} == {"strategic": False, "plain": False}
-  assert decode(c)["strategic"]["schedule"] == pipeline.STRATEGIC["schedule"]
+  assert decode(c)["strategic"]["schedule"] == after_training.STRATEGIC["schedule"]
   assert "rule2_include_query" not in decode(c)["strategic"]  # the default adds nothing to the fingerprint
   c.after_training.decode.rule2_include_query = True
   assert decode(c)["strategic"]["rule2_include_query"] and "rule2_include_query" not in decode(c)["plain"]
@@ -80,7 +80,7 @@ def test_variants_decode_with_the_attention_the_run_was_trained_with():
 def test_import_leaves_the_matplotlib_backend_alone():
   import subprocess
   import sys
-  code = ("import sys, matplotlib; matplotlib.use('svg'); import clsalign_jax.pipeline, clsalign_jax.eval.report; "
+  code = ("import sys, matplotlib; matplotlib.use('svg'); import clsalign_jax.after_training, clsalign_jax.eval.report; "
           "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
           "assert 'matplotlib.pyplot' not in sys.modules")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -24,10 +24,12 @@ on benign prompts "refused" is an over-refusal.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -36,6 +38,7 @@ from absl import logging
 # inline backend alone, and no GUI window is ever opened headless.
 from matplotlib.figure import Figure
 
+from clsalign_jax import config as config_lib
 from clsalign_jax import losses
 from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.data.curation import auc
@@ -377,3 +380,42 @@ def run(config, workdir: str) -> pathlib.Path:
   _log(f"report written to {path}")
   logging.info("after-training evaluation took %.0f s", time.time() - t0)
   return path
+
+
+def cls_test(workdir: str, examples: int = -1, batch_size: int = 64) -> dict:
+  """Prompt-time CLS metrics of the run in `workdir` on the test split, outside a training job
+  (the results table's CLS column)."""
+  config = config_lib.default_config()
+  run_config = pathlib.Path(workdir, "config.json")
+  if run_config.exists():
+    config.loss.cls_threshold = json.loads(run_config.read_text())["loss"]["cls_threshold"]
+  config.after_training.cls_test_examples = examples
+  config.after_training.batch_size = batch_size
+  hc = harness_config(config, workdir)
+  # The einsum attention path: a run trained with cuDNN attention (bf16 only) may be scored in any dtype.
+  hc["model"]["model"] = {"attention_impl": "xla"}
+  h = harness_lib.Harness(hc)
+  value = cls_test_metrics(config, workdir, h)
+  step = h.variant_identity(h.variants[0])["weights"].get("step")
+  return {**{k: v for k, v in value.items() if k != "p_malicious"}, "workdir": workdir, "step": step,
+          "threshold": config.loss.cls_threshold}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m clsalign_jax.after_training",
+                                   description="After-training measurements of a finished run.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("cls-test", help="prompt-time CLS metrics on the mixture's test split")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--examples", type=int, default=-1, help="per label; -1: the whole split")
+  p.add_argument("--batch_size", type=int, default=64)
+  args = parser.parse_args(argv)
+  value = cls_test(args.workdir, args.examples, args.batch_size)
+  report_lib.atomic_write(args.out, json.dumps(value, indent=2) + "\n")
+  print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
