@@ -151,7 +151,7 @@ def config_from_fields(fields, where: str = "config.model") -> ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-  logits_BTV: Array
+  logits_BTV: Array  # [B, K, V] when the call passed lm_rows_BK
   cls_logit_B: Array | None
   cache: Any
 
@@ -314,12 +314,17 @@ class Transformer(nn.Module):
   (per-layer (k, v) of shape [L, B, S, G, H]), the rows' K/V are first written into
   `slots_BT` and the rows attend over all S slots (mask is [B, T, S]).
   `cls_row` picks which row feeds the safety head (None: no head output).
+  `lm_rows_BK` ([B, K] row indices, or None for every row) picks the rows that get LM-head
+  logits; the output's logits are then [B, K, V]. The head is the largest single matrix of a
+  small model (SmolLM2: 49152 x 576), so a decode step that carries the CLS row, or a prefill
+  that samples from one row, should not pay for logits nobody reads.
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0):
+  def __call__(self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0,
+               lm_rows_BK=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     V, D = cfg.vocab_size, cfg.d_model
@@ -353,11 +358,13 @@ class Transformer(nn.Module):
       new_cache = None if cache is None else tuple(jnp.stack(t) for t in zip(*per_layer))
 
     h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")(x_BTD)
+    # K = T when every row gets logits; the suffix stays T below for the common case.
+    lm_h_BTD = h_BTD if lm_rows_BK is None else jnp.take_along_axis(h_BTD, lm_rows_BK[..., None], axis=1)
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embed_VD.astype(dtype))
+      logits_BTV = jnp.einsum("btd,vd->btv", lm_h_BTD, embed_VD.astype(dtype))
     else:
       head_DV = self.param("lm_head", nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")), (D, V), pdtype)
-      logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, head_DV.astype(dtype))
+      logits_BTV = jnp.einsum("btd,dv->btv", lm_h_BTD, head_DV.astype(dtype))
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
                                             ("activation_batch", "activation_length", "activation_vocab"))
 

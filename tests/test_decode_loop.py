@@ -14,6 +14,7 @@ import pytest
 from clsalign_jax import masks
 from clsalign_jax import model as M
 from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, row_results
+from clsalign_jax.decode import loop
 from clsalign_jax.decode.loop import _decode_jit
 from clsalign_jax.interop.hf import save_hf
 
@@ -308,3 +309,133 @@ def test_same_shapes_do_not_recompile():
   decode(params, pack_inputs(PROMPTS, SPANS), jnp.asarray(REFUSAL, jnp.int32), SamplingParams.make(3),
          None, cfg=CFG, dcfg=ANNEALING, eos_id=5, return_logits=False)
   assert _decode_jit._cache_size() == after_first
+
+
+# The state machine alone: `transition` on hand-built arrays, against a scalar re-statement of
+# method.md §3 written row by row, with no model and no loop compiled.
+
+_transition = jax.jit(loop.transition, static_argnames="dcfg")
+_STATE_FIELDS = loop.RowState._fields
+
+
+def _reference_transition(row, step, judged, malicious, sampled, refusal, eos, input_len, dcfg):
+  """One row, one step, as if/else: returns (new row dict, next token or None when done)."""
+  row = dict(row)
+  if row["done"]:
+    return row, None
+  pos = row["length"]
+  confirmed = False
+  if row["mode"] == loop.BENIGN and malicious:
+    row.update(mode=loop.TRANSITION, trigger_pos=pos, trigger_step=step, run=1)
+    confirmed = True
+  elif row["mode"] == loop.TRANSITION and judged and malicious:
+    row["run"] += 1
+    confirmed = True
+  elif row["mode"] == loop.TRANSITION and judged:  # benign in Rule 3: a false alarm
+    row.update(mode=loop.BENIGN, trigger_pos=-1, trigger_step=-1, run=0, false_alarms=row["false_alarms"] + 1)
+  if confirmed:
+    held = row["run"] if dcfg.tau_unit == "events" else step - row["trigger_step"] + 1
+    confirmed = held >= dcfg.tau
+    if confirmed:
+      row["mode"] = loop.CONFIRMED
+  R = len(refusal)
+  if confirmed and dcfg.strategic_decoding:
+    row.update(length=row["trigger_pos"] + int(dcfg.keep_trigger_token), refusal_next=1)
+    row["insert"] = row["length"]
+    nxt, free = refusal[0], False
+  elif row["refusal_next"] < R:
+    nxt, free = refusal[row["refusal_next"]], False
+    row.update(length=pos + 1, refusal_next=row["refusal_next"] + 1)
+  else:
+    nxt, free = sampled, True
+    row["length"] = pos + 1
+  row["done"] = (free and nxt == eos) or row["length"] + 1 - input_len >= dcfg.max_new_tokens
+  return row, nxt
+
+
+_NAMES = dict(length_B="length", done_B="done", mode_B="mode", trigger_pos_B="trigger_pos",
+              trigger_step_B="trigger_step", malicious_run_B="run", refusal_next_B="refusal_next",
+              insert_pos_B="insert", false_alarms_B="false_alarms")
+
+
+def _rows_to_state(rows):
+  return loop.RowState(**{f: jnp.asarray([r[_NAMES[f]] for r in rows], bool if f == "done_B" else jnp.int32)
+                          for f in _STATE_FIELDS})
+
+
+def _state_to_rows(state):
+  cols = {f: np.asarray(getattr(state, f)).tolist() for f in _STATE_FIELDS}
+  return [{_NAMES[f]: cols[f][b] for f in _STATE_FIELDS} for b in range(len(cols["length_B"]))]
+
+
+def _fresh_row(length, mode=loop.BENIGN, refusal_next=3):
+  return dict(length=length, done=False, mode=mode, trigger_pos=-1, trigger_step=-1, run=0,
+              refusal_next=refusal_next, insert=-1, false_alarms=0)
+
+
+def test_transition_hand_worked():
+  # tau = 3 events. Row 0 flips at step 3 (slot 12), holds at 4 and 5: confirmed at step 5, cut back
+  # to slot 12 with the first refusal token pending. Row 1 flips at step 3, is benign at step 4:
+  # a false alarm, back to Rule 2. Row 2 is in Rule 1: judgements change nothing.
+  r0, r1, r2 = REFUSAL
+  dcfg = BASE.replace(max_new_tokens=40)
+  rows = [_fresh_row(12), _fresh_row(12), _fresh_row(12, mode=loop.MALICIOUS)]
+  state = _rows_to_state(rows)
+  refusal, eos, input_len = jnp.asarray(REFUSAL, jnp.int32), jnp.int32(-1), jnp.full((3,), 9, jnp.int32)
+  verdicts = {3: [True, True, True], 4: [True, False, True], 5: [True, False, True]}
+  sampled = jnp.asarray([70, 71, 72], jnp.int32)
+  for step in (3, 4, 5):
+    malicious = jnp.asarray(verdicts[step])
+    state, next_B = _transition(state, jnp.int32(step), jnp.ones(3, bool), malicious, sampled, refusal, eos,
+                                input_len, dcfg=dcfg)
+    if step == 4:
+      assert np.asarray(state.mode_B).tolist() == [loop.TRANSITION, loop.BENIGN, loop.MALICIOUS]
+      assert np.asarray(state.false_alarms_B).tolist() == [0, 1, 0]
+  assert np.asarray(state.mode_B).tolist() == [loop.CONFIRMED, loop.BENIGN, loop.MALICIOUS]
+  assert np.asarray(state.length_B).tolist() == [12, 15, 15]  # row 0 cut back to S_t = 12
+  assert np.asarray(next_B).tolist() == [r0, 71, 72]
+  assert np.asarray(state.refusal_next_B).tolist() == [1, 3, 3]
+  assert np.asarray(state.insert_pos_B).tolist() == [12, -1, -1]
+  assert (np.asarray(state.trigger_pos_B).tolist(), np.asarray(state.trigger_step_B).tolist()) == ([12, -1, -1],
+                                                                                                   [3, -1, -1])
+  # The next steps force r1, r2, then sampling resumes.
+  for expected in (r1, r2, 70):
+    state, next_B = _transition(state, jnp.int32(6), jnp.zeros(3, bool), jnp.zeros(3, bool), sampled, refusal,
+                                eos, input_len, dcfg=dcfg)
+    assert int(next_B[0]) == expected
+  assert int(state.length_B[0]) == 15
+
+
+@pytest.mark.parametrize("dcfg", [
+    BASE, BASE.replace(tau=1), BASE.replace(keep_trigger_token=True), BASE.replace(strategic_decoding=False),
+    PERIODIC.replace(tau_unit="steps", tau=4)], ids=["tau3", "tau1", "keep_trigger", "no_decoding", "tau_steps"])
+def test_transition_matches_a_row_by_row_reference(dcfg):
+  """Random judgement streams on 16 rows (some initially malicious, some ending on EOS or the
+  budget) for 30 steps: every field and every pending token agree with the scalar reference."""
+  rng = np.random.default_rng(0)
+  B, steps = 16, 30
+  dcfg = dcfg.replace(max_new_tokens=20)
+  input_len = rng.integers(5, 9, B)
+  rows = [_fresh_row(int(n), mode=loop.MALICIOUS if b % 5 == 0 else loop.BENIGN,
+                     refusal_next=1 if b % 5 == 0 else 3) for b, n in enumerate(input_len)]
+  state = _rows_to_state(rows)
+  args = (jnp.asarray(REFUSAL, jnp.int32), jnp.int32(7), jnp.asarray(input_len, jnp.int32))
+  seen_modes = set()
+  for step in range(steps):
+    judged = (rng.random(B) < 0.7) & ~np.asarray(state.done_B)  # the loop never judges a done row
+    malicious = judged & (rng.random(B) < 0.45)
+    sampled = rng.integers(3, 60, B)
+    sampled[rng.random(B) < 0.03] = 7  # EOS now and then
+    state, next_B = _transition(state, jnp.int32(step), jnp.asarray(judged), jnp.asarray(malicious),
+                                jnp.asarray(sampled, jnp.int32), *args, dcfg=dcfg)
+    expected = [_reference_transition(r, step, j, m, s, REFUSAL, 7, n, dcfg)
+                for r, j, m, s, n in zip(rows, judged, malicious, sampled, input_len)]
+    rows = [r for r, _ in expected]
+    assert _state_to_rows(state) == rows, step
+    next_B = np.asarray(next_B)
+    assert [int(next_B[b]) for b, (_, t) in enumerate(expected) if t is not None] == [
+        int(t) for _, t in expected if t is not None], step
+    seen_modes |= {r["mode"] for r in rows}
+  # The stream exercised every state (and some rows finished).
+  assert seen_modes == {loop.CONFIRMED, loop.MALICIOUS, loop.BENIGN, loop.TRANSITION} or dcfg.tau == 1
+  assert any(r["done"] for r in rows)

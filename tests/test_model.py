@@ -144,6 +144,31 @@ def test_cls_row_is_an_input_embedding_only():
   assert np.abs(np.asarray(out2.logits_BTV[:, 1:] - out.logits_BTV[:, 1:])).max() > 1e-4
 
 
+@pytest.mark.parametrize("tied,scan", [(False, False), (True, True)], ids=["untied-loop", "tied-scan"])
+def test_lm_rows_compute_only_the_chosen_rows(tied, scan):
+  # The decode loop asks for LM logits of one row per sequence (the last prompt row; the token
+  # row of a CLS step): those rows, the CLS logit and the cache must be what the all-rows call gives.
+  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                      tie_embeddings=tied, scan_layers=scan)
+  params = M.init_params(cfg, jax.random.key(0))
+  B, T, S = 3, 7, 12
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size).at[:, 0].set(cfg.cls_id)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = jnp.pad(masks.causal_mask(jnp.ones((B, T), jnp.int32)), ((0, 0), (0, 0), (0, S - T)))
+  slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+  apply = lambda **kw: M.Transformer(cfg).apply({"params": params}, tokens, pos, mask, cache=M.init_cache(cfg, B, S),
+                                                slots_BT=slots, cls_row=0, **kw)
+  full = apply()
+  rows_BK = jnp.asarray([[6, 1], [3, 3], [0, 5]], jnp.int32)
+  some = apply(lm_rows_BK=rows_BK)
+  assert some.logits_BTV.shape == (B, 2, cfg.vocab_size)
+  want = np.take_along_axis(np.asarray(full.logits_BTV), np.asarray(rows_BK)[..., None], axis=1)
+  # Fewer rows may pick another matmul kernel: equal to float rounding, not necessarily bitwise.
+  np.testing.assert_allclose(some.logits_BTV, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(some.cls_logit_B, full.cls_logit_B)
+  jax.tree.map(np.testing.assert_array_equal, some.cache, full.cache)
+
+
 def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
   m = _tiny_hf("llama_gqa")
   cfg, params = _import(m, tmp_path)

@@ -11,7 +11,7 @@ position 0, slot 0): weights are read once, its new K/V overwrite slot 0 at ever
 safety head reads it. Other steps run a one-row forward inside an inner loop, so they do not
 pay for the CLS row.
 
-Per-row state machine (method.md §3): the prompt-time judgment picks Rule 1 (malicious: the
+Per-row state machine (docs/method.md §3): the prompt-time judgment picks Rule 1 (malicious: the
 refusal prefix is forced right after the prompt and any attacker prefill) or Rule 2 (benign).
 A benign row whose re-classification crosses the threshold records S_t (the slot of the token
 fed at that step) and follows Rule 3; a benign result before τ malicious events is a false
@@ -66,22 +66,118 @@ class DecodeOutput(NamedTuple):
   logits_BNV: Array | None  # with return_logits: column 0 from the prompt pass, s + 1 from step s
 
 
-class _State(NamedTuple):
-  step: Array
-  cache: tuple
-  seq_BS: Array
-  length_B: Array  # filled slots; the pending token sits in seq_BS[b, length_B[b]]
+class RowState(NamedTuple):
+  """Where each row stands in the strategic-decoding state machine; every field is [B] int32 or
+  bool. `transition` advances it by one loop step, from arrays alone (no model, no cache)."""
+
+  # Filled slots: the pending token (fed at the next step) sits in seq_BS[b, length_B[b]], so
+  # length_B is also the slot that token's K/V will occupy. A rollback sets it back to S_t.
+  length_B: Array
+  # The row has stopped (EOS sampled, or max_new_tokens reached): later steps feed it nothing and
+  # leave every field of it unchanged.
   done_B: Array
+  # The rule the CLS follows: MALICIOUS (Rule 1), BENIGN (Rule 2), TRANSITION (Rule 3: a flip
+  # awaits confirmation), or CONFIRMED (no more re-classification).
   mode_B: Array
+  # S_t, the slot of the token fed at the step the flip was first seen; -1 when no flip is
+  # pending or confirmed (a withdrawn flip resets it).
   trigger_pos_B: Array
+  # The loop step of that flip; -1 likewise.
   trigger_step_B: Array
+  # Malicious re-classifications since the flip, the flip itself included (τ's events).
   malicious_run_B: Array
-  refusal_next_B: Array  # index of the next refusal token to force; R when none is pending
+  # Index of the next refusal token to force; R when none is pending.
+  refusal_next_B: Array
+  # Slot where the refusal prefix starts; -1 while none was inserted.
   insert_pos_B: Array
+  # Flips withdrawn (a benign re-classification in Rule 3 before τ malicious ones).
   false_alarms_B: Array
-  trace_BN: Array
-  fed_pos_BN: Array
-  logits_BNV: Array | None
+
+
+class _State(NamedTuple):
+  """The decode loop's carry: everything one loop step reads and writes."""
+
+  step: Array  # the loop step about to run (int32 scalar); loop step s feeds the s-th pending token
+  cache: tuple  # per-layer K/V, [L, B, S, G, H] each; slot 0 holds the latest CLS K/V of the row
+  seq_BS: Array  # every row's tokens by slot, the pending one included; slots past it are stale
+  rows: RowState
+  trace_BN: Array  # p(malicious) of each re-classification by loop step; NaN where none ran
+  fed_pos_BN: Array  # slot of the token fed at each loop step; -1 where the row was done
+  logits_BNV: Array | None  # with return_logits: LM logits, column s + 1 from loop step s
+
+
+def transition(rows: RowState, step: Array, judged_B: Array, malicious_B: Array, sampled_B: Array,
+               refusal_R: Array, eos: Array, input_len_B: Array, dcfg: DecodeConfig
+               ) -> tuple[RowState, Array]:
+  """One loop step of the per-row state machine (docs/method.md §3), with the rollback.
+
+  The step fed the pending token of every row that is not done (at slot rows.length_B); rows in
+  `judged_B` (never a done row) were re-classified, `malicious_B` (within judged_B) of them above
+  the threshold. `sampled_B` is what the LM proposes next. Returns the new state and the token
+  to write at slot new.length_B (rows already done keep their state; their token is not written).
+
+  Rule 2 → 3 on a malicious judgement; in Rule 3 a malicious judgement counts towards τ and a
+  benign one withdraws the flip (back to Rule 2, a false alarm). Once τ holds the row is
+  CONFIRMED and, with strategic decoding, cut back to S_t (+1 with keep_trigger_token) where
+  the refusal prefix is forced one token per step. Rules 1 and CONFIRMED ignore judgements.
+  """
+  R = refusal_R.shape[0]
+  active_B = ~rows.done_B
+  pos_B = rows.length_B
+  was_benign_B = rows.mode_B == BENIGN
+  was_transition_B = rows.mode_B == TRANSITION
+  flips_B = was_benign_B & malicious_B
+  withdrawn_B = was_transition_B & judged_B & ~malicious_B
+  trigger_pos_B = jnp.where(flips_B, pos_B, jnp.where(withdrawn_B, -1, rows.trigger_pos_B))
+  trigger_step_B = jnp.where(flips_B, step, jnp.where(withdrawn_B, -1, rows.trigger_step_B))
+  run_B = jnp.where(flips_B, 1, jnp.where(was_transition_B & malicious_B, rows.malicious_run_B + 1,
+                                          jnp.where(withdrawn_B, 0, rows.malicious_run_B)))
+  mode_B = jnp.where(flips_B, TRANSITION, jnp.where(withdrawn_B, BENIGN, rows.mode_B))
+  if dcfg.tau_unit == "events":
+    held_B = run_B >= dcfg.tau
+  else:
+    held_B = step - trigger_step_B + 1 >= dcfg.tau
+  confirmed_B = (flips_B | (was_transition_B & malicious_B)) & held_B
+  mode_B = jnp.where(confirmed_B, CONFIRMED, mode_B)
+
+  # Next pending token: rollback + first refusal token, a forced refusal token, or the sample.
+  rollback_B = confirmed_B & dcfg.strategic_decoding
+  cut_len_B = trigger_pos_B + int(dcfg.keep_trigger_token)
+  forcing_B = rows.refusal_next_B < R
+  forced_B = refusal_R[jnp.minimum(rows.refusal_next_B, R - 1)]
+  next_B = jnp.where(rollback_B, refusal_R[0], jnp.where(forcing_B, forced_B, sampled_B))
+  refusal_next_B = jnp.where(rollback_B, 1, jnp.where(forcing_B, rows.refusal_next_B + 1, rows.refusal_next_B))
+  length_B = jnp.where(active_B, jnp.where(rollback_B, cut_len_B, pos_B + 1), rows.length_B)
+  ends_B = (~rollback_B & ~forcing_B & (next_B == eos)) | (length_B + 1 - input_len_B >= dcfg.max_new_tokens)
+  return RowState(
+      length_B=length_B, done_B=rows.done_B | (active_B & ends_B),
+      mode_B=jnp.where(active_B, mode_B, rows.mode_B),
+      trigger_pos_B=trigger_pos_B, trigger_step_B=trigger_step_B, malicious_run_B=run_B,
+      refusal_next_B=jnp.where(active_B, refusal_next_B, rows.refusal_next_B),
+      insert_pos_B=jnp.where(rollback_B, cut_len_B, rows.insert_pos_B),
+      false_alarms_B=rows.false_alarms_B + withdrawn_B.astype(jnp.int32)), next_B
+
+
+def wants_cls(rows: RowState, visible_start_B: Array, dcfg: DecodeConfig) -> Array:
+  """[B] rows whose CLS would change if re-read now."""
+  # A Rule-1 window stops growing after r1 response tokens; re-reading it changes nothing.
+  rule1_open_B = (rows.length_B < visible_start_B + dcfg.r1) | (not dcfg.strategic_attention)
+  return ~rows.done_B & (rows.mode_B != CONFIRMED) & ((rows.mode_B != MALICIOUS) | rule1_open_B)
+
+
+def due(rows: RowState, step: Array, dcfg: DecodeConfig) -> Array:
+  """[B] rows the schedule re-classifies at loop step `step`. Under `annealing` a row in Rule 3 is
+  re-read every step until its flip is confirmed or withdrawn: the gaps reach 64 steps, so a flip
+  first seen at step 64 or later could otherwise never gather its τ events. (`periodic` keeps its
+  own steps; its late flips are what `tau_unit="steps"` is for.)"""
+  if dcfg.schedule != "annealing":
+    return dcfg.reclassify_at(step) & jnp.ones_like(rows.done_B)
+  return dcfg.reclassify_at(step) | (rows.mode_B == TRANSITION)
+
+
+def running(st: _State, max_steps: int) -> Array:
+  """The stop condition: steps left and some row not done."""
+  return (st.step < max_steps) & ~jnp.all(st.rows.done_B)
 
 
 def bucket(length: int, multiple: int = 64) -> int:
@@ -134,6 +230,14 @@ def decode(params, inputs: DecodeInputs, refusal_R: Array, sampling: SamplingPar
   return _decode_jit(params, inputs, refusal_R, sampling, p_override_BN, eos, cfg, dcfg, return_logits)
 
 
+def _override(p_B: Array, p_override_BN: Array | None, column) -> Array:
+  """p(malicious) with the forced values of `column` where they are not NaN."""
+  if p_override_BN is None:
+    return p_B
+  forced_B = p_override_BN[:, column]
+  return jnp.where(jnp.isnan(forced_B), p_B, forced_B)
+
+
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: SamplingParams,
                 p_override_BN: Array | None, eos: Array, cfg: ModelConfig, dcfg: DecodeConfig,
@@ -147,155 +251,95 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
   token_mask = functools.partial(masks.decode_token_mask, num_slots=S, sliding_window=window,
                                  response_sees_cls=dcfg.response_sees_cls)
   prompt_len_B, input_len_B, query_span_B2 = inputs.prompt_len_B, inputs.input_len_B, inputs.query_span_B2
-  # First response slot the CLS may read under Rules 1–3 (decision 6: prefill counts by default).
+  # First response slot the CLS may read under Rules 1–3 (docs/method.md decision 6: prefill counts by default).
   visible_start_B = prompt_len_B if dcfg.prefill_visible else input_len_B
 
-  def override(p_B, column):
-    if p_override_BN is None:
-      return p_B
-    forced_B = p_override_BN[:, column]
-    return jnp.where(jnp.isnan(forced_B), p_B, forced_B)
-
-  # Prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only.
+  # Prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only, and only
+  # the last input row needs LM logits.
   slots_BP = jnp.where(jnp.arange(P)[None, :] < input_len_B[:, None], jnp.arange(P)[None, :], S)
   out = model.apply({"params": params}, inputs.tokens_BP, jnp.broadcast_to(jnp.arange(P), (B, P)),
                     masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, P, S, window,
                                        response_sees_cls=dcfg.response_sees_cls),
-                    cache=init_cache(cfg, B, S), slots_BT=slots_BP, cls_row=0)
-  p0_B = override(jax.nn.sigmoid(out.cls_logit_B), 0)
+                    cache=init_cache(cfg, B, S), slots_BT=slots_BP, cls_row=0,
+                    lm_rows_BK=(input_len_B - 1)[:, None])
+  p0_B = _override(jax.nn.sigmoid(out.cls_logit_B), p_override_BN, 0)
   malicious0_B = p0_B > dcfg.threshold
-  last_logits_BV = jnp.take_along_axis(out.logits_BTV, (input_len_B - 1)[:, None, None], axis=1)[:, 0]
+  last_logits_BV = out.logits_BTV[:, 0]
   refuse0_B = malicious0_B & dcfg.strategic_decoding
   first_B = jnp.where(refuse0_B, refusal_R[0], sample_tokens(last_logits_BV, sampling, 0))
 
-  seq_BS = jnp.pad(inputs.tokens_BP, ((0, 0), (0, S - P)))
-  seq_BS = _put_B(seq_BS, input_len_B, first_B)
   logits_BNV = None
   if return_logits:
     logits_BNV = jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV)
   state = _State(
-      step=jnp.int32(0), cache=out.cache, seq_BS=seq_BS, length_B=input_len_B,
-      done_B=(~refuse0_B & (first_B == eos)) | (dcfg.max_new_tokens <= 1),
-      mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
-      trigger_pos_B=jnp.full((B,), -1, jnp.int32), trigger_step_B=jnp.full((B,), -1, jnp.int32),
-      malicious_run_B=jnp.zeros((B,), jnp.int32),
-      refusal_next_B=jnp.where(refuse0_B, 1, R).astype(jnp.int32),
-      insert_pos_B=jnp.where(refuse0_B, input_len_B, -1),
-      false_alarms_B=jnp.zeros((B,), jnp.int32),
+      step=jnp.int32(0), cache=out.cache,
+      seq_BS=_put_B(jnp.pad(inputs.tokens_BP, ((0, 0), (0, S - P))), input_len_B, first_B),
+      rows=RowState(
+          length_B=input_len_B, done_B=(~refuse0_B & (first_B == eos)) | (dcfg.max_new_tokens <= 1),
+          mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
+          trigger_pos_B=jnp.full((B,), -1, jnp.int32), trigger_step_B=jnp.full((B,), -1, jnp.int32),
+          malicious_run_B=jnp.zeros((B,), jnp.int32),
+          refusal_next_B=jnp.where(refuse0_B, 1, R).astype(jnp.int32),
+          insert_pos_B=jnp.where(refuse0_B, input_len_B, -1), false_alarms_B=jnp.zeros((B,), jnp.int32)),
       trace_BN=jnp.full((B, N), jnp.nan, jnp.float32), fed_pos_BN=jnp.full((B, N), -1, jnp.int32),
       logits_BNV=logits_BNV)
 
-  def forward_token_only(st: _State, tok_B, pos_B, tok_slot_B):
-    o = model.apply({"params": params}, tok_B[:, None], pos_B[:, None],
-                    token_mask(pos_B)[:, None], cache=st.cache,
-                    slots_BT=tok_slot_B[:, None], cls_row=None)
-    return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
-
-  def forward_with_cls(st: _State, tok_B, pos_B, tok_slot_B, wants_B):
+  def forward(st: _State, tok_B, pos_B, tok_slot_B, judged_B, with_cls: bool):
+    """LM logits of the fed tokens, p(malicious) (NaN without the CLS row) and the new cache."""
+    if not with_cls:
+      o = model.apply({"params": params}, tok_B[:, None], pos_B[:, None], token_mask(pos_B)[:, None],
+                      cache=st.cache, slots_BT=tok_slot_B[:, None], cls_row=None)
+      return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
     cls_mask_BS = masks.cls_inference_mask(
-        st.mode_B, pos_B, query_span_B2, visible_start_B, st.trigger_pos_B, S, r1=dcfg.r1, r2=dcfg.r2,
-        r3=dcfg.r3, rule2_query=dcfg.rule2_include_query, strategic=dcfg.strategic_attention)
-    tokens_B2 = jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1)
-    positions_B2 = jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1)
-    slots_B2 = jnp.stack([tok_slot_B, jnp.where(wants_B, 0, S)], axis=1)
-    mask_B2S = jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1)
-    o = model.apply({"params": params}, tokens_B2, positions_B2, mask_B2S, cache=st.cache,
-                    slots_BT=slots_B2, cls_row=1)
+        st.rows.mode_B, pos_B, query_span_B2, visible_start_B, st.rows.trigger_pos_B, S, r1=dcfg.r1,
+        r2=dcfg.r2, r3=dcfg.r3, rule2_query=dcfg.rule2_include_query, strategic=dcfg.strategic_attention)
+    o = model.apply({"params": params}, jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1),
+                    jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1),
+                    jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1), cache=st.cache,
+                    slots_BT=jnp.stack([tok_slot_B, jnp.where(judged_B, 0, S)], axis=1), cls_row=1,
+                    lm_rows_BK=jnp.zeros((B, 1), jnp.int32))  # the CLS row's LM logits are never used
     return o.logits_BTV[:, 0], jax.nn.sigmoid(o.cls_logit_B), o.cache
-
-  def wants_cls(st: _State) -> Array:
-    """[B] rows whose CLS would change if re-read now."""
-    # A Rule-1 window stops growing after r1 response tokens; re-reading it changes nothing.
-    rule1_open_B = (st.length_B < visible_start_B + dcfg.r1) | (not dcfg.strategic_attention)
-    return ~st.done_B & (st.mode_B != CONFIRMED) & ((st.mode_B != MALICIOUS) | rule1_open_B)
-
-  def due_B(st: _State) -> Array:
-    """[B] rows the schedule re-classifies now. Under `annealing` a row in Rule 3 is re-read every
-    step until its flip is confirmed or withdrawn: the gaps reach 64 steps, so a flip first seen at
-    step 64 or later could otherwise never gather its τ events. (`periodic` keeps its own steps;
-    its late flips are what `tau_unit="steps"` is for.)"""
-    if dcfg.schedule != "annealing":
-      return dcfg.reclassify_at(st.step) & jnp.ones_like(st.done_B)
-    return dcfg.reclassify_at(st.step) | (st.mode_B == TRANSITION)
 
   def step(st: _State, with_cls: bool) -> _State:
     """One loop step; `with_cls` (static) adds the CLS row for the rows that want it."""
-    active_B = ~st.done_B
-    pos_B = st.length_B
-    tok_B = _take_B(st.seq_BS, pos_B)
+    active_B = ~st.rows.done_B
+    pos_B = st.rows.length_B
     tok_slot_B = jnp.where(active_B, pos_B, S)
+    judged_B = jnp.zeros((B,), bool)
     if with_cls:
-      judged_B = wants_cls(st) & due_B(st)
-      logits_BV, p_B, cache = forward_with_cls(st, tok_B, pos_B, tok_slot_B, judged_B)
-    else:
-      judged_B = jnp.zeros((B,), bool)
-      logits_BV, p_B, cache = forward_token_only(st, tok_B, pos_B, tok_slot_B)
-    p_B = jnp.where(judged_B, override(p_B, st.step + 1), jnp.nan)
-    malicious_B = judged_B & (p_B > dcfg.threshold)
-
-    # Rule 2 → Rule 3 on a flip; Rule 3 counts malicious events or falls back on a benign one.
-    was_benign_B = st.mode_B == BENIGN
-    was_transition_B = st.mode_B == TRANSITION
-    flips_B = was_benign_B & malicious_B
-    withdrawn_B = was_transition_B & judged_B & ~malicious_B
-    trigger_pos_B = jnp.where(flips_B, pos_B, jnp.where(withdrawn_B, -1, st.trigger_pos_B))
-    trigger_step_B = jnp.where(flips_B, st.step, jnp.where(withdrawn_B, -1, st.trigger_step_B))
-    run_B = jnp.where(flips_B, 1, jnp.where(was_transition_B & malicious_B, st.malicious_run_B + 1,
-                                            jnp.where(withdrawn_B, 0, st.malicious_run_B)))
-    mode_B = jnp.where(flips_B, TRANSITION, jnp.where(withdrawn_B, BENIGN, st.mode_B))
-    if dcfg.tau_unit == "events":
-      held_B = run_B >= dcfg.tau
-    else:
-      held_B = st.step - trigger_step_B + 1 >= dcfg.tau
-    confirmed_B = (flips_B | (was_transition_B & malicious_B)) & held_B
-    mode_B = jnp.where(confirmed_B, CONFIRMED, mode_B)
-
-    # Next pending token: rollback + first refusal token, a forced refusal token, or a sample.
-    rollback_B = confirmed_B & dcfg.strategic_decoding
-    cut_len_B = trigger_pos_B + int(dcfg.keep_trigger_token)
-    forcing_B = st.refusal_next_B < R
-    forced_B = refusal_R[jnp.minimum(st.refusal_next_B, R - 1)]
-    sampled_B = sample_tokens(logits_BV, sampling, st.step + 1)
-    next_B = jnp.where(rollback_B, refusal_R[0], jnp.where(forcing_B, forced_B, sampled_B))
-    refusal_next_B = jnp.where(rollback_B, 1, jnp.where(forcing_B, st.refusal_next_B + 1, st.refusal_next_B))
-    length_B = jnp.where(active_B, jnp.where(rollback_B, cut_len_B, pos_B + 1), st.length_B)
-    ends_B = (~rollback_B & ~forcing_B & (next_B == eos)) | (length_B + 1 - input_len_B >= dcfg.max_new_tokens)
-
+      judged_B = wants_cls(st.rows, visible_start_B, dcfg) & due(st.rows, st.step, dcfg)
+    logits_BV, p_B, cache = forward(st, _take_B(st.seq_BS, pos_B), pos_B, tok_slot_B, judged_B, with_cls)
+    p_B = jnp.where(judged_B, _override(p_B, p_override_BN, st.step + 1), jnp.nan)
+    rows, next_B = transition(st.rows, st.step, judged_B, judged_B & (p_B > dcfg.threshold),
+                              sample_tokens(logits_BV, sampling, st.step + 1), refusal_R, eos, input_len_B, dcfg)
     logits_BNV = st.logits_BNV
     if logits_BNV is not None:
       logits_BNV = logits_BNV.at[:, st.step + 1].set(logits_BV)
     return _State(
-        step=st.step + 1, cache=cache,
-        seq_BS=_put_B(st.seq_BS, jnp.where(active_B, length_B, S), next_B),
-        length_B=length_B, done_B=st.done_B | (active_B & ends_B),
-        mode_B=jnp.where(active_B, mode_B, st.mode_B),
-        trigger_pos_B=trigger_pos_B, trigger_step_B=trigger_step_B, malicious_run_B=run_B,
-        refusal_next_B=jnp.where(active_B, refusal_next_B, st.refusal_next_B),
-        insert_pos_B=jnp.where(rollback_B, cut_len_B, st.insert_pos_B),
-        false_alarms_B=st.false_alarms_B + withdrawn_B.astype(jnp.int32),
-        trace_BN=st.trace_BN.at[:, st.step].set(p_B),
-        fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)),
-        logits_BNV=logits_BNV)
+        step=st.step + 1, cache=cache, seq_BS=_put_B(st.seq_BS, jnp.where(active_B, rows.length_B, S), next_B),
+        rows=rows, trace_BN=st.trace_BN.at[:, st.step].set(p_B),
+        fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)), logits_BNV=logits_BNV)
 
-  running = lambda st: (st.step < N) & ~jnp.all(st.done_B)
-  token_steps = lambda st: jax.lax.while_loop(
-      lambda s: running(s) & ~jnp.any(due_B(s) & wants_cls(s)),
-      lambda s: step(s, with_cls=False), st)
+  go_on = functools.partial(running, max_steps=N)
   if dcfg.schedule == "first":
-    final = jax.lax.while_loop(running, lambda s: step(s, with_cls=False), state)
+    final = jax.lax.while_loop(go_on, lambda s: step(s, with_cls=False), state)
   else:
     # Nested loops instead of lax.cond: XLA copies the whole KV cache into a conditional on
     # every step, while loops update it in place. The inner loop runs one-row steps until a
     # step needs the CLS row, so every outer iteration starts with a two-row step (step 0 is
     # on every schedule but `first`).
-    final = jax.lax.while_loop(running, lambda s: token_steps(step(s, with_cls=True)), state)
-  confirmed_B = final.mode_B == CONFIRMED
+    token_steps = lambda st: jax.lax.while_loop(
+        lambda s: go_on(s) & ~jnp.any(due(s.rows, s.step, dcfg) & wants_cls(s.rows, visible_start_B, dcfg)),
+        lambda s: step(s, with_cls=False), st)
+    final = jax.lax.while_loop(go_on, lambda s: token_steps(step(s, with_cls=True)), state)
+  rows = final.rows
+  confirmed_B = rows.mode_B == CONFIRMED
   return DecodeOutput(
-      tokens_BS=final.seq_BS, prompt_len_B=prompt_len_B, end_B=final.length_B + 1,
+      tokens_BS=final.seq_BS, prompt_len_B=prompt_len_B, end_B=rows.length_B + 1,
       p_initial_B=p0_B, initial_malicious_B=malicious0_B, cls_trace_BN=final.trace_BN,
-      fed_pos_BN=final.fed_pos_BN, trigger_step_B=jnp.where(confirmed_B, final.trigger_step_B, -1),
-      trigger_pos_B=jnp.where(confirmed_B, final.trigger_pos_B, -1), insert_pos_B=final.insert_pos_B,
-      false_alarms_B=final.false_alarms_B, num_steps=final.step, logits_BNV=final.logits_BNV)
+      fed_pos_BN=final.fed_pos_BN, trigger_step_B=jnp.where(confirmed_B, rows.trigger_step_B, -1),
+      trigger_pos_B=jnp.where(confirmed_B, rows.trigger_pos_B, -1), insert_pos_B=rows.insert_pos_B,
+      false_alarms_B=rows.false_alarms_B, num_steps=final.step, logits_BNV=final.logits_BNV)
 
 
 class RowResult(NamedTuple):
