@@ -1,6 +1,6 @@
 """Boolean attention masks (True = may attend), pure functions of segment ids and token spans.
 
-Training rules (method.md §2.1, project decisions 1–2):
+Training rules (docs/method.md §2.1; decisions 1–2 in its §6):
   pretrain  CLS row sees every valid token of its segment; no token sees CLS.
   sft       CLS row sees {CLS} ∪ query span (optionally a label-dependent response span);
             response rows (EOS included) see CLS; template and query rows do not.
@@ -113,7 +113,7 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
   return mask_BTT & valid_BT[:, :, None] & valid_BT[:, None, :]
 
 
-# Inference rules (method.md §2.2, project decisions 5–6). At decode time the key axis is the
+# Inference rules (docs/method.md §2.2; decisions 5–6 in its §6). At decode time the key axis is the
 # KV-cache slot axis; a row's token at position p lives in slot p and the CLS in slot 0, so
 # spans and positions index slots directly. `pos_B` is the newest filled slot (the token fed
 # in this step), `response_start_B` the first response slot the CLS may read.

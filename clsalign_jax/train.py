@@ -1,6 +1,6 @@
 """train_and_evaluate: state (resume / init_from / fresh), the sharded jitted step, the loop, eval.
 
-Loss (method.md §1, §2.1, §4.4):
+Loss (docs/method.md §4.1; masks §2.1):
   sft       L = L_sft + λ·BCE(cls)   L_sft: token cross-entropy on response + EOS targets, averaged
                                       over the supervised tokens of the whole (global) batch
   pretrain  L = L_lm + λ·BCE(cls)    L_lm: every in-segment next token, CLS row excluded

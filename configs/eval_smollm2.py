@@ -29,7 +29,7 @@ behaviour. Optimised prompts are cached per checkpoint, so the six CLS rows shar
 
 from ml_collections import config_dict
 
-# Strategic-decoding settings of the paper's prefill and MT-Bench scripts (method.md §2.2).
+# Strategic-decoding settings of the paper's prefill and MT-Bench scripts (docs/method.md §2.2).
 CLS_DECODE = dict(schedule="each", r1=5, r2=15, r3=10, tau=3)
 # A model without a trained safety head: never intervene, never re-classify, and no token reads
 # the CLS slot, so generation is the plain model's.

@@ -19,6 +19,7 @@ def test_schedules():
 
 
 def test_defaults_follow_the_project_decisions():
+  """The defaults that docs/method.md §6 (decisions 3 and 5–10) describes."""
   cfg = DecodeConfig()
   assert (cfg.r1, cfg.r2, cfg.r3, cfg.tau, cfg.threshold, cfg.schedule) == (10, 10, 10, 3, 0.5, "each")
   assert cfg.tau_unit == "events" and cfg.prefill_visible and not cfg.rule2_include_query

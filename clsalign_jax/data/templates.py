@@ -31,7 +31,7 @@ import numpy as np
 
 from clsalign_jax.data.tokenizer import Tokenizer
 
-# The paper's Llama-2 wrapper around the Alpaca system line (method.md §4.3).
+# The paper's Llama-2 wrapper around the Alpaca system line (docs/method.md §4.3).
 LLAMA2_SYSTEM_PROMPT = (
   "Below is an instruction that describes a task. "
   "Write a response that appropriately completes the request."

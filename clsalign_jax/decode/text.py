@@ -1,7 +1,7 @@
 """Text in, text out: chat-template encoding, the refusal prefix and readable per-row results.
 
 The refusal prefix is tokenised once, as standalone text (`Tokenizer.encode`), and those ids are
-teacher-forced wherever it is inserted, so its tokenisation is fixed (project decision 10).
+teacher-forced wherever it is inserted, so its tokenisation is fixed (docs/method.md decision 10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AutoDAN's genetic algorithm (Liu et al., ICLR 2024; docs/attacks.md §4a, the GA part that
+"""AutoDAN's genetic algorithm (Liu et al., ICLR 2024; docs/evaluation.md, "Attacks"; the GA part that
 HarmBench re-implements) against our own model.
 
 Individuals are whole natural-language jailbreak prefixes; a test case is `prefix + behaviour`.

@@ -1,4 +1,4 @@
-"""GCG (Zou et al. 2023; docs/attacks.md §3) in JAX, against our own model with its CLS path.
+"""GCG (Zou et al. 2023; docs/evaluation.md, "Attacks") in JAX, against our own model with its CLS path.
 
 The row is `[CLS, BOS, template.., goal, suffix, template tail, target]`: the suffix sits inside
 the user query, so the CLS judges it (Rule 4), and the target tokens are response rows that read

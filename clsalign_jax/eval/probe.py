@@ -1,4 +1,4 @@
-"""The logit probe of the paper's Fig. 4 (method.md §5.5, project decision 12).
+"""The logit probe of the paper's Fig. 4 (docs/method.md §5 and decision 12).
 
 At the first response position (after the prompt and any attacker prefill) take the top-K
 next-token logits, softmax over those K, and report the entropy H = −Σ p log p and the
