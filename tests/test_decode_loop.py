@@ -312,7 +312,7 @@ def test_same_shapes_do_not_recompile():
 
 
 # The state machine alone: `transition` on hand-built arrays, against a scalar re-statement of
-# method.md §3 written row by row, with no model and no loop compiled.
+# docs/method.md §3 written row by row, with no model and no loop compiled.
 
 _transition = jax.jit(loop.transition, static_argnames="dcfg")
 _STATE_FIELDS = loop.RowState._fields
