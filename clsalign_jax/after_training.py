@@ -61,8 +61,7 @@ def _log(msg: str) -> None:
 def strategic_overrides(config) -> dict:
   """The run's own strategic-decoding settings on top of STRATEGIC (`after_training.decode`);
   only the keys that differ from STRATEGIC's defaults, so cached cells keep their fingerprints."""
-  decode = config.after_training.get("decode")
-  decode = decode.to_dict() if hasattr(decode, "to_dict") else dict(decode or {})
+  decode = config.after_training.decode.to_dict()
   defaults = DecodeConfig(**STRATEGIC)
   return {k: v for k, v in decode.items() if getattr(defaults, k) != v}
 
@@ -72,7 +71,7 @@ def harness_config(config, workdir: str) -> dict:
   a = config.after_training.to_dict()
   # Decode with the attention the run was trained with (the key is added only when it is off, so
   # the cached cells of ordinary runs keep their fingerprints).
-  blind = {} if config.mask.get("response_sees_cls", True) else {"response_sees_cls": False}
+  blind = {} if config.mask.response_sees_cls else {"response_sees_cls": False}
   return {
       "output_dir": os.path.join(workdir, "eval"),
       "seed": config.seed,
@@ -84,7 +83,7 @@ def harness_config(config, workdir: str) -> dict:
       "variants": [("strategic", f"orbax:{workdir}", {**STRATEGIC, **strategic_overrides(config), **blind}),
                    ("plain", f"orbax:{workdir}", {**PLAIN, **blind})],
       "benchmarks": [dict(a["malicious"], name="malicious"), dict(a["benign"], name="benign"),
-                     *[dict(spec, name=name) for name, spec in sorted((a.get("over_refusal") or {}).items())]],
+                     *[dict(spec, name=name) for name, spec in sorted((a["over_refusal"] or {}).items())]],
       "attacks": [dict(name="direct", kind="direct"),
                   dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is",
                        benchmarks=["malicious"])],
@@ -141,8 +140,8 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
   """The shortcut probe: prompt-time CLS on JailbreakBench's harmful behaviours vs their
   topic-matched benign twins (both imperative): AUC, F1 at the run's threshold, per category.
   A classifier that learned phrasing instead of harm scores near AUC 0.5 here. Cached per step."""
-  spec = config.after_training.get("probe")
-  if not spec or not spec.get("kind"):
+  spec = config.after_training.probe
+  if not spec or not spec.kind:
     return None
   items = load_benchmark(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec))
   variant = h.variants[0]

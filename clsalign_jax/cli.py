@@ -12,6 +12,9 @@ wrong invocation (flags, config values) or 1 for a failure; the traceback only w
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import sys
 import traceback
 from typing import Any, Callable
@@ -31,9 +34,91 @@ def _flag_name(arg: str) -> str | None:
   return name[2:] if name.startswith("no") and name[2:] in flags.FLAGS else name
 
 
+def _config_keys(node, prefix: str = "") -> list[str]:
+  """Every dotted key of a ConfigDict, sections included."""
+  out = []
+  for name in node.keys():
+    out.append(prefix + name)
+    child = node[name]
+    if hasattr(child, "keys") and hasattr(child, "lock"):  # a nested ConfigDict
+      out += _config_keys(child, f"{prefix}{name}.")
+  return out
+
+
+def _path_of(root, target, prefix: str = "") -> str | None:
+  if root is target:
+    return prefix
+  for name in root.keys():
+    child = root[name]
+    if hasattr(child, "keys") and hasattr(child, "lock"):
+      found = _path_of(child, target, f"{prefix}{name}.")
+      if found is not None:
+        return found
+  return None
+
+
+def _frames(e: BaseException):
+  """(frame, line) of every traceback entry of `e` and the exceptions it was raised from."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    tb = e.__traceback__
+    while tb is not None:
+      yield tb.tb_frame, tb.tb_lineno
+      tb = tb.tb_next
+    e = e.__cause__ or e.__context__
+
+
+def _unknown_key(e: BaseException, argv: list[str]) -> str | None:
+  """`<where>: no such config key <key>; did you mean <closest>?` for a lookup of a key a locked
+  ConfigDict lacks, or None when `e` is not that. <where> is the override on the command line or the
+  config file's line that named the key."""
+  from ml_collections import config_dict  # noqa: PLC0415 - only on this error path
+
+  frames = list(_frames(e))
+  failed = None  # (the ConfigDict that lacks the key, the key)
+  for frame, _ in frames:
+    node = frame.f_locals.get("self")
+    key = frame.f_locals.get("key", frame.f_locals.get("attribute"))
+    if isinstance(node, config_dict.ConfigDict) and isinstance(key, str):
+      failed = (node, key)
+  if failed is None:
+    return None
+  node, key = failed
+  # The root: the ConfigDict in the traceback's locals that holds the failing one deepest.
+  root, prefix = node, ""
+  for frame, _ in frames:
+    for value in list(frame.f_locals.values()):
+      if isinstance(value, config_dict.ConfigDict):
+        path = _path_of(value, node)
+        if path is not None and len(path) > len(prefix):
+          root, prefix = value, path
+  known = _config_keys(root)
+  wanted = prefix + key
+  overrides = [a for a in argv[1:] if re.match(r"^--?(no)?\w+\.", a)]
+  culprit = next((a for a in overrides if a.partition("=")[0].lstrip("-").partition(".")[2] == wanted), None)
+  culprit = culprit or next((a for a in overrides if f".{wanted}" in a.partition("=")[0]), None)
+  if culprit:
+    wanted = culprit.partition("=")[0].lstrip("-").partition(".")[2]  # the whole key as typed
+    where = culprit
+  else:
+    files = {os.path.realpath(a.partition("=")[2].partition(":")[0]) for a in argv[1:] if "=" in a}
+    lines = [f"{frame.f_code.co_filename}:{line}" for frame, line in frames
+             if os.path.realpath(frame.f_code.co_filename) in files]
+    where = lines[-1] if lines else "config"
+  leaves = [k for k in known if wanted.count(".") == k.count(".")] or known
+  close = difflib.get_close_matches(wanted, leaves, n=1, cutoff=0.5)
+  hint = f"; did you mean {close[0]}?" if close else f"; known keys under {prefix[:-1] or 'config'}: " + \
+      ", ".join(sorted(node.keys()))
+  return f"{where}: no such config key {wanted}{hint}"
+
+
 def _parse_message(e: Exception, argv: list[str]) -> str:
   if isinstance(e, SyntaxError):  # a config file that does not parse
     return f"{e.filename}:{e.lineno}: {e.msg}"
+  unknown = _unknown_key(e, argv)
+  if unknown:
+    return unknown
   lookup = isinstance(e, (KeyError, AttributeError))
   while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps a KeyError in an AttributeError
     e = e.args[0]

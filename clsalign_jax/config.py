@@ -47,6 +47,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+# data.source names that read labelled text for pretraining (clsalign_jax/data/sources.py).
+PRETRAIN_SOURCES = ("wiki_pretrain", "safety_pretrain_corpus")
+
+
 def default_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 42
@@ -82,6 +86,20 @@ def default_config() -> config_dict.ConfigDict:
   # Chat template (data/templates.py): '' = chatml for ChatML vocabularies, else llama2;
   # set 'llama3' for Llama-3 checkpoints, 'mistral' for Mistral-Instruct's own format.
   c.data.template = ""
+  # Your own data, as a tuple of paths: JSONL with prompt/response/label rows (SFT; () = the shipped
+  # mixture) or text/label rows (the pretraining sources, which need it). On the command line one
+  # file is `--config.data.files=corpus.jsonl`; repeat the flag for several.
+  c.data.files = ()
+  # Where the TFDS builders write the prepared data: '' = $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  c.data.data_dir = ""
+  # Row lengths to pad to (the smallest that fits), e.g. (512, 1024, 2048): less padding, one compile
+  # per length; () = every row padded to seq_len.
+  c.data.bucket_lengths = ()
+  # Oversample the minority label of the SFT training split to balance the classes.
+  c.data.balance_classes = True
+  # True: skip (and count) records that do not parse or lack a field; False: stop at the first,
+  # naming file:line.
+  c.data.skip_bad_records = False
 
   c.train = config_dict.ConfigDict()
   c.train.mode = "sft"  # 'sft': L_sft + λ·BCE, SFT masks; 'pretrain': L_lm + λ·BCE, pretraining masks
@@ -305,6 +323,16 @@ def validate(config: config_dict.ConfigDict) -> None:
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f"config.{key}={value!r}; expected one of {allowed}")
+  for key, kind, what in (("files", str, "paths"), ("bucket_lengths", int, "row lengths")):
+    value = config.data[key]
+    if any(isinstance(v, bool) or not isinstance(v, kind) for v in value):
+      raise ConfigError(f"config.data.{key}={value!r}: expected a tuple of {what} ({kind.__name__})")
+  if any(b < 2 for b in config.data.bucket_lengths):
+    raise ConfigError(f"config.data.bucket_lengths={config.data.bucket_lengths!r}: lengths must be >= 2")
+  if config.data.source in PRETRAIN_SOURCES and not config.data.files:
+    # Checked here rather than by the data loader so that the run stops before touching the workdir.
+    raise ConfigError(f"config.data.source={config.data.source!r} needs config.data.files "
+                      "(JSONL with text/label rows): --config.data.files=corpus.jsonl")
   if config.data.global_batch_size % config.train.grad_accum_steps:
     raise ConfigError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
                       f"config.train.grad_accum_steps={config.train.grad_accum_steps}")

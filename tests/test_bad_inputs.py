@@ -107,7 +107,13 @@ CONFIG_CASES = [
     ("--config.model.n_kv_heads=3", "config.model.n_heads=4 is not a multiple of config.model.n_kv_heads=3"),
     ("--config.optimizer.state_dtype=int8", "config.optimizer.state_dtype='int8'"),
     ("--config.loss.cls_threshold=1.5", "config.loss.cls_threshold=1.5"),
-    ("--config.train.nm_steps=3", "--config.train.nm_steps=3: no such config key. Did you mean \"num_steps\""),
+    ("--config.train.nm_steps=3", "--config.train.nm_steps=3: no such config key train.nm_steps; did you mean "
+     "train.num_steps?"),
+    ("--config.data.flies=x", "--config.data.flies=x: no such config key data.flies; did you mean data.files?"),
+    ("--config.dta.seq_len=8", "--config.dta.seq_len=8: no such config key dta.seq_len; did you mean data.seq_len?"),
+    ("--config.data.bucket_lengths=1", "config.data.bucket_lengths=(1,): lengths must be >= 2"),
+    ("--config.data.files=7", "config.data.files=(7,): expected a tuple of paths (str)"),
+    ("--config.data.source=wiki_pretrain", "config.data.source='wiki_pretrain' needs config.data.files"),
     ("--config.train.num_steps=abc", "--config.train.num_steps=abc"),
     ("--bogus_flag=1", "Unknown command line flag 'bogus_flag'"),
 ]
@@ -125,6 +131,15 @@ def test_config_file_errors(run_dir, run_digest, tmp_path, capsys):
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(:\n")
   check(main.main, [f"--config={broken}", f"--workdir={run_dir}"], 2, f"{broken}:1: ", capsys)
+  # A key the locked default config does not declare: the file's line, the key and the closest one.
+  misspelt = tmp_path / "misspelt.py"
+  misspelt.write_text("from clsalign_jax.config import default_config\n\n\ndef get_config():\n"
+                      "  c = default_config()\n  c.data.update(seq_len=64)\n  c.data.flies = ('x.jsonl',)\n  return c\n")
+  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
+        f"{misspelt}:7: no such config key data.flies; did you mean data.files?", capsys)
+  misspelt.write_text(misspelt.read_text().replace("c.data.flies = ('x.jsonl',)", "c.trian.mode = 'sft'"))
+  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
+        f"{misspelt}:7: no such config key trian; did you mean train?", capsys)
   check(main.main, [f"--workdir={run_dir}"], 2, "--config is required", capsys)
   check(main.main, [*TINY], 2, "--workdir is required", capsys)
   check(main.main, [*TINY, f"--workdir={run_dir}", "extra"], 2, "unexpected arguments: ['extra']", capsys)
@@ -431,7 +446,14 @@ def test_evaluate_config_errors(tmp_path, capsys):
   check(evaluate.main, [], 2, "--config is required", capsys)
   check(evaluate.main, ["--config=configs/nope_eval.py"], 2, "--config=configs/nope_eval.py", capsys)
   check(evaluate.main, ["--config=configs/eval_tiny.py", "--config.batch_sise=2"], 2,
-        "--config.batch_sise=2: no such config key", capsys)
+        "--config.batch_sise=2: no such config key batch_sise; did you mean batch_size?", capsys)
+  # Evaluation configs are not locked while their file runs: a misspelt key is caught by the harness.
+  misspelt = tmp_path / "eval_misspelt.py"
+  misspelt.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'configs')!r})\nimport eval_tiny\n\n\n"
+                      "def get_config():\n  c = eval_tiny.get_config()\n  c.utilty = []\n  return c\n")
+  check(evaluate.main, [f"--config={misspelt}", f"--config.output_dir={tmp_path / 'out'}"], 2,
+        "config.utilty: not a key the evaluation reads; did you mean utility?", capsys)
+  assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_regenerates_a_cell_whose_file_is_short(tmp_path):

@@ -8,7 +8,7 @@ rows of each global batch, with JSON-able `get_state()` / `set_state()`. Fields 
     config.data.global_batch_size  rows per global batch
     config.train.mode, config.seed, config.init_from, config.model (for the vocabulary check)
 
-and these optional ones (defaults in brackets):
+and these, declared with their defaults (in brackets) in clsalign_jax/config.py:
 
     config.data.data_dir          TFDS directory [$TFDS_DATA_DIR or ~/tensorflow_datasets]
     config.data.tokenizer         'smollm2', 'mistral', or a .gguf / .model / tokenizer.json path
@@ -56,22 +56,22 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
     )
   training = split == "train"
   sft = data.source in SFT_SOURCES
-  files = tuple(data.get("files", ()) or ())
+  files = tuple(data.files)
   corpus = _encoded(
     data.source,
     split,
-    os.path.expanduser(data.get("data_dir", "") or _default_data_dir()),
+    os.path.expanduser(data.data_dir or _default_data_dir()),
     files,
     tokenizer_spec,
-    data.get("template", "") or _default_template(tokenizer),
+    data.template or _default_template(tokenizer),
     int(data.seq_len),
-    bool(data.get("skip_bad_records", False)),
+    bool(data.skip_bad_records),
   )
   pipeline_config = pipeline.PipelineConfig(
     max_length=int(data.seq_len),
     batch_size=int(data.global_batch_size),
-    bucket_lengths=tuple(data.get("bucket_lengths", ()) or ()),
-    balance_classes=training and sft and bool(data.get("balance_classes", True)),
+    bucket_lengths=tuple(data.bucket_lengths),
+    balance_classes=training and sft and bool(data.balance_classes),
     shuffle=training,
     seed=int(config.seed),
     num_epochs=None if training else 1,
@@ -84,7 +84,7 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
     process_index=shard_index,
     process_count=shard_count,
   )
-  if training and data.get("num_train_examples", 0) not in (0, batches.examples_per_epoch):
+  if training and data.num_train_examples not in (0, batches.examples_per_epoch):
     log.warning(
       "config.data.num_train_examples=%d, but an epoch of %s/%s holds %d examples; "
       "epoch-based step counts and LR decay use the config value",
@@ -97,7 +97,7 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
 
 
 def _tokenizer_spec(config) -> str:
-  explicit = config.data.get("tokenizer", "")
+  explicit = config.data.tokenizer
   if explicit:
     return explicit
   kind, _, where = (config.init_from or "").partition(":")

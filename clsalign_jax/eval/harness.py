@@ -33,6 +33,7 @@ Config keys (configs/eval_tiny.py is a complete example):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import gc
 import hashlib
 import json
@@ -44,9 +45,11 @@ from collections.abc import Callable, Mapping
 
 from absl import logging
 
+from clsalign_jax.decode import DecodeConfig
+from clsalign_jax.errors import ConfigError
 from clsalign_jax.eval import report
-from clsalign_jax.eval.attacks import Attack, Case, make_attack
-from clsalign_jax.eval.benchmarks import Item, load_benchmark
+from clsalign_jax.eval.attacks import ATTACKS, Attack, Case, make_attack
+from clsalign_jax.eval.benchmarks import LOADERS, Item, load_benchmark
 from clsalign_jax.eval.judges import JudgeInput, load_labelled, make_judge, validate
 from clsalign_jax.eval.lm import Sampling, TargetModel, checkpoint_identity
 from clsalign_jax.eval.probe import run_probe
@@ -82,6 +85,73 @@ def variants_from(config: Mapping) -> list[Variant]:
   if len(set(names)) != len(names):
     raise ValueError(f"variant names must be unique: {names}")
   return out
+
+
+# Top-level keys of an evaluation config: the ones `Harness` reads with [] and the optional ones.
+REQUIRED_KEYS = ("output_dir", "seed", "batch_size", "max_new_tokens", "model", "variants", "benchmarks", "attacks",
+                 "judges")
+OPTIONAL_KEYS = ("progress", "save_cls_trace", "sampling", "judge_validation", "utility", "probe")
+UTILITY_KINDS = ("over_refusal", "gsm8k", "mmlu")
+_PROBE_KEYS = ("benchmark", "limit", "top_k", "sharpness", "conditions", "prefill_text")
+
+
+def _unknown(where: str, key: str, known) -> ConfigError:
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+  hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+  return ConfigError(f"config.{where}{key}: not a key the evaluation reads; {hint}")
+
+
+def check_config(config) -> None:
+  """The keys and names of an evaluation config, before anything loads: every key is one this
+  module reads (a misspelt optional key would otherwise be ignored), the kinds are known and the
+  names a judge validation or the probe refers to exist. Raises ConfigError naming the key."""
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  for key in config:
+    if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
+      raise _unknown("", key, REQUIRED_KEYS + OPTIONAL_KEYS)
+  for key in REQUIRED_KEYS:
+    if key not in config:
+      raise ConfigError(f"config.{key} is missing (an evaluation config sets {', '.join(REQUIRED_KEYS)})")
+  for key in ("batch_size", "max_new_tokens"):
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+      raise ConfigError(f"config.{key}={config[key]!r}: expected an integer >= 1")
+  variant_keys = [f.name for f in dataclasses.fields(Variant)]
+  decode_keys = [f.name for f in dataclasses.fields(DecodeConfig)]
+  for key, value in dict(config["model"] or {}).items():
+    if key not in variant_keys[2:]:
+      raise _unknown("model.", key, variant_keys[2:])
+  for i, row in enumerate(config["variants"]):
+    if not isinstance(row, Mapping):
+      if len(row) != 3:
+        raise ConfigError(f"config.variants[{i}]={row!r}: expected (name, checkpoint, decode) or a dict")
+      row = {"name": row[0], "checkpoint": row[1], "decode": row[2]}
+    for key in row:
+      if key not in variant_keys:
+        raise _unknown(f"variants[{i}].", key, variant_keys)
+    for key in dict(row.get("decode") or {}):
+      if key not in decode_keys:
+        raise _unknown(f"variants[{i}].decode.", key, decode_keys)
+  names = {}
+  for section, kinds in (("benchmarks", LOADERS), ("attacks", ATTACKS), ("judges", ("keyword", "llm")),
+                         ("utility", UTILITY_KINDS)):
+    names[section] = set()
+    for i, spec in enumerate(config.get(section) or ()):
+      if spec.get("kind") not in kinds:
+        raise ConfigError(f"config.{section}[{i}].kind={spec.get('kind')!r}; expected one of {sorted(kinds)}")
+      names[section].add(spec.get("name", spec["kind"]))
+  # An attack's `benchmarks` may name benchmarks a config adds only on request (eval_smollm2.py).
+  for i, spec in enumerate(config.get("judge_validation") or ()):
+    if spec.get("judge") not in names["judges"]:
+      raise ConfigError(f"config.judge_validation[{i}].judge={spec.get('judge')!r} is not a judge name "
+                        f"({', '.join(sorted(names['judges']))})")
+  probe = config.get("probe")
+  if probe:
+    for key in probe:
+      if key not in _PROBE_KEYS:
+        raise _unknown("probe.", key, _PROBE_KEYS)
+    if probe.get("benchmark") not in names["benchmarks"]:
+      raise ConfigError(f"config.probe.benchmark={probe.get('benchmark')!r} is not a benchmark name "
+                        f"({', '.join(sorted(names['benchmarks']))})")
 
 
 def _slug(name: str) -> str:
@@ -137,6 +207,7 @@ class Harness:
   def __init__(self, config):
     # Plain containers from here on: fingerprints hash them, and ConfigDicts do not serialise.
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    check_config(config)
     self.config = config
     self.out = pathlib.Path(config["output_dir"])
     self.variants = variants_from(config)
