@@ -29,7 +29,7 @@ import logging
 import os
 
 from clsalign_jax import model as model_lib
-from clsalign_jax.data import builders, pipeline, templates
+from clsalign_jax.data import builders, pipeline, streaming, templates
 from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,24 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
   training = split == "train"
   sft = data.source in SFT_SOURCES
   files = tuple(data.files)
+  if training and data.source in PRETRAIN_SOURCES:
+    # A corpus may be Wikipedia-sized: documents are read, tokenised and cut into rows per host as
+    # training consumes them (data/streaming.py), never encoded up front.
+    stream_config = pipeline.PipelineConfig(
+      max_length=int(data.seq_len),
+      batch_size=int(data.global_batch_size),
+      shuffle=True,
+      seed=int(config.seed),
+      num_epochs=None,
+      skip_bad_records=bool(data.skip_bad_records),
+    )
+    documents = _documents(
+      data.source, split, os.path.expanduser(data.data_dir or _default_data_dir()), files,
+      bool(data.skip_bad_records),
+    )
+    return iter(streaming.DocumentStream(
+      documents, tokenizer, stream_config, process_index=shard_index, process_count=shard_count
+    ))
   corpus = _encoded(
     data.source,
     split,
@@ -138,10 +156,7 @@ def _encoded(source, split, data_dir, files, tokenizer_spec, template_name, seq_
       skip_bad_records=skip_bad_records,
     )
   if source in PRETRAIN_SOURCES:
-    if not files:
-      raise ValueError(f"config.data.source={source!r} needs config.data.files (JSONL with text/label)")
-    config = builders.pretrain_corpus_config(files, skip_bad_records=skip_bad_records)
-    records = builders.prepare(builders.SafetyPretrainCorpus(data_dir=data_dir, config=config))[split]
+    records = _documents(source, split, data_dir, files, skip_bad_records)
     return pipeline.encode_documents(
       records, tokenizer, max_length=seq_len, skip_bad_records=skip_bad_records
     )
@@ -149,3 +164,11 @@ def _encoded(source, split, data_dir, files, tokenizer_spec, template_name, seq_
     f"unknown config.data.source {source!r}; expected one of {SFT_SOURCES + PRETRAIN_SOURCES} "
     "or 'synthetic'"
   )
+
+
+def _documents(source, split, data_dir, files, skip_bad_records):
+  """The prepared pretraining corpus split: a random-access ArrayRecord source, read lazily."""
+  if not files:
+    raise ValueError(f"config.data.source={source!r} needs config.data.files (JSONL with text/label)")
+  config = builders.pretrain_corpus_config(files, skip_bad_records=skip_bad_records)
+  return builders.prepare(builders.SafetyPretrainCorpus(data_dir=data_dir, config=config))[split]
