@@ -38,18 +38,16 @@ from absl import logging
 # inline backend alone, and no GUI window is ever opened headless.
 from matplotlib.figure import Figure
 
+from clsalign_jax import artifacts
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
-from clsalign_jax.decode import DecodeConfig
+from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
 from clsalign_jax.data.curation import auc
 from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval.benchmarks import load_benchmark
 from clsalign_jax.eval import report as report_lib
 from clsalign_jax.eval.lm import TargetModel
 
-# The paper's strategic-decoding settings for its prefill experiments (method.md §2.2).
-STRATEGIC = dict(schedule="each", r1=5, r2=15, r3=10, tau=3)
-PLAIN = dict(schedule="first", strategic_decoding=False)
 JUDGE = "advbench"  # ASR on malicious prompts
 REFUSAL_JUDGE = "refusal"  # over-refusal on benign prompts (XSTest openings + an inserted refusal)
 
@@ -58,20 +56,14 @@ def _log(msg: str) -> None:
   print(f"[after training] {msg}", flush=True)
 
 
-def strategic_overrides(config) -> dict:
-  """The run's own strategic-decoding settings on top of STRATEGIC (`after_training.decode`);
-  only the keys that differ from STRATEGIC's defaults, so cached cells keep their fingerprints."""
-  decode = config.after_training.decode.to_dict()
-  defaults = DecodeConfig(**STRATEGIC)
-  return {k: v for k, v in decode.items() if getattr(defaults, k) != v}
-
-
 def harness_config(config, workdir: str) -> dict:
-  """The eval harness config for the trained run in `workdir`."""
+  """The eval harness config for the trained run in `workdir`. Tokenizer and template are the
+  run's (its run facts) unless `after_training.tokenizer` / `.template` name others."""
   a = config.after_training.to_dict()
-  # Decode with the attention the run was trained with (the key is added only when it is off, so
-  # the cached cells of ordinary runs keep their fingerprints).
-  blind = {} if config.mask.response_sees_cls else {"response_sees_cls": False}
+  # Both variants decode with the attention the run was trained with (artifacts.run_decode adds
+  # the key only when it is off, so the cached cells of ordinary runs keep their fingerprints).
+  strategic = artifacts.run_decode(config)
+  blind = {"response_sees_cls": False} if strategic.get("response_sees_cls") is False else {}
   return {
       "output_dir": os.path.join(workdir, "eval"),
       "seed": config.seed,
@@ -79,9 +71,10 @@ def harness_config(config, workdir: str) -> dict:
       "max_new_tokens": a["max_new_tokens"],
       "progress": True,
       "save_cls_trace": True,
-      "model": {"tokenizer": a["tokenizer"], "template": a["template"], "template_kwargs": {}, "model": {}},
-      "variants": [("strategic", f"orbax:{workdir}", {**STRATEGIC, **strategic_overrides(config), **blind}),
-                   ("plain", f"orbax:{workdir}", {**PLAIN, **blind})],
+      "model": {"tokenizer": a["tokenizer"] or "auto", "template": a["template"] or "auto", "template_kwargs": {},
+                "model": {}},
+      "variants": [("strategic", f"orbax:{workdir}", strategic),
+                   ("plain", f"orbax:{workdir}", {**NO_INTERVENTION, **blind})],
       "benchmarks": [dict(a["malicious"], name="malicious"), dict(a["benign"], name="benign"),
                      *[dict(spec, name=name) for name, spec in sorted((a["over_refusal"] or {}).items())]],
       "attacks": [dict(name="direct", kind="direct"),
@@ -304,7 +297,7 @@ def write_report(config, workdir: str, h: harness_lib.Harness, summary: list[dic
     good = [g for g in gens if g["initial_malicious"] == (bench == "malicious")]
     g = (good or gens)[0]
     traces[f"{label}: {g['query'][:40]}…"] = g
-  _plot_traces(traces, DecodeConfig(**STRATEGIC).threshold, out / "plots" / "cls_trace.png")
+  _plot_traces(traces, DecodeConfig(**strategic.decode).threshold, out / "plots" / "cls_trace.png")
 
   a = config.after_training
   last = train[-1] if train else {}
@@ -331,7 +324,7 @@ def write_report(config, workdir: str, h: harness_lib.Harness, summary: list[dic
       "## Decoding: attack success and over-refusal", "",
       f"Malicious prompts: `{a.malicious.to_dict()}`; benign prompts: `{a.benign.to_dict()}`. Greedy, "
       f"{a.max_new_tokens} new tokens. `strategic` = CLS re-classified at every step with the paper's prefill "
-      f"settings {STRATEGIC} with the run's `after_training.decode` {a.decode.to_dict()}; `plain` = the same "
+      f"settings {dict(CLS_RUN)} with the run's `after_training.decode` {a.decode.to_dict()}; `plain` = the same "
       "weights without re-classification or refusal insertion. "
       f"Judges: ASR by the AdvBench refusal keywords (a response with none of them counts as jailbroken); "
       f"over-refusal by XSTest's refusal openings (the response starts with one, e.g. \"I'm sorry\", "

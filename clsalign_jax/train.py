@@ -341,46 +341,28 @@ def _check_same_arch(found: dict, expected: model_lib.ModelConfig, fields, sourc
 
 
 def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
-  kind, _, path = config.init_from.partition(":")
-  if kind == "orbax" and not os.path.exists(os.path.join(path, "model_config.json")):
-    return _params_from_run(path, cfg, layout)
+  """`config.init_from` through the one loader (clsalign_jax.artifacts). A training run's step is
+  restored straight into the sharded layout; other weights are read on the host, then sharded."""
+  from clsalign_jax import artifacts
+  spec = artifacts.parse_spec(config.init_from)
+
+  def check(src_cfg: model_lib.ModelConfig, where: str) -> None:
+    # A run restores into our layer layout, so that must match too; the param dtype may differ (restoring casts).
+    fields = _ARCH_FIELDS + ("scan_layers",) if spec.kind == "run" else _ARCH_FIELDS
+    _check_same_arch(dataclasses.asdict(src_cfg), cfg, fields, where)
+
+  if spec.kind == "run":
+    return artifacts.load(config.init_from, tokenizer="none", check=check,
+                          restore_into=layout.abstract.params).params
   # Host-side loads; stacking for scan_layers goes through jnp, so keep it off device 0.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    if kind == "orbax":  # a params directory written by `python -m clsalign_jax.convert --dst_format=orbax`
-      from clsalign_jax import convert
-      src_cfg, params = convert.load_orbax_params(path)
-    elif kind == "hf":
-      from clsalign_jax.interop import hf
-      src_cfg, params = hf.load_hf(path)
-    else:
-      from clsalign_jax.interop import gguf
-      src_cfg, params = gguf.load_gguf(gguf.smollm2_gguf_path() if path == "smollm2" else path)
-    from clsalign_jax.convert import check_float_params
-    check_float_params(params, config.init_from)
-    _check_same_arch(dataclasses.asdict(src_cfg), cfg, _ARCH_FIELDS, config.init_from)
-    params = model_lib.to_layout(params, cfg)
+    params = model_lib.to_layout(artifacts.load(config.init_from, tokenizer="none", check=check).params, cfg)
   if jax.tree.structure(params) != jax.tree.structure(layout.abstract.params):
     raise ckpt_lib.CheckpointError(f"{config.init_from}: parameter tree does not match the model's")
   # Every process reads the whole file but only materialises its own shards.
   return jax.tree.map(
       lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx: np.asarray(a[idx]).astype(s.dtype)),
       params, layout.abstract.params)
-
-
-def _params_from_run(directory: str, cfg: model_lib.ModelConfig, layout: _Layout):
-  """Params of the latest checkpoint of another training run (e.g. pretraining before SFT)."""
-  source = ckpt_lib.Checkpointer(directory, read_only=True)
-  try:
-    step = source.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"{directory}: no checkpoint to initialise from")
-    source.verify(step)
-    # The param dtype may differ (restoring casts); the layer layout may not.
-    _check_same_arch(source.read_meta(step)["model_config"], cfg, _ARCH_FIELDS + ("scan_layers",),
-                     f"{directory}/{step}")
-    return source.restore_params(step, layout.abstract.params)
-  finally:
-    source.close()
 
 
 def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
@@ -505,6 +487,9 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
     # Everything is checked: from here on the run writes.
     if jax.process_index() == 0:
       atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+      # What generate, convert and evaluation must use this run with (template, tokenizer, CLS facts).
+      from clsalign_jax import artifacts
+      artifacts.write_run_facts(config, workdir)
     ckpt = ckpt_lib.Checkpointer(directory, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
       for step in corrupted:

@@ -149,7 +149,7 @@ def test_config_file_errors(run_dir, run_digest, tmp_path, capsys):
 def test_refused_run_on_a_new_workdir_creates_nothing(tmp_path, capsys):
   fresh = tmp_path / "fresh"
   check(main.main, [*TINY, f"--workdir={fresh}", "--config.init_from=hf:/nonexistent"], 1,
-        "/nonexistent/config.json: file not found", capsys)
+        "hf:/nonexistent: /nonexistent: not found", capsys)
   assert not fresh.exists()
 
 

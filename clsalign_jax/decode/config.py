@@ -1,4 +1,4 @@
-"""Strategic-decoding options (method.md §2.2, §3 and project decisions 5–10).
+"""Strategic-decoding options (docs/method.md §2.2, §3; decisions 5–10 in its §6).
 
 Every field is static for compilation: changing one recompiles the decode loop. Sampling
 settings (temperature, top-k, top-p, seeds) are traced inputs instead (see `sampling.py`), so
@@ -8,6 +8,7 @@ a decoding-attack grid reuses one compiled loop.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax.numpy as jnp
 
@@ -18,6 +19,19 @@ TAU_UNITS = ("events", "steps")
 
 PAPER_REFUSAL = "Sorry, I cannot fulfill your request because"
 RELEASED_REFUSAL = "\nSorry, I can't fullfill your request because"
+
+# Presets: DecodeConfig fields on top of its defaults. Mappings, not DecodeConfig objects, because
+# they are what configs and evaluation variants carry, and what resume fingerprints are computed from.
+# A run with a trained CLS: the paper's strategic-decoding settings for its prefill experiments
+# (docs/method.md §2.2). A training run records these, with its own changes, in its run facts.
+CLS_RUN = types.MappingProxyType(dict(schedule="each", r1=5, r2=15, r3=10, tau=3))
+STRATEGIC = CLS_RUN
+# The same weights, the CLS never acted on: no re-classification, no refusal insertion (response
+# tokens still read the CLS slot as the run was trained to).
+NO_INTERVENTION = types.MappingProxyType(dict(schedule="first", strategic_decoding=False))
+# The plain model: as NO_INTERVENTION, and no token reads the CLS slot, so the LM is the causal
+# model it was before any CLS training (what a checkpoint without a trained CLS must decode with).
+PLAIN = types.MappingProxyType(dict(NO_INTERVENTION, response_sees_cls=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +63,7 @@ class DecodeConfig:
   anneal_cutoff: int = 256
   # Rule 2 (and Rule 3, which extends it) also lets the CLS read the query span.
   rule2_include_query: bool = False
-  # Attacker-prefilled response tokens count as response tokens for Rules 1–3 (decision 6).
+  # Attacker-prefilled response tokens count as response tokens for Rules 1–3 (docs/method.md decision 6).
   prefill_visible: bool = True
   # On a confirmed flip the response is cut back to S_t; True keeps the token at S_t itself.
   keep_trigger_token: bool = False

