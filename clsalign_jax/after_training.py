@@ -93,7 +93,7 @@ def _test_prompts(config) -> list[tuple[str, int]]:
     rows = [json.loads(line) for line in pathlib.Path(a.cls_test_prompts).read_text().splitlines() if line]
     return [(r["prompt"], int(r["label"])) for r in rows]
   from clsalign_jax.data import builders
-  data_dir = os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  data_dir = os.path.expanduser(config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   records = builders.prepare(builders.SafetyMix(data_dir=data_dir))["test"]
   per_label = {0: [], 1: []}
   for n in range(len(records)):
