@@ -118,11 +118,11 @@ def _tokenizer_spec(config) -> str:
   explicit = config.data.tokenizer
   if explicit:
     return explicit
-  kind, _, where = (config.init_from or "").partition(":")
-  if kind == "gguf":
-    return "smollm2" if where == "smollm2" else where
-  if kind == "hf":
-    return where
+  # The checkpoint spec grammar has one parser; imported here, as only this fallback needs it.
+  from clsalign_jax.artifacts import tokenizer_spec_of
+  found = tokenizer_spec_of(config.init_from or "")
+  if found:
+    return found
   raise ValueError(
     "cannot tell the tokenizer from config.init_from="
     f"{config.init_from!r}; set config.data.tokenizer ('smollm2', 'mistral' or a file)"
