@@ -284,7 +284,11 @@ class Tokenizer:
     return {t["content"]: t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")}
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    """`encode` of each text, on all cores (Rust threads, the GIL released)."""
+    # encode_batch_fast (tokenizers >= 0.20) gives the same ids without computing offsets: ~20%
+    # less CPU, which is most of a streamed pretraining input's cost.
+    fast = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+    return [e.ids for e in fast(list(texts), add_special_tokens=False)]
 
   # ----- decoding -----------------------------------------------------------------------------
 
