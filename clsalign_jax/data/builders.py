@@ -12,11 +12,13 @@ dataset directory instead of silently reusing stale data.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -24,10 +26,10 @@ from clsalign_jax.data import curation, mixture
 from clsalign_jax.data.records import (
   LABEL_NAMES,
   FieldMap,
-  TextRecord,
-  assign_splits,
+  _apportion,
+  iter_text_records,
+  normalize_prompt,
   read_sft_records,
-  read_text_records,
 )
 
 _SHIPPED_LICENSE = (
@@ -211,37 +213,98 @@ class SafetyPretrainCorpus(tfds.core.GeneratorBasedBuilder):
         "safety_pretrain_corpus needs files: SafetyPretrainCorpus("
         "config=pretrain_corpus_config([...]), data_dir=...)"
       )
-    records, skipped = [], []
-    for path in config.files:
-      result = read_text_records(
-        path,
-        text_field=config.text_field,
-        label_field=config.label_field,
-        source_field=config.source_field,
-        id_field=config.id_field,
-        default_label=config.default_label,
-        skip_bad_records=config.skip_bad_records,
-      )
-      records += result.records
-      skipped += result.skipped
     fractions = {"train": 1.0 - config.validation_fraction, "validation": config.validation_fraction}
-    splits = assign_splits(records, fractions, seed=config.split_seed, key=lambda r: r.text)
-    self.info.metadata.update(
-      {
-        "read": len(records) + len(skipped),
-        "skipped_bad_records": len(skipped),
-        "skipped_examples": skipped[:100],
-        "split_counts": {
-          name: {"benign": sum(r.label == 0 for r in rows), "malicious": sum(r.label == 1 for r in rows)}
-          for name, rows in splits.items()
-        },
-      }
-    )
-    return {name: self._generate_examples(rows) for name, rows in splits.items()}
+    plan = _CorpusSplits(config, fractions)
+    self.info.metadata.update(plan.metadata)
+    return {name: self._generate_examples(plan, name) for name in fractions}
 
-  def _generate_examples(self, rows: Sequence[TextRecord]):
-    for r in rows:
-      yield r.id, {"id": r.id, "text": r.text, "label": r.label, "source": r.source}
+  def _generate_examples(self, plan: _CorpusSplits, split: str):
+    # The files are read again per split rather than held: a corpus need not fit in memory.
+    for r in _iter_corpus(plan.config, []):
+      if plan.split_of(r.text) == split:
+        yield r.id, {"id": r.id, "text": r.text, "label": r.label, "source": r.source}
+
+
+class _CorpusSplits:
+  """`records.assign_splits` over a corpus read as a stream, holding 17 bytes per document.
+
+  One pass keeps each document's label and the first 16 bytes of the salted SHA-256 of its
+  normalised text (the key `assign_splits` orders groups by; equal texts are one group). The
+  groups are then cut per label exactly as `assign_splits` cuts them, and only the smaller split's
+  digests are kept to answer `split_of` while the examples are generated.
+  """
+
+  def __init__(self, config: PretrainCorpusConfig, fractions: Mapping[str, float]):
+    if abs(sum(fractions.values()) - 1.0) > 1e-9:
+      raise ValueError(f"split fractions must sum to 1, got {dict(fractions)}")
+    if len(fractions) != 2:
+      raise ValueError(f"a corpus splits into two parts, got {list(fractions)}")
+    self.config, self.names = config, list(fractions)
+    digests, labels = bytearray(), array.array("b")
+    skipped = _Capped(100)
+    for r in _iter_corpus(config, skipped):
+      digests += self._digest(r.text)
+      labels.append(r.label)
+    doc_labels = np.frombuffer(labels, np.int8) if labels else np.zeros(0, np.int8)
+    keys = np.frombuffer(bytes(digests), dtype=[("hi", ">u8"), ("lo", ">u8")])
+    # Big-endian halves sort like assign_splits' hex digests; a group's label is its documents' largest.
+    groups, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    group_label = np.zeros(len(groups), np.int8)
+    np.maximum.at(group_label, inverse, doc_labels)
+    group_split = np.zeros(len(groups), np.int8)
+    for s in np.unique(group_label):
+      members = np.flatnonzero(group_label == s)
+      start = 0
+      for k, count in enumerate(_apportion(len(members), list(fractions.values()))):
+        group_split[members[start : start + count]] = k
+        start += count
+    doc_split = group_split[inverse]
+    self.rare = int(np.argmin(np.bincount(group_split, minlength=2)))
+    self.rare_digests = {g.tobytes() for g in groups[group_split == self.rare]}
+    self.metadata = {
+      "read": len(labels) + skipped.count,
+      "skipped_bad_records": skipped.count,
+      "skipped_examples": list(skipped),
+      "split_counts": {
+        name: {"benign": int(((doc_split == k) & (doc_labels == 0)).sum()),
+               "malicious": int(((doc_split == k) & (doc_labels == 1)).sum())}
+        for k, name in enumerate(self.names)
+      },
+    }
+
+  def _digest(self, text: str) -> bytes:
+    return hashlib.sha256(f"{self.config.split_seed}\0{normalize_prompt(text)}".encode()).digest()[:16]
+
+  def split_of(self, text: str) -> str:
+    return self.names[self.rare if self._digest(text) in self.rare_digests else 1 - self.rare]
+
+
+class _Capped(list):
+  """Keeps the first `limit` reasons and counts them all."""
+
+  def __init__(self, limit: int):
+    super().__init__()
+    self.limit, self.count = limit, 0
+
+  def append(self, item):
+    self.count += 1
+    if len(self) < self.limit:
+      super().append(item)
+
+
+def _iter_corpus(config: PretrainCorpusConfig, skipped: list):
+  for path in config.files:
+    yield from iter_text_records(
+      path,
+      text_field=config.text_field,
+      label_field=config.label_field,
+      source_field=config.source_field,
+      id_field=config.id_field,
+      default_label=config.default_label,
+      skip_bad_records=config.skip_bad_records,
+      skipped=skipped,
+    )
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder) -> Mapping:
@@ -284,6 +347,10 @@ def _user_mix(config: SafetyMixConfig):
 def _fingerprint(paths: Sequence[str], settings: str) -> str:
   h = hashlib.sha256(settings.encode())
   for p in paths:
+    # In blocks: a corpus file may be larger than memory.
+    file_hash = hashlib.sha256()
     with open(p, "rb") as f:
-      h.update(hashlib.sha256(f.read()).digest())
+      for block in iter(lambda: f.read(1 << 20), b""):
+        file_hash.update(block)
+    h.update(file_hash.digest())
   return h.hexdigest()[:12]

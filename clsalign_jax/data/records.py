@@ -127,8 +127,38 @@ def read_text_records(
   skip_bad_records: bool = False,
 ) -> ReadResult:
   """Labelled documents (for the pretraining corpus) from one .jsonl / .json / .csv file."""
-  path = pathlib.Path(path)
   result = ReadResult(records=[])
+  result.records.extend(
+    iter_text_records(
+      path,
+      text_field=text_field,
+      label_field=label_field,
+      source_field=source_field,
+      id_field=id_field,
+      default_label=default_label,
+      skip_bad_records=skip_bad_records,
+      skipped=result.skipped,
+    )
+  )
+  return result
+
+
+def iter_text_records(
+  path: str | os.PathLike,
+  *,
+  text_field: str = "text",
+  label_field: str | None = "label",
+  source_field: str | None = None,
+  id_field: str | None = None,
+  default_label: int | None = None,
+  skip_bad_records: bool = False,
+  skipped: list[str] | None = None,
+) -> Iterator[TextRecord]:
+  """`read_text_records` one record at a time (a corpus need not fit in memory); skipped records'
+  reasons are appended to `skipped`."""
+  path = pathlib.Path(path)
+  skipped = [] if skipped is None else skipped
+  seen = 0
   for where, row, error in _rows(path):
     try:
       if error:
@@ -137,15 +167,17 @@ def read_text_records(
       label = _label(row, label_field, default_label, where)
       source = _text_field(row, source_field, where) if source_field else None
       rid = _text_field(row, id_field, where) if id_field else None
-      result.records.append(
-        TextRecord(id=rid or where, text=text, label=label, source=source or path.stem)
-      )
+      record = TextRecord(id=rid or where, text=text, label=label, source=source or path.stem)
     except DataError as e:
       if not skip_bad_records:
         raise
-      result.skipped.append(str(e))
-  _require_some(path, result)
-  return result
+      skipped.append(str(e))
+      seen += 1
+      continue
+    seen += 1
+    yield record
+  if not seen:
+    _require_some(path, ReadResult(records=[]))
 
 
 def _sft_record(row, where, fields, default_label, default_source, require_response):

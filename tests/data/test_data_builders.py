@@ -115,3 +115,32 @@ def test_pretrain_corpus(tmp_path):
   assert builder.info.metadata["split_counts"]["validation"]["malicious"] > 0
   with pytest.raises(ValueError, match="needs files"):
     prepare(SafetyPretrainCorpus(data_dir=str(tmp_path / "none"), config=PretrainCorpusConfig(name="empty")))
+
+
+def test_pretrain_corpus_splits_like_assign_splits_without_holding_the_corpus(tmp_path):
+  """The builder reads documents as a stream; its splits must be exactly `assign_splits`' over the
+  whole list (the reference), duplicates (up to case and spacing) and conflicting labels included."""
+  from clsalign_jax.data.records import assign_splits, read_text_records
+
+  rows = [{"text": f"Document {i} on topic {i % 7}.", "label": int(i % 5 == 0)} for i in range(300)]
+  rows += [{"text": "document 3 ON topic 3.", "label": 1}, {"text": "Document  10 on topic 3.", "label": 0}]
+  rows += [{"text": "", "label": 0}, {"text": "x", "label": 9}]  # skipped
+  files = []
+  for k in range(2):
+    path = tmp_path / f"part{k}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[k::2]))
+    files.append(str(path))
+  config = pretrain_corpus_config(files, validation_fraction=0.1, skip_bad_records=True, split_seed=5)
+  builder = SafetyPretrainCorpus(data_dir=str(tmp_path / "tfds"), config=config)
+  sources = prepare(builder)
+  records = [r for f in files for r in read_text_records(f, skip_bad_records=True).records]
+  expected = assign_splits(records, {"train": 0.9, "validation": 0.1}, seed=5, key=lambda r: r.text)
+  for name, src in sources.items():
+    stored = sorted((_text(x["id"]), _text(x["text"]), int(x["label"])) for x in (src[i] for i in range(len(src))))
+    assert stored == sorted((r.id, r.text, r.label) for r in expected[name])
+  assert 0 < len(sources["validation"]) < len(sources["train"])
+  assert builder.info.metadata["read"] == 304 and builder.info.metadata["skipped_bad_records"] == 2
+  assert builder.info.metadata["split_counts"] == {
+    name: {"benign": sum(r.label == 0 for r in rs), "malicious": sum(r.label == 1 for r in rs)}
+    for name, rs in expected.items()
+  }
