@@ -53,7 +53,8 @@ def exported_facts(loaded: artifacts.Loaded, with_tokenizer: bool) -> artifacts.
   """The source's facts as the export carries them: the template resolved to the name in use, and
   no tokenizer path when the tokenizer is written alongside (the export is self-contained)."""
   facts = loaded.facts
-  tokenizer = None if with_tokenizer else facts.tokenizer
+  # Without the tokenizer alongside (orbax), the export points at the source's own.
+  tokenizer = None if with_tokenizer else facts.tokenizer or artifacts.tokenizer_spec_of(loaded.spec.text)
   return dataclasses.replace(facts, tokenizer=tokenizer, template=loaded.template_name or facts.template)
 
 
