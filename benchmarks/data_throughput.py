@@ -1,8 +1,11 @@
-"""CPU throughput of the data pipeline on the shipped `safety_mix` train split.
+"""CPU throughput of the data pipeline: SFT records, and pretraining documents old path vs streaming.
 
     python benchmarks/data_throughput.py                      # SmolLM2 GGUF tokenizer, ChatML
     python benchmarks/data_throughput.py --tokenizer mistral --template llama2 --packing
+    python benchmarks/data_throughput.py --documents          # 10k and 100k synthetic documents
+    python benchmarks/data_throughput.py --documents --smoke  # a few hundred (the CI smoke run)
 
+SFT mode, on the shipped `safety_mix` train split.
 Two stages are timed separately:
 * encode: records -> [CLS] + template + query + response + EOS with exact spans (done once, when
   the pipeline is built);
@@ -11,14 +14,21 @@ records/s counts examples; tokens/s counts real (non-padding) tokens.
 """
 
 import argparse
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
+
+import numpy as np
 
 from absl import flags
 
 from clsalign_jax.data import mixture
-from clsalign_jax.data.pipeline import Pipeline, PipelineConfig, encode_sft
+from clsalign_jax.data.pipeline import Pipeline, PipelineConfig, encode_sft, pretrain_pipeline
+from clsalign_jax.data.streaming import DocumentStream
 from clsalign_jax.data.templates import get_template
 from clsalign_jax.data.tokenizer import Tokenizer, mistral_sentencepiece_path, smollm2_gguf_path
 
@@ -34,6 +44,102 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+class SyntheticDocuments:
+  """A random-access corpus of `n` labelled documents, each made from its index on demand (so the
+  source itself holds nothing and peak RSS is the pipeline's). Words are pseudo-words from
+  syllables, lengths long-tailed (median ~110 words, a few past max_length)."""
+
+  SYLLABLES = ("ka", "lo", "ren", "ti", "sor", "ma", "quel", "vi", "dan", "or", "es", "thu", "ne", "pa", "gri", "ul")
+
+  def __init__(self, n: int, seed: int = 0):
+    self.n = n
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(self.SYLLABLES, size=rng.integers(1, 4))) for _ in range(4000)]
+    words += ["the", "of", "and", "in", "1887", "(born", "—", "Université", "München", "km²", ".", ","]
+    self.words = np.asarray(words)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    rng = np.random.default_rng([7, i])
+    count = int(min(4000, 1 + rng.lognormal(4.7, 0.8)))
+    text = " ".join(self.words[rng.integers(0, len(self.words), size=count)])
+    return {"id": f"doc{i}", "text": text, "label": int(rng.random() < 0.2)}
+
+
+def document_child(args):
+  """One path over one corpus size in this (fresh) process: JSON with tokens, seconds, peak RSS."""
+  tok = Tokenizer.from_gguf(smollm2_gguf_path())
+  docs = SyntheticDocuments(args.num_docs)
+  config = PipelineConfig(max_length=args.max_length, batch_size=args.batch_size, packing=args.packing,
+                          bucket_lengths=(), num_epochs=1, drop_remainder=False, worker_count=args.workers)
+  setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  cpu0 = _cpu_seconds()
+  t0 = time.perf_counter()
+  if args.child == "old":
+    batches = pretrain_pipeline(docs, tok, config, process_index=0, process_count=1)
+  else:
+    batches = DocumentStream(docs, tok, config, process_index=0, process_count=1)
+  tokens = rows = 0
+  first = None
+  for batch in batches:
+    if first is None:
+      first = time.perf_counter() - t0
+    tokens += int((batch["segment_ids"] > 0).sum())
+    rows += len(batch["tokens"])
+  seconds = time.perf_counter() - t0
+  cpu = _cpu_seconds() - cpu0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  if args.workers:  # the workers' pages count too
+    peak += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  print(json.dumps({"tokens": tokens, "rows": rows, "seconds": seconds, "cpu_s": cpu, "first_batch_s": first,
+                    "setup_rss_mb": setup_rss / 1024, "peak_rss_mb": peak / 1024}))
+
+
+def _cpu_seconds() -> float:
+  # Every thread of this process and any worker processes: the work done, whatever the load.
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def documents(args):
+  sizes = [300, 600] if args.smoke else [10_000, 100_000]
+  load_before = os.getloadavg()
+  results = {}
+  for path in ("old", "new"):
+    for n in sizes:
+      cmd = [sys.executable, __file__, "--child", path, "--num-docs", str(n), "--max-length", str(args.max_length),
+             "--batch-size", str(args.batch_size), "--workers", str(args.workers)] + (["--packing"] * args.packing)
+      out = subprocess.run(cmd, capture_output=True, text=True)
+      if out.returncode:
+        raise SystemExit(f"{path} path on {n} documents failed:\n{out.stderr[-3000:]}")
+      results[path, n] = json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}; load average before: {load_before}")
+  mode = f"packing (N = 16)" if args.packing else "one chunk per row"
+  print(f"documents: synthetic, max_length {args.max_length}, batch {args.batch_size}, {mode}, one epoch, "
+        f"workers {args.workers}, SmolLM2 tokenizer")
+  print("| path | documents | tokens | seconds | tokens/s | CPU s | tokens/CPU s | first batch s | RSS after setup MB "
+        "| peak RSS MB |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for (path, n), r in results.items():
+    name = "old (encode all, then batch)" if path == "old" else "new (streaming)"
+    print(f"| {name} | {n:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
+          f"{r['cpu_s']:.1f} | {r['tokens'] / r['cpu_s']:,.0f} | {r['first_batch_s']:.2f} | {r['setup_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+  small, big = sizes
+  for path in ("old", "new"):
+    print(f"{path}: peak RSS {big:,} / {small:,} documents = "
+          f"{results[path, big]['peak_rss_mb'] / results[path, small]['peak_rss_mb']:.2f}x")
+  speed = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
+  print(f"new / old tokens/s: {speed['new', small] / speed['old', small]:.2f}x ({small:,}), "
+        f"{speed['new', big] / speed['old', big]:.2f}x ({big:,})")
+  cpu = {k: r["cpu_s"] for k, r in results.items()}
+  print(f"old / new CPU seconds: {cpu['old', small] / cpu['new', small]:.2f}x ({small:,}), "
+        f"{cpu['old', big] / cpu['new', big]:.2f}x ({big:,}); load average after: {os.getloadavg()}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokenizer", choices=["smollm2", "mistral"], default="smollm2")
@@ -43,9 +149,17 @@ def main():
   parser.add_argument("--packing", action="store_true")
   parser.add_argument("--balance", action="store_true")
   parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
+  parser.add_argument("--documents", action="store_true", help="pretraining documents: old path vs streaming")
+  parser.add_argument("--smoke", action="store_true", help="with --documents: a few hundred documents")
+  parser.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+  parser.add_argument("--num-docs", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   # grain's worker processes read absl flags; parse them (none of ours) before starting any.
   flags.FLAGS(["data_throughput"])
+  if args.child:
+    return document_child(args)
+  if args.documents:
+    return documents(args)
 
   template_name = args.template or ("chatml" if args.tokenizer == "smollm2" else "llama2")
   t0 = time.perf_counter()

@@ -18,3 +18,17 @@ def test_train_benchmark_smoke():
   # Same weights, same rows: the LM losses agree although the two stacks share no code.
   losses = [float(r.split("|")[-2]) for r in rows[1:]]
   assert max(losses) - min(losses) < 0.05
+
+
+def test_data_throughput_documents_smoke():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data_throughput.py"), "--documents", "--smoke"],
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [l.split("|")[1:-1] for l in out.stdout.splitlines() if l.startswith("| ") and not l.startswith("| path")]
+  assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+    ("old (encode all, then batch)", "300"), ("old (encode all, then batch)", "600"),
+    ("new (streaming)", "300"), ("new (streaming)", "600"),
+  ]
+  # The same documents give the same real tokens on either path.
+  tokens = [int(r[2].replace(",", "")) for r in rows]
+  assert tokens[0] == tokens[2] > 0 and tokens[1] == tokens[3] > tokens[0]
