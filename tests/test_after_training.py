@@ -5,6 +5,8 @@ import json
 import pytest
 
 from clsalign_jax import after_training, train
+from clsalign_jax.decode.config import CLS_RUN
+from clsalign_jax.eval import harness as harness_lib
 from train_utils import REPO, load_config
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -19,8 +21,11 @@ def tiny_run(tmp_path):
   c.checkpoint.update(every_steps=4, async_save=False)
   c.eval.update(every_steps=2, num_batches=1)
   c.metrics.progress_bar = False
+  # The fixture tokenizer's text, under the Llama-2 template: the evaluation must take both from
+  # the run's facts (it used to fall back to chatml whatever the run was trained with).
+  c.data.update(tokenizer=str(FIXTURES / "tiny_tokenizer"), template="llama2")
   a = c.after_training
-  a.update(evaluate=True, batch_size=4, max_new_tokens=6, tokenizer=str(FIXTURES / "tiny_tokenizer"))
+  a.update(evaluate=True, batch_size=4, max_new_tokens=6)
   a.malicious = dict(kind="generic", path=str(FIXTURES / "harmful.jsonl"),
                      fields=dict(id="id", query="prompt", target="target"))
   a.benign = dict(kind="generic", path=str(FIXTURES / "benign.jsonl"))
@@ -54,6 +59,8 @@ def test_report_plots_and_resume(tiny_run, capsys):
   # stride 10 over 100 harmful + 100 benign rows: 10 of each, one per category.
   assert (probe["n_harmful"], probe["n_benign"], len(probe["per_category"])) == (10, 10, 10)
   assert 0.0 <= probe["auc"] <= 1.0 and f"| **all** | {probe['auc']:.3f} |" in text
+  h = harness_lib.Harness(after_training.harness_config(config, str(workdir)))
+  assert {h._load_model(v).template.name for v in h.variants} == {"llama2"}
   cls_test = json.loads((workdir / "eval" / "cls_test.json").read_text())["value"]
   assert cls_test["n"] == 2 and cls_test["tp"] + cls_test["fp"] + cls_test["fn"] + cls_test["tn"] == 2
 
@@ -71,7 +78,8 @@ def test_variants_decode_with_the_attention_the_run_was_trained_with():
   assert all("response_sees_cls" not in d for d in decode(c).values())
   c.mask.response_sees_cls = False
   assert {name: d["response_sees_cls"] for name, d in decode(c).items()} == {"strategic": False, "plain": False}
-  assert decode(c)["strategic"]["schedule"] == after_training.STRATEGIC["schedule"]
+  assert decode(c)["strategic"]["schedule"] == CLS_RUN["schedule"]
+  assert decode(c)["plain"] == {"schedule": "first", "strategic_decoding": False, "response_sees_cls": False}
   assert "rule2_include_query" not in decode(c)["strategic"]  # the default adds nothing to the fingerprint
   c.after_training.decode.rule2_include_query = True
   assert decode(c)["strategic"]["rule2_include_query"] and "rule2_include_query" not in decode(c)["plain"]
