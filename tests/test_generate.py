@@ -1,5 +1,6 @@
 """`python -m clsalign_jax.generate` end to end, on a tiny random model with the real SmolLM2
-tokenizer: exported with save_hf (tokenizer alongside) or as orbax params (`--tokenizer`)."""
+tokenizer: exported with save_hf (tokenizer alongside) or as orbax params (`--tokenizer`). Neither
+has run facts (no trained CLS), so the default is the plain model; the CLS is switched on by flags."""
 
 import subprocess
 import sys
@@ -8,11 +9,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from clsalign_jax import model as M
 from clsalign_jax.convert import save_orbax_params
+from clsalign_jax import generate
+from clsalign_jax.data.templates import encode_prompt, get_template
 from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
 from clsalign_jax.decode import PAPER_REFUSAL
+from clsalign_jax.errors import CheckpointError
 from clsalign_jax.generate import load_checkpoint
 from clsalign_jax.interop.hf import save_hf
 
@@ -52,7 +58,8 @@ def test_cli_prints_response_trace_and_insertion(fmt, request):
   source = ([f"--checkpoint={request.getfixturevalue('tiny_dir')}"] if fmt == "hf"
             else [f"--checkpoint={request.getfixturevalue('tiny_orbax')}", "--tokenizer=smollm2"])
   cmd = [sys.executable, "-m", "clsalign_jax.generate", *source, "--prompt=How are you?",
-         "--prefill= Sure, here is", "--max_new_tokens=14", "--schedule=every"]
+         "--prefill= Sure, here is", "--max_new_tokens=14", "--schedule=every", "--strategic_decoding",
+         "--response_sees_cls"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
@@ -62,10 +69,42 @@ def test_cli_prints_response_trace_and_insertion(fmt, request):
   assert "refusal prefix: inserted at response token 4" in text and "initially malicious" in text
 
 
+def test_without_cls_facts_the_default_is_the_plain_model(tiny, tmp_path, capsys):
+  """The default decoding of a checkpoint without a trained CLS equals transformers' greedy
+  decoding of the exported weights (which know nothing of the CLS), despite a head that flags
+  every prompt: no re-classification, no refusal."""
+  cfg, _, tokenizer = tiny
+  # Weights large enough that the answer depends on the context (whether tokens read the CLS).
+  rng = np.random.default_rng(1)
+  shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(M.abstract_params(cfg)))
+  params = jax.tree.unflatten(treedef, [
+      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
+      else rng.normal(0.0, 0.5, x.shape).astype(np.float32) for path, x in shapes])
+  params["cls_head"]["bias"] = np.full((1,), 5.0, np.float32)
+  tiny_dir = str(tmp_path / "lively")
+  save_hf(tiny_dir, cfg, params, tokenizer)
+  query = "How are you?"
+  assert generate.main(["generate", f"--checkpoint={tiny_dir}", f"--prompt={query}", "--max_new_tokens=8",
+                        "--response_sees_cls"]) == 0
+  reading = capsys.readouterr().out  # the CLS-reading answer differs: the comparison below can fail
+  assert generate.main(["generate", f"--checkpoint={tiny_dir}", f"--prompt={query}", "--max_new_tokens=8"]) == 0
+  out = capsys.readouterr().out
+  assert "CLS trace (step:p, 0 re-classifications)" in out and "refusal prefix: not inserted" in out
+  ids = encode_prompt(tokenizer, get_template("chatml"), query).tokens[1:].tolist()
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+  with torch.no_grad():
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(ids):].tolist()
+  eos = tokenizer.token_to_id("<|im_end|>")
+  greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy
+  assert f"response: {tokenizer.decode(greedy, skip_special_tokens=True)!r}" in out
+  assert f"response: {tokenizer.decode(greedy, skip_special_tokens=True)!r}" not in reading
+
+
 def test_load_checkpoint_errors_name_the_problem(tmp_path, tiny_orbax):
-  with pytest.raises(ValueError, match="not found .expected smollm2, a .gguf file or a checkpoint directory"):
+  with pytest.raises(CheckpointError, match="missing: not found .expected smollm2, gguf:FILE"):
     load_checkpoint(str(tmp_path / "missing"))
-  with pytest.raises(ValueError, match="config.json: file not found"):
-    load_checkpoint(str(tmp_path))  # an empty directory reads as an HF one
-  with pytest.raises(ValueError, match="has no tokenizer alongside; give --tokenizer"):
+  with pytest.raises(CheckpointError, match="a directory with no checkpoints/, model_config.json or config.json"):
+    load_checkpoint(str(tmp_path))
+  with pytest.raises(CheckpointError, match="no tokenizer recorded with it or stored alongside; give one"):
     load_checkpoint(tiny_orbax)
