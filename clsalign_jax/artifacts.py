@@ -253,7 +253,7 @@ def _get(tree, dotted: str, default=None):
 
 
 def _cls_trained(config) -> bool:
-  if float(_get(config, "loss.cls_weight", 0.0)) <= 0:
+  if float(_get(config, "loss.cls_weight", 0.1)) <= 0:  # absent: default_config's λ
     return False
   trainable = _get(config, "train.trainable", "") or ""
   return not trainable or re.search(trainable, "cls_head/kernel") is not None

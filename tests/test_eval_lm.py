@@ -19,6 +19,8 @@ import pytest
 
 from clsalign_jax import checkpoint, masks
 from clsalign_jax.convert import save_orbax_params
+from clsalign_jax.decode.config import CLS_RUN, DecodeConfig
+from clsalign_jax.errors import CheckpointError
 from clsalign_jax.eval import lm
 from clsalign_jax.model import Transformer
 
@@ -143,20 +145,22 @@ def test_load_weights_from_orbax_params_and_a_training_run(tmp_path, model):
   _, early = lm.load_weights(f"orbax:{tmp_path / 'run' / 'checkpoints'}@5")
   np.testing.assert_array_equal(latest["embedding"], lm.random_params(cfg, 9)["embedding"])
   np.testing.assert_array_equal(early["embedding"], lm.random_params(cfg, 5)["embedding"])
-  # 'auto' finds the tokenizer in the run's config.json (data.tokenizer, else init_from).
-  run_config = {"init_from": "", "data": {"tokenizer": CONFIG.model["tokenizer"]}}
+  # 'auto' finds the tokenizer and template of a run written before run facts in its config.json.
+  run_config = {"init_from": "", "model": {}, "train": {}, "data": {"tokenizer": CONFIG.model["tokenizer"]}}
   (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
-  found = lm.load_tokenizer("auto", f"orbax:{tmp_path / 'run' / 'checkpoints'}@5")
-  assert found.vocab_size == model.tokenizer.vocab_size
+  target = lm.TargetModel.load("t", f"orbax:{tmp_path / 'run' / 'checkpoints'}@5", batch_size=CONFIG.batch_size)
+  assert target.tokenizer.vocab_size == model.tokenizer.vocab_size and target.template.name == "chatml"
+  # A trained run decodes with its own strategic settings unless the variant gives its own.
+  assert target.dcfg == DecodeConfig(**CLS_RUN)
 
 
 def test_loading_errors(model):
-  with pytest.raises(ValueError, match="needs the variant's `model` fields"):
+  with pytest.raises(CheckpointError, match="^random:0: random:SEED needs the model fields"):
     lm.load_weights("random:0")
-  with pytest.raises(ValueError, match="expected smollm2"):
+  with pytest.raises(CheckpointError, match="^pickle:/x: unknown kind 'pickle'.*expected smollm2"):
     lm.load_weights("pickle:/x")
-  with pytest.raises(ValueError, match="cannot tell the tokenizer"):
-    lm.load_tokenizer("auto", "random:0")
+  with pytest.raises(CheckpointError, match="^random:0: no tokenizer recorded with it"):
+    lm.TargetModel.load("t", "random:0", model=dict(CONFIG.model["model"]))
   wrong = model.cfg.replace(vocab_size=300)
   with pytest.raises(ValueError, match="model vocabulary 300"):
     lm.TargetModel("x", wrong, lm.random_params(wrong, 0), model.tokenizer, model.template)
