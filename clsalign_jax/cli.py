@@ -57,22 +57,29 @@ def _path_of(root, target, prefix: str = "") -> str | None:
   return None
 
 
-def _frames(e: BaseException):
-  """(frame, line) of every traceback entry of `e` and the exceptions it was raised from."""
+def _chain(e: BaseException | None):
+  """`e` and the exceptions it was raised from, outermost first."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    tb = e.__traceback__
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _frames(e: BaseException):
+  """(frame, line) of every traceback entry of `e` and the exceptions it was raised from."""
+  for x in _chain(e):
+    tb = x.__traceback__
     while tb is not None:
       yield tb.tb_frame, tb.tb_lineno
       tb = tb.tb_next
-    e = e.__cause__ or e.__context__
 
 
 def _unknown_key(e: BaseException, argv: list[str]) -> str | None:
   """`<where>: no such config key <key>; did you mean <closest>?` for a lookup of a key a locked
-  ConfigDict lacks, or None when `e` is not that. <where> is the override on the command line or the
-  config file's line that named the key."""
+  ConfigDict lacks, `<where>: config.<key>: <why>` for a value a declared key refuses, or None when
+  `e` did not come from a ConfigDict. <where> is the override on the command line or the config
+  file's line that named the key."""
   from ml_collections import config_dict  # noqa: PLC0415 - only on this error path
 
   frames = list(_frames(e))
@@ -106,6 +113,10 @@ def _unknown_key(e: BaseException, argv: list[str]) -> str | None:
     lines = [f"{frame.f_code.co_filename}:{line}" for frame, line in frames
              if os.path.realpath(frame.f_code.co_filename) in files]
     where = lines[-1] if lines else "config"
+  if key in node:  # a declared key given a value it refuses (a str for a tuple, ...)
+    innermost = [x for x in _chain(e)][-1]
+    detail = innermost.args[0] if innermost.args and isinstance(innermost.args[0], str) else str(innermost)
+    return f"{where}: config.{wanted}: {detail}"
   leaves = [k for k in known if wanted.count(".") == k.count(".")] or known
   close = difflib.get_close_matches(wanted, leaves, n=1, cutoff=0.5)
   hint = f"; did you mean {close[0]}?" if close else f"; known keys under {prefix[:-1] or 'config'}: " + \

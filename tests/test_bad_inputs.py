@@ -140,6 +140,11 @@ def test_config_file_errors(run_dir, run_digest, tmp_path, capsys):
   misspelt.write_text(misspelt.read_text().replace("c.data.flies = ('x.jsonl',)", "c.trian.mode = 'sft'"))
   check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
         f"{misspelt}:7: no such config key trian; did you mean train?", capsys)
+  # A declared key given a value of another type: the key and ml_collections' reason, not a traceback.
+  misspelt.write_text(misspelt.read_text().replace("c.trian.mode = 'sft'", "c.data.files = 'x.jsonl'"))
+  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
+        f"{misspelt}:7: config.data.files: x.jsonl is of original type <class 'str'> and cannot be casted to type "
+        "<class 'tuple'>", capsys)
   check(main.main, [f"--workdir={run_dir}"], 2, "--config is required", capsys)
   check(main.main, [*TINY], 2, "--workdir is required", capsys)
   check(main.main, [*TINY, f"--workdir={run_dir}", "extra"], 2, "unexpected arguments: ['extra']", capsys)
