@@ -10,12 +10,12 @@ from clsalign_jax.data import sources
 
 @pytest.fixture
 def config(tmp_path, monkeypatch):
+  # The config stays locked: every key these tests set must be declared in default_config().
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   c = config_lib.default_config()
-  with c.unlocked():
-    c.model.preset = "smollm2_135m"
-    c.init_from = "gguf:smollm2"
-    c.data.update(seq_len=512, global_batch_size=4)
+  c.model.preset = "smollm2_135m"
+  c.init_from = "gguf:smollm2"
+  c.data.update(seq_len=512, global_batch_size=4)
   return c
 
 
@@ -43,12 +43,10 @@ def test_eval_split_is_one_ordered_pass(config):
 
 
 def test_tokenizer_must_fit_the_model(config):
-  with config.unlocked():
-    config.model.preset = "llama2_7b"
+  config.model.preset = "llama2_7b"
   with pytest.raises(ValueError, match="does not fit the model"):
     sources.make_data_iterator(config, "train", 0, 1)
-  with config.unlocked():
-    config.init_from = ""
+  config.init_from = ""
   with pytest.raises(ValueError, match="config.data.tokenizer"):
     sources.make_data_iterator(config, "train", 0, 1)
 
@@ -56,14 +54,12 @@ def test_tokenizer_must_fit_the_model(config):
 def test_pretraining_source_reads_user_files(config, tmp_path):
   docs = tmp_path / "wiki.jsonl"
   docs.write_text("".join(json.dumps({"text": f"Article {i}. " * 30, "label": i % 2}) + "\n" for i in range(200)))
-  with config.unlocked():
-    config.train.mode = "pretrain"
-    config.data.source = "wiki_pretrain"
-    config.data.files = (str(docs),)
+  config.train.mode = "pretrain"
+  config.data.source = "wiki_pretrain"
+  config.data.files = (str(docs),)
   batch = next(sources.make_data_iterator(config, "train", 0, 1))
   assert set(batch["cls_label"].tolist()) <= {0, 1}
   assert (batch["loss_mask"][:, :2] == 0).all() and batch["loss_mask"][:, 2:].any()
-  with config.unlocked():
-    config.data.files = ()
+  config.data.files = ()
   with pytest.raises(ValueError, match="needs config.data.files"):
     sources.make_data_iterator(config, "train", 0, 1)
