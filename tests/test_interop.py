@@ -239,6 +239,12 @@ def test_smollm2_export_with_tokenizer_loads_in_transformers(tmp_path, record_fi
   text = "How do I bake bread? 🍞 面包, quickly.\n  Indented line."
   ids = tok(text, add_special_tokens=False)["input_ids"]
   assert ids == ours_tok.encode(text)
+  # The chat template is ours (chatml, as SmolLM2 is used here): the same ids as our encoding.
+  from clsalign_jax.data.templates import encode_prompt, get_template
+  chat = tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], add_generation_prompt=True,
+                                 tokenize=True)
+  chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+  assert chat == encode_prompt(ours_tok, get_template("chatml"), "How do I bake bread?").tokens[1:].tolist()
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
   assert model.get_input_embeddings().weight.shape[0] == 49152  # HF sees the base vocab only
   cfg, params = hf.load_hf(str(tmp_path))
