@@ -139,6 +139,12 @@ def test_training_config_sections_are_read_as_attributes():
   assert not hits
 
 
+def test_validation_knows_the_data_rooms_pretraining_sources():
+  # config.validate refuses a pretraining source without files; the data room serves those names.
+  from clsalign_jax.data import sources
+  assert config_lib.PRETRAIN_SOURCES == sources.PRETRAIN_SOURCES
+
+
 def test_file_lists_and_lengths_parse_from_the_command_line():
   fv = flags.FlagValues()
   argv = ["prog", "--config=configs/tiny.py", "--config.data.files=corpus.jsonl", "--config.data.files=/d/more.jsonl",
