@@ -123,7 +123,7 @@ def spec_syntax(spec: str) -> str:
   if spec == "smollm2":
     return spec
   kind, colon, rest = spec.partition(":")
-  if not colon or os.path.exists(spec) or not re.fullmatch(r"[a-z_]+", kind):
+  if not colon or os.path.exists(spec) or not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
     return "path"
   if kind not in ("gguf", "hf", "orbax", "random"):
     raise CheckpointError(f"{spec}: unknown kind {kind!r}, not found (expected {GRAMMAR})")
