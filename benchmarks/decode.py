@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import torch
 import transformers
 
-from clsalign_jax.data.templates import chatml_template, encode_prompt
-from clsalign_jax.data.tokenizer import Tokenizer
+from clsalign_jax import artifacts
+from clsalign_jax.data.templates import encode_prompt
 from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, refusal_ids
-from clsalign_jax.interop.gguf import load_gguf, smollm2_gguf_path
 from clsalign_jax.interop.hf import save_hf
 from clsalign_jax.model import to_layout
 
@@ -72,10 +71,8 @@ def main():
   args = ap.parse_args()
   torch.set_num_threads(os.cpu_count())
 
-  path = smollm2_gguf_path()
-  cfg, params_np = load_gguf(path)
-  tokenizer = Tokenizer.from_gguf(path)
-  template = chatml_template()
+  loaded = artifacts.load("smollm2")
+  cfg, params_np, tokenizer, template = loaded.cfg, loaded.params, loaded.tokenizer, loaded.template
   params = jax.device_put(to_layout(params_np, cfg))
   with tempfile.TemporaryDirectory() as d:
     save_hf(d, cfg, params_np)

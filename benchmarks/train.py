@@ -40,14 +40,15 @@ def _peak_rss_gib() -> float:
 
 
 def _model(spec):
+  from clsalign_jax import artifacts
   from clsalign_jax import model as M
-  from clsalign_jax.interop import gguf as G
   if spec["smoke"]:
     cfg = M.ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
     import jax
     params = jax.tree.map(np.asarray, M.init_params(cfg, jax.random.key(0)))
     return cfg, params
-  return G.load_gguf(G.smollm2_gguf_path())
+  loaded = artifacts.load("smollm2", tokenizer="none")
+  return loaded.cfg, loaded.params
 
 
 def _batch(cfg, batch, seq, seed=0):

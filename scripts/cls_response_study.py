@@ -20,7 +20,7 @@ import math
 import pathlib
 import sys
 
-from clsalign_jax import after_training
+from clsalign_jax.decode.config import CLS_RUN
 from clsalign_jax.data import curation
 from clsalign_jax.eval import harness as harness_lib
 
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
   variants = []
   for spec in args.variant:
     name, run_dir, decode = spec.split(":", 2)
-    variants.append((name, f"orbax:{run_dir}", {**after_training.STRATEGIC, **json.loads(decode or "{}")}))
+    variants.append((name, f"orbax:{run_dir}", {**CLS_RUN, **json.loads(decode or "{}")}))
   config = {
       "output_dir": str(out / "eval"), "seed": 0, "batch_size": args.batch_size,
       "max_new_tokens": args.max_new_tokens, "progress": True, "save_cls_trace": True,
-      "model": {"tokenizer": "auto", "template": "chatml", "template_kwargs": {}, "model": {}},
+      "model": {"tokenizer": "auto", "template": "auto", "template_kwargs": {}, "model": {}},
       "variants": variants,
       "benchmarks": [dict(kind="generic", path=files["val_benign"], fields=dict(id="id", query="prompt"), name="benign"),
                      dict(kind="generic", path=files["val_malicious"], fields=dict(id="id", query="prompt"),
