@@ -29,11 +29,13 @@ behaviour. Optimised prompts are cached per checkpoint, so the six CLS rows shar
 
 from ml_collections import config_dict
 
+from clsalign_jax.decode.config import CLS_RUN, PLAIN
+
 # Strategic-decoding settings of the paper's prefill and MT-Bench scripts (docs/method.md §2.2).
-CLS_DECODE = dict(schedule="each", r1=5, r2=15, r3=10, tau=3)
+CLS_DECODE = dict(CLS_RUN)
 # A model without a trained safety head: never intervene, never re-classify, and no token reads
 # the CLS slot, so generation is the plain model's.
-NO_CLS = dict(schedule="first", strategic_decoding=False, response_sees_cls=False)
+NO_CLS = dict(PLAIN)
 
 
 def _parse(arg: str | None) -> dict:
