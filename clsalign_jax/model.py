@@ -224,6 +224,10 @@ def apply_rope(x_BTnH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  # None: `cache` is this layer's (k, v), [B, G, S, H] each. An int: `cache` is the whole stack,
+  # [L, B, G, S, H], and this layer writes and reads its own index of it, so a decode loop updates
+  # its cache buffer in place instead of slicing it apart and stacking it again every step.
+  layer: int | None = None
 
   @nn.compact
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, slots_BT):
@@ -247,29 +251,40 @@ class Attention(nn.Module):
     k_BTGH = apply_rope(k_BTGH, cos_BTH, sin_BTH)
 
     if cache is None:
+      # Keys are the rows themselves.
       k_BSGH, v_BSGH, new_cache = k_BTGH, v_BTGH, None
+      kv = "bsgh"
     else:
       # New rows land in the slots the caller chose; slot == S (out of range) means "do not store".
+      # The cache keeps heads before slots ([.., B, G, S, H]) so the attention dots read it as it
+      # lies; with slots before heads XLA CPU copied every layer's cache into that order per step.
       k_cache, v_cache = cache
-      rows_B1 = jnp.arange(k_cache.shape[0])[:, None]
-      k_BSGH = k_cache.at[rows_B1, slots_BT].set(k_BTGH.astype(k_cache.dtype), mode="drop")
-      v_BSGH = v_cache.at[rows_B1, slots_BT].set(v_BTGH.astype(v_cache.dtype), mode="drop")
-      new_cache = (k_BSGH, v_BSGH)
-      k_BSGH, v_BSGH = k_BSGH.astype(dtype), v_BSGH.astype(dtype)
+      rows_B1 = jnp.arange(slots_BT.shape[0])[:, None]
+      at = (rows_B1, slice(None), slots_BT)
+      at = at if self.layer is None else (self.layer, *at)
+      k_cache = k_cache.at[at].set(k_BTGH.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[at].set(v_BTGH.astype(v_cache.dtype), mode="drop")
+      new_cache = (k_cache, v_cache)
+      k_BGSH, v_BGSH = (k_cache, v_cache) if self.layer is None else (k_cache[self.layer], v_cache[self.layer])
+      k_BSGH, v_BSGH = k_BGSH.astype(dtype), v_BGSH.astype(dtype)  # named for the spec below
+      kv = "bgsh"
 
     B, T = x_BTD.shape[:2]
     if cfg.attention_impl == "cudnn":
+      if kv == "bgsh":
+        k_BSGH, v_BSGH = k_BSGH.transpose(0, 2, 1, 3), v_BSGH.transpose(0, 2, 1, 3)
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSGH, v_BSGH, mask=mask_BTS[:, None],
                                               implementation="cudnn")
     else:
       q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
-      scores_BGRTS = jnp.einsum("btgrh,bsgh->bgrts", q_BTGRH, k_BSGH,
+      scores_BGRTS = jnp.einsum(f"btgrh,{kv}->bgrts", q_BTGRH, k_BSGH,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
       # A large finite fill keeps fully masked (padding) rows finite instead of NaN.
       scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
       probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
-      out_BTNH = jnp.einsum("bgrts,bsgh->btgrh", probs_BGRTS, v_BSGH).reshape(B, T, N, H)
-    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD)
+      out_BTNH = jnp.einsum(f"bgrts,{kv}->btgrh", probs_BGRTS, v_BSGH).reshape(B, T, N, H)
+    # Flattened heads: contracting (n, h) as two dims let XLA CPU transpose o_proj every call.
+    out_BTD = jnp.einsum("btk,kd->btd", out_BTNH.reshape(B, T, N * H), wo_NHD.reshape(N * H, D))
     return checkpoint_name(out_BTD, "attn_out"), new_cache
 
 
@@ -294,12 +309,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
+  layer: int | None = None  # see Attention.layer
 
   @nn.compact
   def __call__(self, x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
-    attn_BTD, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x_BTD), cos_BTH, sin_BTH,
+    attn_BTD, new_cache = Attention(cfg, self.layer, name="attn")(norm("input_norm")(x_BTD), cos_BTH, sin_BTH,
                                                       mask_BTS, cache, slots_BT)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("post_attn_norm")(x_BTD))
@@ -311,7 +327,7 @@ class Transformer(nn.Module):
   """`__call__(tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row=0)`.
 
   Without a cache, keys are the T rows themselves (mask is [B, T, T]). With a cache
-  (per-layer (k, v) of shape [L, B, S, G, H]), the rows' K/V are first written into
+  (per-layer (k, v) of shape [L, B, G, S, H], from `init_cache`), the rows' K/V are first written into
   `slots_BT` and the rows attend over all S slots (mask is [B, T, S]).
   `cls_row` picks which row feeds the safety head (None: no head output).
   `lm_rows_BK` ([B, K] row indices, or None for every row) picks the rows that get LM-head
@@ -350,12 +366,10 @@ class Transformer(nn.Module):
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, new_cache = stack(cfg, name="layers")(x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
     else:
-      per_layer = []
+      new_cache = cache
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-        x_BTD, c = layer_cls(cfg, name=f"layers_{i}")(x_BTD, layer_cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
-        per_layer.append(c)
-      new_cache = None if cache is None else tuple(jnp.stack(t) for t in zip(*per_layer))
+        x_BTD, new_cache = layer_cls(cfg, i, name=f"layers_{i}")(x_BTD, new_cache, cos_BTH, sin_BTH, mask_BTS,
+                                                                 slots_BT)
 
     h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")(x_BTD)
     # K = T when every row gets logits; the suffix stays T below for the common case.
@@ -377,7 +391,7 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
-  shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)  # [L, B, G, S, H]: see Attention
   dt = jnp.dtype(dtype or cfg.dtype)
   return (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 

@@ -43,3 +43,11 @@ def test_make_defaults_to_one_seed_per_row():
   params = SamplingParams.make(3, seed=10)
   np.testing.assert_array_equal(params.seed_B, [10, 11, 12])
   assert float(params.temperature_B[0]) == 0.0 and int(params.top_k_B[2]) == 0
+
+
+def test_top_p_off_keeps_top_k_whatever_the_rounding():
+  # With top_p = 1 the mass before the first token past top-k sums to 1 only up to rounding;
+  # below 1 it used to count the -inf tail as nucleus and drop the top-k cut.
+  logits = jax.random.normal(jax.random.key(0), (256, 97))
+  kept = np.isfinite(np.asarray(filter_logits(logits, jnp.full((256,), 20), jnp.ones((256,)))))
+  np.testing.assert_array_equal(kept.sum(-1), 20)

@@ -98,7 +98,7 @@ class _State(NamedTuple):
   """The decode loop's carry: everything one loop step reads and writes."""
 
   step: Array  # the loop step about to run (int32 scalar); loop step s feeds the s-th pending token
-  cache: tuple  # per-layer K/V, [L, B, S, G, H] each; slot 0 holds the latest CLS K/V of the row
+  cache: tuple  # K and V of every layer, [L, B, G, S, H] each; slot 0 holds the latest CLS K/V of the row
   seq_BS: Array  # every row's tokens by slot, the pending one included; slots past it are stale
   rows: RowState
   trace_BN: Array  # p(malicious) of each re-classification by loop step; NaN where none ran

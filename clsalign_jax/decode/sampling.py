@@ -46,7 +46,9 @@ def filter_logits(logits_BV: Array, top_k_B: Array, top_p_B: Array) -> Array:
   sorted_BV = jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf)
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < top_p_B[:, None], axis=-1), 1)
+  # Capped at k: past the top-k the mass only grows by zeros, and a sum that rounds to just
+  # below 1 would otherwise let top_p = 1 ("off") reach the -inf tail and undo top-k.
+  n_keep_B = jnp.clip(jnp.sum(mass_before_BV < top_p_B[:, None], axis=-1), 1, k_B)
   floor_B1 = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
   return jnp.where(logits_BV >= floor_B1, logits_BV, -jnp.inf)
 
