@@ -45,13 +45,14 @@ from collections.abc import Callable, Mapping
 
 from absl import logging
 
+from clsalign_jax.artifacts import checkpoint_identity
 from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.errors import ConfigError
 from clsalign_jax.eval import report
 from clsalign_jax.eval.attacks import ATTACKS, Attack, Case, make_attack
 from clsalign_jax.eval.benchmarks import LOADERS, Item, load_benchmark
 from clsalign_jax.eval.judges import JudgeInput, load_labelled, make_judge, validate
-from clsalign_jax.eval.lm import Sampling, TargetModel, checkpoint_identity
+from clsalign_jax.eval.lm import Sampling, TargetModel
 from clsalign_jax.eval.probe import run_probe
 from clsalign_jax.eval.utility import run_utility
 
