@@ -32,3 +32,17 @@ def test_data_throughput_documents_smoke():
   # The same documents give the same real tokens on either path.
   tokens = [int(r[2].replace(",", "")) for r in rows]
   assert tokens[0] == tokens[2] > 0 and tokens[1] == tokens[3] > tokens[0]
+
+
+def test_decode_benchmark_smoke():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+  decoders = [r.split("|")[2].strip() for r in rows if r.split("|")[2].strip().startswith(("ours", "transformers"))]
+  assert decoders[:6] == ["transformers generate", "ours, plain decoding", "ours, each", "ours, annealing",
+                          "ours, periodic(10)", "ours, first"]
+  assert len(decoders) == 12  # batch 1 and 2
+  prefill = [r.split("|")[3].strip() for r in rows if r.split("|")[3].strip() in ("ours", "transformers")]
+  assert prefill == ["transformers", "ours"] * 2
+  assert "memory bandwidth" in out.stdout and "of roofline" in out.stdout
