@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clsalign_jax import checkpoint, masks
+from clsalign_jax import artifacts, checkpoint, masks
 from clsalign_jax.convert import save_orbax_params
 from clsalign_jax.decode.config import CLS_RUN, DecodeConfig
 from clsalign_jax.errors import CheckpointError
@@ -88,7 +88,7 @@ def test_continuation_logprobs_match_next_token_logits(model):
 
 
 def test_scoring_without_response_sees_cls_is_the_plain_causal_model(model):
-  params = lm.random_params(model.cfg, 1)
+  params = artifacts.random_params(model.cfg, 1)
   # A CLS row far from the mean embedding, so reading it changes the logits.
   params["cls_embedding"] = np.random.default_rng(2).normal(0.0, 1.0, model.cfg.d_model).astype(np.float32)
   row = model.encode("Name a colour.", prefill="Sure")
@@ -126,25 +126,26 @@ def test_strategic_decoding_inserts_the_refusal():
   assert model.dcfg.refusal_text.startswith(g.response)
 
 
-def test_load_weights_from_orbax_params_and_a_training_run(tmp_path, model):
+def test_load_from_orbax_params_and_a_training_run(tmp_path, model):
   cfg = model.cfg
-  params = lm.random_params(cfg, 3)
+  params = artifacts.random_params(cfg, 3)
   save_orbax_params(str(tmp_path / "converted"), cfg, params)
-  cfg2, loaded = lm.load_weights(f"orbax:{tmp_path / 'converted'}")
+  loaded = artifacts.load(f"orbax:{tmp_path / 'converted'}", tokenizer="none")
+  cfg2, loaded = loaded.cfg, loaded.params
   assert cfg2 == cfg
   np.testing.assert_array_equal(loaded["embedding"], params["embedding"])
 
   ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), keep=2, async_save=False)
   for step in (5, 9):
-    ckpt.save(step, lm.random_params(cfg, step), {"count": np.int32(0)}, {"step": np.int32(step)}, {"batches": step},
+    ckpt.save(step, artifacts.random_params(cfg, step), {"count": np.int32(0)}, {"step": np.int32(step)}, {"batches": step},
               {"model_config": dataclasses.asdict(cfg)})
   ckpt.close()
-  assert lm.checkpoint_identity(f"orbax:{tmp_path / 'run'}")["step"] == 9
-  assert "mtime_ns" in lm.checkpoint_identity(f"orbax:{tmp_path / 'converted'}")
-  _, latest = lm.load_weights(f"orbax:{tmp_path / 'run'}")
-  _, early = lm.load_weights(f"orbax:{tmp_path / 'run' / 'checkpoints'}@5")
-  np.testing.assert_array_equal(latest["embedding"], lm.random_params(cfg, 9)["embedding"])
-  np.testing.assert_array_equal(early["embedding"], lm.random_params(cfg, 5)["embedding"])
+  assert artifacts.checkpoint_identity(f"orbax:{tmp_path / 'run'}")["step"] == 9
+  assert "mtime_ns" in artifacts.checkpoint_identity(f"orbax:{tmp_path / 'converted'}")
+  latest = artifacts.load(f"orbax:{tmp_path / 'run'}", tokenizer="none").params
+  early = artifacts.load(f"orbax:{tmp_path / 'run' / 'checkpoints'}@5", tokenizer="none").params
+  np.testing.assert_array_equal(latest["embedding"], artifacts.random_params(cfg, 9)["embedding"])
+  np.testing.assert_array_equal(early["embedding"], artifacts.random_params(cfg, 5)["embedding"])
   # 'auto' finds the tokenizer and template of a run written before run facts in its config.json.
   run_config = {"init_from": "", "model": {}, "train": {}, "data": {"tokenizer": CONFIG.model["tokenizer"]}}
   (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
@@ -156,14 +157,14 @@ def test_load_weights_from_orbax_params_and_a_training_run(tmp_path, model):
 
 def test_loading_errors(model):
   with pytest.raises(CheckpointError, match="^random:0: random:SEED needs the model fields"):
-    lm.load_weights("random:0")
+    artifacts.load("random:0")
   with pytest.raises(CheckpointError, match="^pickle:/x: unknown kind 'pickle'.*expected smollm2"):
-    lm.load_weights("pickle:/x")
+    artifacts.load("pickle:/x")
   with pytest.raises(CheckpointError, match="^random:0: no tokenizer recorded with it"):
     lm.TargetModel.load("t", "random:0", model=dict(CONFIG.model["model"]))
   wrong = model.cfg.replace(vocab_size=300)
   with pytest.raises(ValueError, match="model vocabulary 300"):
-    lm.TargetModel("x", wrong, lm.random_params(wrong, 0), model.tokenizer, model.template)
+    lm.TargetModel("x", wrong, artifacts.random_params(wrong, 0), model.tokenizer, model.template)
 
 
 def test_params_committed_elsewhere_move_to_the_default_device():

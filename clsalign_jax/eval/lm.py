@@ -24,21 +24,11 @@ import numpy as np
 
 from clsalign_jax import artifacts, masks
 from clsalign_jax import model as model_lib
-from clsalign_jax.artifacts import checkpoint_identity, random_params  # noqa: F401  (the harness's seam)
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
 from clsalign_jax.decode import DecodeConfig, SamplingParams, bucket, decode, pack_inputs, refusal_ids, row_results
 
 Array = jax.Array
-
-
-# ----- loading: clsalign_jax.artifacts is the one loader -----------------------------------------
-
-
-def load_weights(checkpoint: str, model_fields: dict | None = None) -> tuple[model_lib.ModelConfig, dict]:
-  """(config, params) of a checkpoint spec (clsalign_jax.artifacts), no tokenizer needed."""
-  loaded = artifacts.load(checkpoint, tokenizer="none", model_fields=model_fields)
-  return loaded.cfg, loaded.params
 
 
 # ----- encoded rows -------------------------------------------------------------------------------
