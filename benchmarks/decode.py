@@ -40,8 +40,8 @@ import transformers
 from clsalign_jax import artifacts
 from clsalign_jax.data.templates import encode_prompt
 from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, refusal_ids
-from clsalign_jax.interop.hf import save_hf
 from clsalign_jax import model as M
+from clsalign_jax.interop.hf import save_hf
 from clsalign_jax.model import to_layout
 
 QUERIES = [
@@ -99,10 +99,8 @@ def smoke_model():
 
 
 def smollm2_model():
-  path = smollm2_gguf_path()
-  cfg, params_np = load_gguf(path)
-  tokenizer = Tokenizer.from_gguf(path)
-  template = chatml_template()
+  loaded = artifacts.load("smollm2")
+  cfg, params_np, tokenizer, template = loaded.cfg, loaded.params, loaded.tokenizer, loaded.template
   encodings = [encode_prompt(tokenizer, template, q) for q in QUERIES]
   prompts = [(e.tokens.tolist(), tuple(e.query_span)) for e in encodings]
   return cfg, params_np, prompts, refusal_ids(tokenizer, DecodeConfig()), tokenizer.pad_id

@@ -17,6 +17,10 @@ A benign row whose re-classification crosses the threshold records S_t (the slot
 fed at that step) and follows Rule 3; a benign result before τ malicious events is a false
 alarm (back to Rule 2); τ of them confirm the flip: the row is cut back to S_t (cache and
 tokens), the refusal prefix is teacher-forced from there, and the row stops re-classifying.
+
+Code map: `RowState` is the per-row machine and `transition` its step (pure, over [B] arrays,
+tested without the model); `wants_cls` and `due` pick the rows a step re-classifies; `running`
+is the stop condition; `_State` is the loop carry, and `_decode_jit` wires the model into it.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class RowState(NamedTuple):
   # The rule the CLS follows: MALICIOUS (Rule 1), BENIGN (Rule 2), TRANSITION (Rule 3: a flip
   # awaits confirmation), or CONFIRMED (no more re-classification).
   mode_B: Array
-  # S_t, the slot of the token fed at the step the flip was first seen; -1 when no flip is
+  # S_t, the slot of the token fed at the step the flip was first seen; -1 unless a flip is
   # pending or confirmed (a withdrawn flip resets it).
   trigger_pos_B: Array
   # The loop step of that flip; -1 likewise.
