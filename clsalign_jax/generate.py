@@ -73,11 +73,6 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                     + _RUN, **d)
 
 
-def load_checkpoint(spec: str, tokenizer: str = "auto", template: str = "auto") -> artifacts.Loaded:
-  """The checkpoint with its tokenizer, template and run facts (clsalign_jax.artifacts)."""
-  return artifacts.load(spec, tokenizer=tokenizer, template=template)
-
-
 def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
   """Flags given on the command line over the checkpoint's decode settings."""
   explicit = {name: fv[name].value for name in _DECODE_FLAGS if fv[name].present}
@@ -149,7 +144,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   if fv["refusal"].present and not fv.refusal.strip():
     raise UsageError("--refusal is empty or whitespace-only")
   queries = read_queries(fv.prompt, fv.prompt_file)
-  loaded = load_checkpoint(fv.checkpoint, fv.tokenizer, fv.template)
+  loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template)
   dcfg = decode_config(fv, loaded)
   cfg, params, tokenizer, template = loaded.cfg, loaded.params, loaded.tokenizer, loaded.template
   check_budget(cfg, tokenizer, template, queries, fv.prefill, dcfg)

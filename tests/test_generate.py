@@ -14,12 +14,11 @@ import transformers
 
 from clsalign_jax import model as M
 from clsalign_jax.convert import save_orbax_params
-from clsalign_jax import generate
+from clsalign_jax import artifacts, generate
 from clsalign_jax.data.templates import encode_prompt, get_template
 from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
 from clsalign_jax.decode import PAPER_REFUSAL
 from clsalign_jax.errors import CheckpointError
-from clsalign_jax.generate import load_checkpoint
 from clsalign_jax.interop.hf import save_hf
 
 
@@ -101,10 +100,10 @@ def test_without_cls_facts_the_default_is_the_plain_model(tiny, tmp_path, capsys
   assert f"response: {tokenizer.decode(greedy, skip_special_tokens=True)!r}" not in reading
 
 
-def test_load_checkpoint_errors_name_the_problem(tmp_path, tiny_orbax):
+def test_checkpoint_errors_name_the_problem(tmp_path, tiny_orbax):
   with pytest.raises(CheckpointError, match="missing: not found .expected smollm2, gguf:FILE"):
-    load_checkpoint(str(tmp_path / "missing"))
+    artifacts.load(str(tmp_path / "missing"))
   with pytest.raises(CheckpointError, match="a directory with no checkpoints/, model_config.json or config.json"):
-    load_checkpoint(str(tmp_path))
+    artifacts.load(str(tmp_path))
   with pytest.raises(CheckpointError, match="no tokenizer recorded with it or stored alongside; give one"):
-    load_checkpoint(tiny_orbax)
+    artifacts.load(tiny_orbax)
