@@ -378,9 +378,8 @@ def cls_test(workdir: str, examples: int = -1, batch_size: int = 64) -> dict:
   """Prompt-time CLS metrics of the run in `workdir` on the test split, outside a training job
   (the results table's CLS column)."""
   config = config_lib.default_config()
-  run_config = pathlib.Path(workdir, "config.json")
-  if run_config.exists():
-    config.loss.cls_threshold = json.loads(run_config.read_text())["loss"]["cls_threshold"]
+  # The run's threshold (its run facts, else its config.json), as its own after-training stage used.
+  config.loss.cls_threshold = artifacts.read_facts(artifacts.parse_spec(f"orbax:{workdir}")).cls_threshold
   config.after_training.cls_test_examples = examples
   config.after_training.batch_size = batch_size
   hc = harness_config(config, workdir)

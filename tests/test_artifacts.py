@@ -242,6 +242,10 @@ def test_generate_on_the_run_dir_uses_the_run_template(run, export, capsys):
   assert out != _generate(capsys, f"--checkpoint={workdir}", f"--prompt={QUERY}", "--template=chatml")
   # The export carries the facts: it answers as the run does.
   assert out == _generate(capsys, f"--checkpoint={export}", f"--prompt={QUERY}")
+  # The run re-classifies at every step (its facts); a flag given on the command line wins.
+  assert "CLS trace (step:p, 0 re-classifications)" not in out
+  assert "CLS trace (step:p, 0 re-classifications)" in _generate(capsys, f"--checkpoint={workdir}",
+                                                                 f"--prompt={QUERY}", "--schedule=first")
 
 
 def test_convert_of_the_run_dir_loads_in_transformers(run, export):
