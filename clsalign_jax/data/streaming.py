@@ -27,7 +27,8 @@ Checkpointing: the iterator state holds grain's state of the encoded-group strea
 current group packing has gone, and the rows still open or waiting for a batch as (record index,
 chunk) pairs. Restoring re-encodes just those documents, so a state stays small (at most
 3·rows·max_segments_per_row pairs) and resuming yields exactly the batches an uninterrupted run
-would have.
+would have. With worker processes the batches are the same, but grain's part of the state has another
+form: a state restores into a stream with the same `worker_count` (0 or not).
 """
 
 from __future__ import annotations

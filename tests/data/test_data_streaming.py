@@ -2,6 +2,9 @@
 
 import collections
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -200,3 +203,45 @@ def test_bad_documents_raise_or_are_skipped(smollm2):
     DocumentStream(docs, smollm2, _config(balance_classes=True), process_index=0, process_count=1)
   with pytest.raises(ValueError, match="divisible"):
     DocumentStream(docs, smollm2, _config(), process_index=0, process_count=3)
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
+  # grain worker processes (spawned) need absl flags parsed and a main guard: a fresh interpreter.
+  script = tmp_path / "workers.py"
+  script.write_text(textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from absl import flags
+    from clsalign_jax.data.pipeline import PipelineConfig
+    from clsalign_jax.data.streaming import DocumentStream
+    from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
+
+    def stream(docs, tok, workers):
+      config = PipelineConfig(max_length=64, batch_size=4, bucket_lengths=(), packing=True, num_epochs=2,
+                              worker_count=workers)
+      return DocumentStream(docs, tok, config, process_index=0, process_count=1, encode_group=16)
+
+    def same(a, b):
+      return len(a) == len(b) and all(all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+    if __name__ == "__main__":
+      flags.FLAGS(["workers"])
+      tok = Tokenizer.from_gguf(smollm2_gguf_path())
+      docs = [{"id": f"d{i}", "text": f"Doc {i} " + "word " * (i * 7 % 150), "label": i % 2} for i in range(200)]
+      reference = list(stream(docs, tok, 0))
+      it = iter(stream(docs, tok, 2))
+      for _ in range(21):
+        next(it)
+      state = json.loads(json.dumps(it.get_state()))
+      rest = list(it)
+      resumed = iter(stream(docs, tok, 2))
+      resumed.set_state(state)
+      print("RESULT", len(reference), same(rest, reference[21:]), same(list(resumed), reference[21:]))
+    """
+  ))
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+  result = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+  assert out.returncode == 0 and result, out.stderr[-3000:]
+  n, plain, resumed = result[0].split()[1:]
+  assert int(n) > 21 and plain == resumed == "True"
