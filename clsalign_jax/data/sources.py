@@ -39,7 +39,11 @@ PRETRAIN_SOURCES = ("wiki_pretrain", "safety_pretrain_corpus")
 
 
 def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
-  """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch."""
+  """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch.
+
+  The pretraining train split is the exception: it streams (data/streaming.py), and a shard's b rows
+  per batch are its own documents (every shard_count-th of the shuffled order, from shard_index).
+  """
   data = config.data
   model_cfg = model_lib.config_from_fields(config.model)
   tokenizer_spec = _tokenizer_spec(config)

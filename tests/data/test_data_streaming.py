@@ -245,3 +245,36 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   assert out.returncode == 0 and result, out.stderr[-3000:]
   n, plain, resumed = result[0].split()[1:]
   assert int(n) > 21 and plain == resumed == "True"
+
+
+def test_training_hook_streams_the_pretraining_corpus(tmp_path, monkeypatch):
+  """make_data_iterator's pretraining train split: built once to ArrayRecord, then streamed; its state
+  survives JSON and resumes on exactly the next batches; the eval split stays one ordered pass."""
+  from clsalign_jax import config as config_lib
+  from clsalign_jax.data import sources
+
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  docs = tmp_path / "wiki.jsonl"
+  docs.write_text("".join(json.dumps({"text": f"Article {i}. " + "Some words here. " * (i % 40), "label": int(i % 3 == 0)})
+                          + "\n" for i in range(300)))
+  c = config_lib.default_config()
+  with c.unlocked():
+    c.model.preset = "smollm2_135m"
+    c.init_from = "gguf:smollm2"
+    c.train.mode = "pretrain"
+    c.data.update(source="wiki_pretrain", files=(str(docs),), seq_len=64, global_batch_size=4)
+  it = sources.make_data_iterator(c, "train", 0, 1)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(40)]  # past the first epoch's ~100 documents
+  resumed = sources.make_data_iterator(c, "train", 0, 1)
+  resumed.set_state(state)
+  assert all(_equal(next(resumed), e) for e in expected)
+  batch = expected[0]
+  assert batch["tokens"].shape == (4, 64) and (batch["tokens"][:, :2] == [49152, 1]).all()
+  assert (batch["loss_mask"][:, :2] == 0).all() and batch["loss_mask"][:, 2:].any()
+  half = next(sources.make_data_iterator(c, "train", 1, 2))
+  assert half["tokens"].shape == (2, 64)
+  labels = np.concatenate([b["cls_label"] for b in sources.make_data_iterator(c, "validation", 0, 1)])
+  assert 0 < (labels >= 0).sum() < 300 * 0.05
