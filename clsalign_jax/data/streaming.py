@@ -101,6 +101,7 @@ class _EncodeGroup:
         sources.append(i)
         chunks.append(k)
     return {
+      "read": np.asarray(len(indices), np.int64),
       "tokens": np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
       "starts": np.asarray(starts, np.int64),
       "labels": np.asarray(out_labels, np.int32),
@@ -118,10 +119,9 @@ class _EncodeGroup:
 
   def lookup(self, refs: Sequence[Sequence[int]]) -> list[_Chunk]:
     """The chunks named by (record index, chunk) pairs, re-encoded (for restoring a state)."""
-    by_source = {}
-    for source in dict.fromkeys(int(r[0]) for r in refs):
-      by_source[source] = {c.chunk: c for c in self.chunks(self([source]))}
-    return [by_source[int(s)][int(k)] for s, k in refs]
+    sources = list(dict.fromkeys(int(r[0]) for r in refs))
+    by_ref = {(c.source, c.chunk): c for c in self.chunks(self(sources))} if sources else {}
+    return [by_ref[int(s), int(k)] for s, k in refs]
 
 
 class _Rows:
@@ -228,6 +228,7 @@ class _PackedIterator(grain.DatasetIterator):
     self._pos = 0  # chunks of the group already packed
     self._skip = 0  # after set_state: chunks of the next group that were packed before the save
     self._ended = False
+    self._barren = 0  # documents read since the last one that gave a chunk
 
   def __next__(self):
     while True:
@@ -246,6 +247,13 @@ class _PackedIterator(grain.DatasetIterator):
           continue
         self._group, self._group_state = self._encoder.chunks(group), state
         self._pos, self._skip = self._skip, 0
+        # Repeating forever over documents that are all skipped would never yield a batch.
+        self._barren = 0 if self._group else self._barren + int(group["read"])
+        if self._barren >= len(self._encoder.records):
+          raise DataError(
+            f"none of the {len(self._encoder.records)} documents could be encoded "
+            "(every one skipped as a bad record)"
+          )
         continue
       self._rows.add(self._group[self._pos])
       self._pos += 1

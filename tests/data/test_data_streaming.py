@@ -199,6 +199,11 @@ def test_bad_documents_raise_or_are_skipped(smollm2):
                           process_index=0, process_count=1)
   (batch,) = list(stream)
   assert batch["cls_label"].tolist() == [0, 1]
+  bad = [{"id": f"b{i}", "text": "", "label": 0} for i in range(9)]
+  forever = DocumentStream(bad, smollm2, _config(num_epochs=None, skip_bad_records=True), process_index=0,
+                           process_count=1, encode_group=4)
+  with pytest.raises(DataError, match="none of the 9 documents"):
+    next(iter(forever))
   with pytest.raises(ValueError, match="balance_classes"):
     DocumentStream(docs, smollm2, _config(balance_classes=True), process_index=0, process_count=1)
   with pytest.raises(ValueError, match="divisible"):
