@@ -70,9 +70,11 @@ class _EncodeGroup:
 
   def __call__(self, indices) -> dict[str, np.ndarray]:
     indices = [int(i) for i in np.atleast_1d(indices)]
+    # An ArrayRecord data source reads a batch of keys in one call, faster than one at a time.
+    getitems = getattr(self.records, "__getitems__", None)
+    records = getitems(indices) if getitems else [self.records[i] for i in indices]
     kept, texts, labels = [], [], []
-    for i in indices:
-      rec = self.records[i]
+    for i, rec in zip(indices, records):
       rid = _field(rec, "id") or f"record {i}"
       try:
         text = _field(rec, "text")
