@@ -1,6 +1,6 @@
 """The one place for training defaults; `configs/*.py` presets override only what differs.
 
-The defaults are the paper's SFT recipe (method.md §4.4): full fine-tuning in bf16, AdamW
+The defaults are the paper's SFT recipe (docs/method.md §4.4): full fine-tuning in bf16, AdamW
 lr 2e-5, weight decay 0.1, no clipping, StepLR γ = 0.85 per epoch, 72 sequences of 2048
 tokens per optimizer step, λ2 = 0.1, 15 epochs of the safety mix.
 
