@@ -267,7 +267,7 @@ def test_training_hook_streams_the_pretraining_corpus(tmp_path, monkeypatch):
     c.model.preset = "smollm2_135m"
     c.init_from = "gguf:smollm2"
     c.train.mode = "pretrain"
-    c.data.update(source="wiki_pretrain", files=(str(docs),), seq_len=64, global_batch_size=4)
+    c.data.update(source="wiki_pretrain", files=(str(docs),), tokenizer="smollm2", seq_len=64, global_batch_size=4)
   it = sources.make_data_iterator(c, "train", 0, 1)
   for _ in range(5):
     next(it)
