@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from clsalign_jax import artifacts
 from clsalign_jax import checkpoint as ckpt_lib
 from clsalign_jax import config as config_lib
 from clsalign_jax import errors, losses, masks, metrics as metrics_lib
@@ -98,7 +99,20 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
                      "clsalign_jax.data, which is not installed; use config.data.source='synthetic'") from None
   if not hasattr(data, "make_data_iterator"):
     raise ValueError("clsalign_jax.data has no make_data_iterator(config, split, shard_index, shard_count)")
-  return data.make_data_iterator(config, split, shard_index, shard_count)
+  return data.make_data_iterator(with_tokenizer(config), split, shard_index, shard_count)
+
+
+def with_tokenizer(config):
+  """`config` with `data.tokenizer` filled from the checkpoint it starts from when it is empty:
+  the data room reads the tokenizer from the config alone (it must not parse checkpoint specs)."""
+  if config.data.tokenizer or not config.init_from:
+    return config
+  found = artifacts.tokenizer_spec_of(config.init_from)
+  if not found:
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer = found
+  return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,17 +119,13 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
 
 
 def _tokenizer_spec(config) -> str:
-  explicit = config.data.tokenizer
-  if explicit:
-    return explicit
-  # The checkpoint spec grammar has one parser; imported here, as only this fallback needs it.
-  from clsalign_jax.artifacts import tokenizer_spec_of
-  found = tokenizer_spec_of(config.init_from or "")
-  if found:
-    return found
+  # The training hook (train.make_data_iterator) fills data.tokenizer from init_from; the data
+  # room never parses a checkpoint spec itself.
+  if config.data.tokenizer:
+    return config.data.tokenizer
   raise ValueError(
-    "cannot tell the tokenizer from config.init_from="
-    f"{config.init_from!r}; set config.data.tokenizer ('smollm2', 'mistral' or a file)"
+    f"config.data.tokenizer is empty and config.init_from={config.init_from!r} carries no tokenizer; "
+    "set config.data.tokenizer ('smollm2', 'mistral' or a file)"
   )
 
 

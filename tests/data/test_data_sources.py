@@ -15,7 +15,7 @@ def config(tmp_path, monkeypatch):
   c = config_lib.default_config()
   c.model.preset = "smollm2_135m"
   c.init_from = "gguf:smollm2"
-  c.data.update(seq_len=512, global_batch_size=4)
+  c.data.update(tokenizer="smollm2", seq_len=512, global_batch_size=4)
   return c
 
 
@@ -46,9 +46,19 @@ def test_tokenizer_must_fit_the_model(config):
   config.model.preset = "llama2_7b"
   with pytest.raises(ValueError, match="does not fit the model"):
     sources.make_data_iterator(config, "train", 0, 1)
-  config.init_from = ""
+  config.data.tokenizer = ""
   with pytest.raises(ValueError, match="config.data.tokenizer"):
     sources.make_data_iterator(config, "train", 0, 1)
+
+
+def test_training_hook_takes_the_tokenizer_from_init_from(config):
+  # data.tokenizer empty: train's hook resolves it from the checkpoint the run starts from.
+  config.data.tokenizer = ""
+  assert train.with_tokenizer(config).data.tokenizer == "smollm2"
+  assert config.data.tokenizer == ""  # the caller's config is left as it was
+  config.init_from = ""
+  with pytest.raises(ValueError, match="config.data.tokenizer"):
+    train.make_data_iterator(config, "train", 0, 1)
 
 
 def test_pretraining_source_reads_user_files(config, tmp_path):
