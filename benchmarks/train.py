@@ -2,11 +2,24 @@
 
   .venv/bin/python benchmarks/train.py                 # SmolLM2-135M, fp32, CPU, batch 8 x 256
   .venv/bin/python benchmarks/train.py --smoke         # tiny model, one step (CI: checks it runs)
+  .venv/bin/python benchmarks/train.py --variants 0,2,2d   # torch, ours scan, ours scan on default malloc
 
 Every variant runs in its own process so that peak memory (max RSS) and compile time are its own.
 Rows: torch eager (the baseline), ours with layers as a Python loop and with `nn.scan`, and ours
 with each remat policy. Both sides train the same weights on the same batch with AdamW; ours also
 computes the CLS head and its BCE (one extra row of a [D, 1] matmul).
+
+FLOPs per step are counted analytically (6 x params x tokens for the matmuls forward and backward,
+the tied head included, plus 12 x L x B x T^2 x N x H for the attention scores and mixing) and set
+against an fp32 matmul rate measured in its own process in the same run (the best of jax and torch
+on a large square matmul), so the table says how far each step is from the machine's matmul
+roofline.
+
+Allocation: XLA CPU takes each step's temporaries (5.6 GiB here) as one allocation that glibc
+serves by a fresh mmap from a worker thread and unmaps afterwards, so every step page-faults all of
+it in 4 KiB pages (1.47 M minor faults, seconds of kernel time on 2 cores). Workers therefore run
+with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (2 MiB transparent huge pages for malloc's mmaps: ~85x
+fewer faults), torch included; a variant suffixed `d` (`--variants 2d`) runs on the default malloc.
 """
 
 from __future__ import annotations
@@ -33,10 +46,15 @@ VARIANTS = [
     ("jax", {"scan": True, "remat": "save_attn_mlp_out"}),
 ]
 SMOKE_VARIANTS = [VARIANTS[0], VARIANTS[2], VARIANTS[3]]
+HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _minflt() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _model(spec):
@@ -92,12 +110,14 @@ def run_jax(spec) -> dict:
   compile_s = time.perf_counter() - t0
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
+  flt0, t0 = _minflt(), time.perf_counter()
   for _ in range(spec["steps"]):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t0) / spec["steps"]
-  return {"compile_s": compile_s, "step_s": step_s, "loss": float(metrics["lm_loss"]), "peak_gib": _peak_rss_gib()}
+  faults = (_minflt() - flt0) / spec["steps"]
+  return {"compile_s": compile_s, "step_s": step_s, "loss": float(metrics["lm_loss"]), "peak_gib": _peak_rss_gib(),
+          "minflt": faults, "flops": step_flops(cfg, M.count_params(params), spec["batch"], spec["seq"])}
 
 
 def run_torch(spec) -> dict:
@@ -124,23 +144,70 @@ def run_torch(spec) -> dict:
     return float(loss)
 
   one_step()
-  t0 = time.perf_counter()
+  flt0, t0 = _minflt(), time.perf_counter()
   for _ in range(spec["steps"]):
     loss = one_step()
   step_s = (time.perf_counter() - t0) / spec["steps"]
-  return {"compile_s": 0.0, "step_s": step_s, "loss": loss, "peak_gib": _peak_rss_gib()}
+  faults = (_minflt() - flt0) / spec["steps"]
+  n_params = sum(p.numel() for p in model.parameters())
+  return {"compile_s": 0.0, "step_s": step_s, "loss": loss, "peak_gib": _peak_rss_gib(),
+          "minflt": faults, "flops": step_flops(cfg, n_params, spec["batch"], spec["seq"] - 1)}
+
+
+def run_matmul(spec) -> dict:
+  """Best-of-3 fp32 GFLOP/s of one large square matmul, in jax and in torch."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  n = 512 if spec["smoke"] else 4096
+  a_NN = np.random.RandomState(0).randn(n, n).astype(np.float32)
+  dot = jax.jit(jnp.dot)
+  a_j = jnp.asarray(a_NN)
+  a_t = torch.from_numpy(a_NN)
+  rates = {}
+  for name, fn in (("jax", lambda: jax.block_until_ready(dot(a_j, a_j))), ("torch", lambda: torch.mm(a_t, a_t))):
+    fn()
+    best = float("inf")
+    for _ in range(3):
+      t0 = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t0)
+    rates[name] = 2 * n**3 / best / 1e9
+  return {"jax_gflops": rates["jax"], "torch_gflops": rates["torch"], "n": n}
+
+
+def step_flops(cfg, n_params: int, batch: int, seq: int) -> float:
+  """Matmul FLOPs of one training step: 6 x params x tokens (forward 2, backward 4; the tied
+  embedding counted once, as the LM head) plus the attention scores and mixing, 2 matmuls of
+  2 x B x T^2 x N x H each per layer forward, x3 with the backward."""
+  return 6.0 * n_params * batch * seq + 12.0 * cfg.n_layers * batch * seq**2 * cfg.n_heads * cfg.head_dim
 
 
 def _worker(spec_json: str) -> None:
   spec = json.loads(spec_json)
-  result = run_torch(spec) if spec["kind"] == "torch" else run_jax(spec)
+  run = {"torch": run_torch, "jax": run_jax, "matmul": run_matmul}[spec["kind"]]
+  result = run(spec)
   print("RESULT " + json.dumps(result), flush=True)
 
 
-def _name(kind, opts):
+def _name(kind, opts, default_malloc=False):
+  malloc = ", default malloc" if default_malloc else ""
   if kind == "torch":
-    return "transformers/torch eager (baseline)"
-  return f"ours, {'scan' if opts['scan'] else 'loop'}, remat={opts['remat']}"
+    return f"transformers/torch eager{malloc}"
+  return f"ours, {'scan' if opts['scan'] else 'loop'}, remat={opts['remat']}{malloc}"
+
+
+def _run_worker(spec: dict, default_malloc: bool = False) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  if not default_malloc:
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGETLB) if t)
+  proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                        text=True, env=env)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"worker {spec} failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len("RESULT "):])
 
 
 def main():
@@ -149,6 +216,8 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--variants", help="comma-separated indices into VARIANTS (0 = torch), run in this "
+                  "order; suffix d = on the default malloc (no huge pages). Default: all")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -156,29 +225,35 @@ def main():
     return
   if args.smoke:
     args.batch, args.seq, args.steps = 2, 32, 1
+  if args.variants:
+    picks = [(VARIANTS[int(v.rstrip("d"))], v.endswith("d")) for v in args.variants.split(",")]
+  else:
+    picks = [(v, False) for v in (SMOKE_VARIANTS if args.smoke else VARIANTS)]
   tokens = args.batch * args.seq
+  mm = _run_worker(dict(kind="matmul", smoke=args.smoke))
+  roof = max(mm["jax_gflops"], mm["torch_gflops"])
+  print(f"done: fp32 matmul {mm['n']}^3: jax {mm['jax_gflops']:.1f}, torch {mm['torch_gflops']:.1f} GFLOP/s",
+        file=sys.stderr, flush=True)
   rows = []
-  for kind, opts in (SMOKE_VARIANTS if args.smoke else VARIANTS):
+  for (kind, opts), default_malloc in picks:
     spec = dict(kind=kind, smoke=args.smoke, batch=args.batch, seq=args.seq, steps=args.steps, **opts)
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-      sys.stderr.write(proc.stderr[-4000:])
-      raise SystemExit(f"variant {_name(kind, opts)} failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT "):])
-    rows.append((_name(kind, opts), result))
-    print(f"done: {_name(kind, opts)}: {result}", file=sys.stderr, flush=True)
+    result = _run_worker(spec, default_malloc)
+    rows.append((_name(kind, opts, default_malloc), result))
+    print(f"done: {rows[-1][0]}: {result}", file=sys.stderr, flush=True)
 
-  base = rows[0][1]["step_s"]
+  base = next((r["step_s"] for n, r in rows if n.startswith("transformers")), rows[0][1]["step_s"])
   print(f"\ntraining step, {'tiny smoke model' if args.smoke else 'SmolLM2-135M'}, fp32, "
-        f"batch {args.batch} x {args.seq} ({tokens} tokens), mean of {args.steps} steps after one warm-up\n")
-  print("| variant | compile s | step s | tokens/s | vs torch | peak RSS GiB | final loss |")
-  print("|---|---|---|---|---|---|---|")
+        f"batch {args.batch} x {args.seq} ({tokens} tokens), mean of {args.steps} steps after one warm-up; "
+        f"fp32 matmul roofline {roof:.1f} GFLOP/s ({mm['n']}^3: jax {mm['jax_gflops']:.1f}, "
+        f"torch {mm['torch_gflops']:.1f})\n")
+  print("| variant | compile s | step s | tokens/s | vs torch | GFLOP/step | GFLOP/s | of roofline "
+        "| minor faults/step | peak RSS GiB | final loss |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for name, r in rows:
+    rate = r["flops"] / r["step_s"] / 1e9
     print(f"| {name} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
-          f"{base / r['step_s']:.2f}x | {r['peak_gib']:.2f} | {r['loss']:.4f} |")
+          f"{base / r['step_s']:.2f}x | {r['flops'] / 1e9:,.0f} | {rate:.1f} | {rate / roof:.0%} | "
+          f"{r['minflt']:,.0f} | {r['peak_gib']:.2f} | {r['loss']:.4f} |")
 
 
 if __name__ == "__main__":
