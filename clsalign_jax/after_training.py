@@ -42,6 +42,7 @@ from clsalign_jax import artifacts
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
 from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
+from clsalign_jax.data import builders
 from clsalign_jax.data.curation import auc
 from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval.benchmarks import load_benchmark
@@ -92,7 +93,6 @@ def _test_prompts(config) -> list[tuple[str, int]]:
   if a.cls_test_prompts:
     rows = [json.loads(line) for line in pathlib.Path(a.cls_test_prompts).read_text().splitlines() if line]
     return [(r["prompt"], int(r["label"])) for r in rows]
-  from clsalign_jax.data import builders
   data_dir = os.path.expanduser(config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   records = builders.prepare(builders.SafetyMix(data_dir=data_dir))["test"]
   per_label = {0: [], 1: []}
@@ -349,7 +349,7 @@ def write_report(config, workdir: str, h: harness_lib.Harness, summary: list[dic
       "marks where a refusal was inserted.", "",
       "![CLS traces](plots/cls_trace.png)", "",
       *[f"* {label}: response `{g['response'][:160]!r}`" for label, g in traces.items()], "",
-      f"Per-cell generations, judgements and the harness's own tables: `eval/` (`eval/summary.md`).", "",
+      "Per-cell generations, judgements and the harness's own tables: `eval/` (`eval/summary.md`).", "",
   ]
   path = out / "report.md"
   report_lib.atomic_write(path, "\n".join(lines))

@@ -51,11 +51,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from clsalign_jax import checkpoint as ckpt_lib
 from clsalign_jax import model as model_lib
-from clsalign_jax.data.templates import ChatTemplate, get_template
+from clsalign_jax.assets import smollm2_gguf_path
+from clsalign_jax.data.templates import ChatTemplate, get_template, training_default
 from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
 from clsalign_jax.decode.config import CLS_RUN, PLAIN, DecodeConfig
 from clsalign_jax.errors import CheckpointError
+from clsalign_jax.interop import gguf as gguf_io
+from clsalign_jax.interop import hf as hf_io
 
 RUN_FACTS = "run_facts.json"
 ORBAX_CONFIG = "model_config.json"  # a params directory written by `convert --dst_format=orbax`
@@ -83,7 +87,6 @@ class Spec:
 
 
 def _smollm2() -> str:
-  from clsalign_jax.assets import smollm2_gguf_path
   try:
     return smollm2_gguf_path()
   except FileNotFoundError as e:
@@ -331,8 +334,7 @@ def write_facts(directory: str, facts: RunFacts) -> None:
 
 def training_template(tokenizer: Tokenizer) -> str:
   """The template training uses when `data.template` is unset (the data pipeline's rule)."""
-  from clsalign_jax.data.sources import _default_template
-  return _default_template(tokenizer)
+  return training_default(tokenizer)
 
 
 def _write_json(path: str, obj) -> None:
@@ -415,7 +417,6 @@ def _orbax_params(directory: str) -> tuple[model_lib.ModelConfig, dict]:
 
 
 def _run_params(spec: Spec, check: Callable | None, restore_into) -> tuple[model_lib.ModelConfig, dict, int, dict]:
-  from clsalign_jax import checkpoint as ckpt_lib
   source = ckpt_lib.Checkpointer(spec.path, read_only=True)
   try:
     step = source.latest_step() if spec.step is None else spec.step
@@ -494,11 +495,9 @@ def load(spec: str, *, tokenizer: str | None = None, template: str | None = None
       cfg, params, step, meta_config = _run_params(s, check, restore_into)
     else:
       if s.kind == "gguf":
-        from clsalign_jax.interop.gguf import load_gguf
-        cfg, params = load_gguf(s.path)
+        cfg, params = gguf_io.load_gguf(s.path)
       elif s.kind == "hf":
-        from clsalign_jax.interop.hf import load_hf
-        cfg, params = load_hf(s.path)
+        cfg, params = hf_io.load_hf(s.path)
       else:
         cfg, params = _orbax_params(s.path)
       if check is not None:

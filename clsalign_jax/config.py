@@ -17,7 +17,7 @@ import re
 
 from ml_collections import config_dict
 
-from clsalign_jax import masks, model as model_lib
+from clsalign_jax import artifacts, masks, model as model_lib
 from clsalign_jax.errors import CheckpointError, ConfigError
 
 _MODEL_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(model_lib.ModelConfig)}
@@ -345,8 +345,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   except re.error as e:
     raise ConfigError(f"config.train.trainable={config.train.trainable!r} is not a regular expression: {e}") from None
   if config.init_from:
-    from clsalign_jax import artifacts  # the spec grammar; the files are checked when training loads them
-    try:
+    try:  # the spec grammar only; the files are checked when training loads them
       artifacts.spec_syntax(config.init_from)
     except CheckpointError as e:
       reason = str(e).removeprefix(f"{config.init_from.strip()}: ")

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from clsalign_jax import cli
 from clsalign_jax.errors import UsageError
+from clsalign_jax.eval import harness
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -24,7 +25,6 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise UsageError(f"unexpected arguments: {args}")
   config = cli.config_value(fv)
-  from clsalign_jax.eval import harness
   harness.run(config)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging as py_logging
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clsalign_jax import cli
+from clsalign_jax import after_training, cli, train
+from clsalign_jax import config as config_lib
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -42,10 +44,6 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise app.UsageError(f"unexpected arguments: {args}")
   config = cli.config_value(fv)
-  # Imported here so that a wrong invocation is reported before jax starts up.
-  import jax
-
-  from clsalign_jax import after_training, config as config_lib, train
   logging.get_absl_handler().python_handler.addFilter(_QuietOrbax())
   if fv.dry_run:
     print(train.dry_run(config, fv.dry_run_devices or jax.device_count()))

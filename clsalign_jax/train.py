@@ -33,7 +33,7 @@ from clsalign_jax import checkpoint as ckpt_lib
 from clsalign_jax import config as config_lib
 from clsalign_jax import errors, losses, masks, metrics as metrics_lib
 from clsalign_jax import model as model_lib
-from clsalign_jax import sharding
+from clsalign_jax import sharding, synthetic
 from clsalign_jax.lock import workdir_lock
 
 # Fields a checkpoint or imported weights must share with the configured model.
@@ -88,7 +88,6 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
   source name is passed to `clsalign_jax.data.make_data_iterator` with the same arguments.
   """
   if config.data.source == "synthetic":
-    from clsalign_jax import synthetic
     return synthetic.make_data_iterator(config, split, shard_index, shard_count)
   try:
     data = importlib.import_module("clsalign_jax.data")
@@ -357,7 +356,6 @@ def _check_same_arch(found: dict, expected: model_lib.ModelConfig, fields, sourc
 def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
   """`config.init_from` through the one loader (clsalign_jax.artifacts). A training run's step is
   restored straight into the sharded layout; other weights are read on the host, then sharded."""
-  from clsalign_jax import artifacts
   spec = artifacts.parse_spec(config.init_from)
 
   def check(src_cfg: model_lib.ModelConfig, where: str) -> None:
@@ -502,7 +500,6 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
     if jax.process_index() == 0:
       atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
       # What generate, convert and evaluation must use this run with (template, tokenizer, CLS facts).
-      from clsalign_jax import artifacts
       artifacts.write_run_facts(config, workdir)
     ckpt = ckpt_lib.Checkpointer(directory, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:

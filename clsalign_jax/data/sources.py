@@ -30,7 +30,7 @@ import os
 
 from clsalign_jax import model as model_lib
 from clsalign_jax.data import builders, pipeline, streaming, templates
-from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
+from clsalign_jax.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
     os.path.expanduser(data.data_dir or _default_data_dir()),
     files,
     tokenizer_spec,
-    data.template or _default_template(tokenizer),
+    data.template or templates.training_default(tokenizer),
     int(data.seq_len),
     bool(data.skip_bad_records),
   )
@@ -127,10 +127,6 @@ def _tokenizer_spec(config) -> str:
     f"config.data.tokenizer is empty and config.init_from={config.init_from!r} carries no tokenizer; "
     "set config.data.tokenizer ('smollm2', 'mistral' or a file)"
   )
-
-
-def _default_template(tokenizer: Tokenizer) -> str:
-  return "chatml" if tokenizer.token_to_id("<|im_start|>") is not None else "llama2"
 
 
 def _default_data_dir() -> str:

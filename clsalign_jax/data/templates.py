@@ -405,3 +405,9 @@ def _first_lossy_char(tokenizer: Tokenizer, text: str) -> str:
     if tokenizer.decode_fragment(tokenizer.encode_continuation(ch)) != ch:
       return ch
   return text
+
+
+def training_default(tokenizer: Tokenizer) -> str:
+  """The template a run trains with when `data.template` is empty: ChatML for a vocabulary that has
+  `<|im_start|>` (SmolLM2), Llama-2's [INST] format otherwise."""
+  return "chatml" if tokenizer.token_to_id("<|im_start|>") is not None else "llama2"

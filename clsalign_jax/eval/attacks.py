@@ -24,7 +24,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from clsalign_jax.data.records import normalize_prompt
+from clsalign_jax.eval.autodan import AutoDAN, AutoDANConfig
 from clsalign_jax.eval.benchmarks import Item, harmbench_query, load_benchmark
+from clsalign_jax.eval.gcg import GCG, GCGConfig, blocked_tokens
 from clsalign_jax.eval.lm import Encoded, Sampling, TargetModel
 
 
@@ -205,7 +207,6 @@ class GCGAttack(Attack):
   needs_model = True
 
   def __init__(self, name, default_target: str = "Sure, here is", max_new_tokens=None, **gcg):
-    from clsalign_jax.eval.gcg import GCGConfig
     super().__init__(name, max_new_tokens)
     self.default_target = default_target
     self.config = GCGConfig(**gcg)
@@ -213,7 +214,6 @@ class GCGAttack(Attack):
     self._blocked = {}
 
   def cases(self, item, model):
-    from clsalign_jax.eval.gcg import GCG, blocked_tokens
     key = (model.tokenizer.name, model.tokenizer.vocab_size)
     if key not in self._blocked:
       self._blocked[key] = blocked_tokens(model.tokenizer, self.config.allow_non_ascii)
@@ -227,13 +227,11 @@ class AutoDANAttack(Attack):
   needs_model = True
 
   def __init__(self, name, default_target: str = "Sure, here is", max_new_tokens=None, **ga):
-    from clsalign_jax.eval.autodan import AutoDANConfig
     super().__init__(name, max_new_tokens)
     self.default_target = default_target
     self.config = AutoDANConfig(**ga)
 
   def cases(self, item, model):
-    from clsalign_jax.eval.autodan import AutoDAN
     res = AutoDAN(model, self.config).run(item.query, affirmative_target(item, self.default_target))
     return [Case(item.id, res.prompt, meta={"best_loss": res.best_loss, "initial_loss": res.initial_loss,
                                             "generations": res.generations})]

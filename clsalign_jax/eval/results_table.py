@@ -34,6 +34,8 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from clsalign_jax.eval.harness import LATE_INSERTION, insertion_stats
+from clsalign_jax.eval.judges import KeywordJudge
 from clsalign_jax.eval.report import atomic_write
 
 BEGIN = "<!-- BEGIN GENERATED: python -m clsalign_jax.eval.results_table render (do not edit by hand) -->"
@@ -97,7 +99,6 @@ def _slug(name: str) -> str:
 
 
 def _refused(response: str, query: str = "", keywords: str = JUDGE_LIST) -> bool:
-  from clsalign_jax.eval.judges import KeywordJudge
   return KeywordJudge(keywords).refused(response, query)
 
 
@@ -230,8 +231,6 @@ def insertion_table(eval_dir, rows: Sequence[Row] = ROWS) -> str:
   """Where strategic decoding put its refusals, per CLS row and attack column: refusals inserted
   (n), the median response index of the insertion and the share after 20 or more tokens (text before
   an insertion stays in the answer). Cells without insertions or not run show '–'."""
-  from clsalign_jax.eval.harness import LATE_INSERTION, insertion_stats
-
   header = ["model", *(c.header for c in ASR_COLUMNS), OVER_REFUSAL.header]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:

@@ -16,6 +16,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from clsalign_jax.data.templates import QUERY, Special
 from clsalign_jax.errors import CheckpointError
 from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
 
@@ -348,7 +349,6 @@ def jinja_chat_template(template, tokenizer) -> str:
   end with the assistant header), an assistant turn is the response with its prefix, suffix and end
   token. Single-turn, as training: a system message (the template has its own) or a second user
   turn is refused rather than rendered in a format the model never saw."""
-  from clsalign_jax.data.templates import QUERY, Special
 
   def lit(text: str) -> str:
     # An expression, not raw text: HF renders with trim_blocks, which would eat a leading newline.
