@@ -116,8 +116,56 @@ def run_jax(spec) -> dict:
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t0) / spec["steps"]
   faults = (_minflt() - flt0) / spec["steps"]
+  if spec.get("profile"):
+    _profile_step(compiled, state, batch)
   return {"compile_s": compile_s, "step_s": step_s, "loss": float(metrics["lm_loss"]), "peak_gib": _peak_rss_gib(),
           "minflt": faults, "flops": step_flops(cfg, M.count_params(params), spec["batch"], spec["seq"])}
+
+
+def _op_group(name: str, opcode: str, op_name: str) -> str:
+  """A coarse cost group for one XLA CPU thunk, from its HLO opcode and jax op_name."""
+  kind = ("matmul" if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or opcode == "dot"
+          else "transpose/copy" if name.startswith("copy") else "scan stacking" if "dynamic" in name
+          else "elementwise")
+  if "btd,vd->btv" in op_name or "btd,dv->btv" in op_name:
+    return "LM head matmul"
+  if "/layers/" in op_name or "while/body" in op_name:
+    return f"layers: {kind}"
+  if "Transformer" in op_name:
+    return f"embedding/final norm: {kind}"
+  if "jvp()" in op_name:
+    return "loss (log-softmax, CE)"
+  if name.startswith(("wrapped_broadcast", "copy.")):
+    return "buffer init/copies outside the layers"
+  return "optimizer and the rest"
+
+
+def _profile_step(compiled, state, batch) -> None:
+  """One more step under jax.profiler; prints thunk time per group to stderr (the XLA CPU
+  runtime runs thunks mostly one after another here, so the groups add up to about the step)."""
+  import collections
+  import gzip
+  import glob
+  import re
+  import jax
+  ops = {}
+  for line in compiled.as_text().splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ (\w+)\(", line)
+    if m:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(compiled(state, batch))
+    events = json.load(gzip.open(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  groups = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in ops:
+      groups[_op_group(e["name"], *ops[e["name"]])] += e.get("dur", 0) / 1e6
+  total = sum(groups.values())
+  for group, sec in groups.most_common():
+    print(f"profile: {sec:8.2f} s {sec / total:6.1%}  {group}", file=sys.stderr, flush=True)
 
 
 def run_torch(spec) -> dict:
@@ -204,6 +252,7 @@ def _run_worker(spec: dict, default_malloc: bool = False) -> dict:
   proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                         text=True, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if l.startswith("profile: ")))
   if proc.returncode != 0 or not lines:
     sys.stderr.write(proc.stderr[-4000:])
     raise SystemExit(f"worker {spec} failed (exit {proc.returncode})")
@@ -218,6 +267,8 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--variants", help="comma-separated indices into VARIANTS (0 = torch), run in this "
                   "order; suffix d = on the default malloc (no huge pages). Default: all")
+  ap.add_argument("--profile", action="store_true", help="after timing, profile one more step of each "
+                  "jax variant and print its time per op group to stderr")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -236,7 +287,8 @@ def main():
         file=sys.stderr, flush=True)
   rows = []
   for (kind, opts), default_malloc in picks:
-    spec = dict(kind=kind, smoke=args.smoke, batch=args.batch, seq=args.seq, steps=args.steps, **opts)
+    spec = dict(kind=kind, smoke=args.smoke, batch=args.batch, seq=args.seq, steps=args.steps,
+                profile=args.profile, **opts)
     result = _run_worker(spec, default_malloc)
     rows.append((_name(kind, opts, default_malloc), result))
     print(f"done: {rows[-1][0]}: {result}", file=sys.stderr, flush=True)
