@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from clsalign_jax import matmul
 from clsalign_jax.errors import ConfigError
 
 Array = jax.Array
@@ -299,11 +300,12 @@ class MLP(nn.Module):
     def kernel(name, shape, axes):
       return self.param(name, nn.with_logical_partitioning(_dense_init(), axes), shape, pdtype).astype(dtype)
 
-    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, kernel("gate_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
-    up_BTF = jnp.einsum("btd,df->btf", x_BTD, kernel("up_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
+    # matmul.dense: same values, a backward without [B, T, F]-sized transposes on XLA CPU.
+    gate_BTF = matmul.dense(x_BTD, kernel("gate_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
+    up_BTF = matmul.dense(x_BTD, kernel("up_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
     h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF,
                                        ("activation_batch", "activation_length", "activation_mlp"))
-    out_BTD = jnp.einsum("btf,fd->btd", h_BTF, kernel("down_proj", (cfg.d_ff, cfg.d_model), ("mlp", "embed")))
+    out_BTD = matmul.dense(h_BTF, kernel("down_proj", (cfg.d_ff, cfg.d_model), ("mlp", "embed")))
     return checkpoint_name(out_BTD, "mlp_out")
 
 
