@@ -136,10 +136,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--prefill_len", type=int, default=2048)
   ap.add_argument("--prefill_repeats", type=int, default=2)
+  ap.add_argument("--prefill_batch_sizes", default=None, help="default: --batch_sizes")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
   if args.smoke:
     args.batch_sizes, args.new_tokens, args.repeats, args.prefill_len, args.prefill_repeats = "1,2", 6, 1, 96, 1
+  prefill_batches = {int(b) for b in (args.prefill_batch_sizes or args.batch_sizes).split(",")}
   torch.set_num_threads(os.cpu_count())
 
   cfg, params_np, prompts, refusal_list, pad_id = smoke_model() if args.smoke else smollm2_model()
@@ -201,12 +203,13 @@ def main():
       rows.append(f"| {B} | ours, {name if name != 'plain' else 'plain decoding'} | {tok / best[name]:.1f} "
                   f"| {best[name]:.2f} | {statistics.median(times[name]):.2f} | {best_cpu[name]:.2f} | {ratio:.2f} "
                   f"| {rel} | {tok / best[name] / roofline:.0%} |")
+    print("\n".join(rows[-len(variants):]))  # as soon as measured: a long run may be cut short
     print(f"batch {B}: first-call (compile + run) seconds: "
           + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items())
           + f"; roofline {roofline:.0f} tokens/s; load average {load_before:.2f} before, {load:.2f} after timing",
           flush=True)
 
-    if args.prefill_len:
+    if args.prefill_len and B in prefill_batches:
       long_tokens, long_span = long_prompt(prompts, args.prefill_len)
       long_inputs = pack_inputs([long_tokens] * B, [long_span] * B)
       one = DecodeConfig(schedule="first", strategic_attention=False, strategic_decoding=False, max_new_tokens=1)
@@ -218,6 +221,7 @@ def main():
         c = pcpu[name][ptimes[name].index(pbest[name])]
         prefill_rows.append(f"| {B} | {len(long_tokens)} | {name} | {B * len(long_tokens) / pbest[name]:.0f} "
                             f"| {pbest[name]:.2f} | {c:.2f} | {pbest['transformers'] / pbest[name]:.2f} |")
+      print("\n".join(prefill_rows[-2:]))
       print(f"batch {B} prefill: load average {pload:.2f} after timing", flush=True)
 
   print("\n| batch | decoder | tokens/s | best s | median s | CPU s | speed vs transformers | time vs plain "
@@ -230,7 +234,8 @@ def main():
     print("\n".join(prefill_rows))
   print(f"\ncommand: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} python benchmarks/decode.py "
         + ("--smoke" if args.smoke else f"--batch_sizes={args.batch_sizes} --new_tokens={args.new_tokens} "
-           f"--repeats={args.repeats} --prefill_len={args.prefill_len} --prefill_repeats={args.prefill_repeats}"))
+           f"--repeats={args.repeats} --prefill_len={args.prefill_len} --prefill_repeats={args.prefill_repeats} "
+           f"--prefill_batch_sizes={args.prefill_batch_sizes or args.batch_sizes}"))
   print("git:", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 
 

@@ -38,7 +38,9 @@ def test_decode_benchmark_smoke():
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), "--smoke"],
                        capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+  # Rows are printed as measured and again as whole tables at the end: read the tables.
+  tables = out.stdout[out.stdout.index("| batch | decoder |"):]
+  rows = [l for l in tables.splitlines() if l.startswith("| ")]
   decoders = [r.split("|")[2].strip() for r in rows if r.split("|")[2].strip().startswith(("ours", "transformers"))]
   assert decoders[:6] == ["transformers generate", "ours, plain decoding", "ours, each", "ours, annealing",
                           "ours, periodic(10)", "ours, first"]
