@@ -13,6 +13,7 @@ wrong invocation (flags, config values) or 1 for a failure; the traceback only w
 from __future__ import annotations
 
 import difflib
+import logging as py_logging
 import os
 import re
 import sys
@@ -176,6 +177,16 @@ def exit_code_and_message(e: BaseException) -> tuple[int, str]:
   return 1, f"unexpected {type(e).__name__}: {e} (a bug; rerun with --debug for the traceback)"
 
 
+class _QuietOrbax:
+  """Keeps orbax's warnings and errors, drops its INFO lines (not with an explicit --verbosity)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+_QUIET_ORBAX = _QuietOrbax()
+
+
 def run(body: Callable[[flags.FlagValues, list[str]], Any],
         define_flags: Callable[[flags.FlagValues, list[str]], None], argv: list[str] | None = None) -> int:
   """Parse `argv` (default sys.argv) into a fresh FlagValues and run `body`; returns the exit code."""
@@ -198,6 +209,8 @@ def run(body: Callable[[flags.FlagValues, list[str]], Any],
     args = fv(argv[:1] + own)
     if not any(_flag_name(x) in ("v", "verbosity") for x in shared):
       logging.set_verbosity(logging.INFO)  # app.run's default: progress lines such as "resumed from ..."
+      # orbax logs every file it reads or writes at INFO: dozens of lines around one generated answer.
+      logging.get_absl_handler().python_handler.addFilter(_QUIET_ORBAX)
     debug = fv.debug
   except Exception as e:  # noqa: BLE001 - config_flags raises KeyError/AttributeError for unknown keys
     if debug:

@@ -10,8 +10,6 @@ failed run); `--debug` adds the traceback.
 
 from __future__ import annotations
 
-import logging as py_logging
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,18 +31,10 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.", flag_values=fv)
 
 
-class _QuietOrbax:
-  """orbax logs every file it writes at INFO; keep its warnings, drop the rest."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def body(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise app.UsageError(f"unexpected arguments: {args}")
   config = cli.config_value(fv)
-  logging.get_absl_handler().python_handler.addFilter(_QuietOrbax())
   if fv.dry_run:
     print(train.dry_run(config, fv.dry_run_devices or jax.device_count()))
     return
