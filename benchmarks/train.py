@@ -241,7 +241,7 @@ def _worker(spec_json: str) -> None:
 def _name(kind, opts, default_malloc=False):
   malloc = ", default malloc" if default_malloc else ""
   if kind == "torch":
-    return f"transformers/torch eager{malloc}"
+    return f"transformers/torch eager (baseline){malloc}"
   return f"ours, {'scan' if opts['scan'] else 'loop'}, remat={opts['remat']}{malloc}"
 
 
