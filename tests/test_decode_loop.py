@@ -296,19 +296,27 @@ def test_eos_stops_a_row_and_the_loop():
   assert int(out.num_steps) == k
 
 
+# Traces of the decode loop, counted through jax.monitoring's public compile events (the jit cache's
+# own size is private API): a trace is a miss of the loop's compilation cache.
+_LOOP_TRACES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **kw: _LOOP_TRACES.append(1)
+    if event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") == _decode_jit.__name__ else None)
+
+
 def test_same_shapes_do_not_recompile():
   params = _params()
   _run(params, PROMPTS, ANNEALING)
-  before = _decode_jit._cache_size()
+  before = len(_LOOP_TRACES)
   other = [[CLS, 1, 30, 31], [CLS, 1, 32, 33, 34, 35, 36], [CLS, 1, 37, 38, 39, 40]]
   inputs = pack_inputs(other, [[2, len(p) - 1] for p in other])  # lengths 4..7 share the bucket of 64
   sampling = SamplingParams.make(3, temperature=0.7, top_p=0.9, seed=11)
   decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling, cfg=CFG, dcfg=ANNEALING, eos_id=None)
-  after_first = _decode_jit._cache_size()
+  after_first = len(_LOOP_TRACES)
   assert after_first == before + 1  # a new bucket (64, not 16) and no logits output
   decode(params, pack_inputs(PROMPTS, SPANS), jnp.asarray(REFUSAL, jnp.int32), SamplingParams.make(3),
          None, cfg=CFG, dcfg=ANNEALING, eos_id=5, return_logits=False)
-  assert _decode_jit._cache_size() == after_first
+  assert len(_LOOP_TRACES) == after_first  # other sampling settings and eos: traced values, no new trace
 
 
 # The state machine alone: `transition` on hand-built arrays, against a scalar re-statement of
