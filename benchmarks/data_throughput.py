@@ -74,8 +74,15 @@ def document_child(args):
   """One path over one corpus size in this (fresh) process: JSON with tokens, seconds, peak RSS."""
   tok = Tokenizer.from_gguf(smollm2_gguf_path())
   docs = SyntheticDocuments(args.num_docs)
-  config = PipelineConfig(max_length=args.max_length, batch_size=args.batch_size, packing=args.packing,
-                          bucket_lengths=(), num_epochs=1, drop_remainder=False, worker_count=args.workers)
+  config = PipelineConfig(
+    max_length=args.max_length,
+    batch_size=args.batch_size,
+    packing=args.packing,
+    bucket_lengths=(),
+    num_epochs=1,
+    drop_remainder=False,
+    worker_count=args.workers,
+  )
   setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   cpu0 = _cpu_seconds()
   t0 = time.perf_counter()
@@ -95,8 +102,19 @@ def document_child(args):
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   if args.workers:  # the workers' pages count too
     peak += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  print(json.dumps({"tokens": tokens, "rows": rows, "seconds": seconds, "cpu_s": cpu, "first_batch_s": first,
-                    "setup_rss_mb": setup_rss / 1024, "peak_rss_mb": peak / 1024}))
+  print(
+    json.dumps(
+      {
+        "tokens": tokens,
+        "rows": rows,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "first_batch_s": first,
+        "setup_rss_mb": setup_rss / 1024,
+        "peak_rss_mb": peak / 1024,
+      }
+    )
+  )
 
 
 def _cpu_seconds() -> float:
@@ -111,33 +129,57 @@ def documents(args):
   results = {}
   for path in ("old", "new"):
     for n in sizes:
-      cmd = [sys.executable, __file__, "--child", path, "--num-docs", str(n), "--max-length", str(args.max_length),
-             "--batch-size", str(args.batch_size), "--workers", str(args.workers)] + (["--packing"] * args.packing)
+      cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        path,
+        "--num-docs",
+        str(n),
+        "--max-length",
+        str(args.max_length),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+      ] + (["--packing"] * args.packing)
       out = subprocess.run(cmd, capture_output=True, text=True)
       if out.returncode:
         raise SystemExit(f"{path} path on {n} documents failed:\n{out.stderr[-3000:]}")
       results[path, n] = json.loads(out.stdout.strip().splitlines()[-1])
   print(f"machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}; load average before: {load_before}")
   mode = f"packing (N = 16)" if args.packing else "one chunk per row"
-  print(f"documents: synthetic, max_length {args.max_length}, batch {args.batch_size}, {mode}, one epoch, "
-        f"workers {args.workers}, SmolLM2 tokenizer")
-  print("| path | documents | tokens | seconds | tokens/s | CPU s | tokens/CPU s | first batch s | RSS after setup MB "
-        "| peak RSS MB |")
+  print(
+    f"documents: synthetic, max_length {args.max_length}, batch {args.batch_size}, {mode}, one epoch, "
+    f"workers {args.workers}, SmolLM2 tokenizer"
+  )
+  print(
+    "| path | documents | tokens | seconds | tokens/s | CPU s | tokens/CPU s | first batch s | RSS after setup MB "
+    "| peak RSS MB |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for (path, n), r in results.items():
     name = "old (encode all, then batch)" if path == "old" else "new (streaming)"
-    print(f"| {name} | {n:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
-          f"{r['cpu_s']:.1f} | {r['tokens'] / r['cpu_s']:,.0f} | {r['first_batch_s']:.2f} | {r['setup_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+    print(
+      f"| {name} | {n:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
+      f"{r['cpu_s']:.1f} | {r['tokens'] / r['cpu_s']:,.0f} | {r['first_batch_s']:.2f} | {r['setup_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+    )
   small, big = sizes
   for path in ("old", "new"):
-    print(f"{path}: peak RSS {big:,} / {small:,} documents = "
-          f"{results[path, big]['peak_rss_mb'] / results[path, small]['peak_rss_mb']:.2f}x")
+    print(
+      f"{path}: peak RSS {big:,} / {small:,} documents = "
+      f"{results[path, big]['peak_rss_mb'] / results[path, small]['peak_rss_mb']:.2f}x"
+    )
   speed = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
-  print(f"new / old tokens/s: {speed['new', small] / speed['old', small]:.2f}x ({small:,}), "
-        f"{speed['new', big] / speed['old', big]:.2f}x ({big:,})")
+  print(
+    f"new / old tokens/s: {speed['new', small] / speed['old', small]:.2f}x ({small:,}), "
+    f"{speed['new', big] / speed['old', big]:.2f}x ({big:,})"
+  )
   cpu = {k: r["cpu_s"] for k, r in results.items()}
-  print(f"old / new CPU seconds: {cpu['old', small] / cpu['new', small]:.2f}x ({small:,}), "
-        f"{cpu['old', big] / cpu['new', big]:.2f}x ({big:,}); load average after: {os.getloadavg()}")
+  print(
+    f"old / new CPU seconds: {cpu['old', small] / cpu['new', small]:.2f}x ({small:,}), "
+    f"{cpu['old', big] / cpu['new', big]:.2f}x ({big:,}); load average after: {os.getloadavg()}"
+  )
 
 
 def main():

@@ -45,22 +45,24 @@ from clsalign_jax.interop.hf import save_hf
 from clsalign_jax.model import to_layout
 
 QUERIES = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain how a bicycle works, step by step, for a curious ten-year-old.",
-    "List three tips for learning a new language.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "How do I bake bread at home without a bread machine?",
-    "Why is the sky blue?",
-    "Give me a recipe for a quick vegetarian dinner with what most kitchens have.",
+  "What is the capital of France?",
+  "Write a short poem about the sea.",
+  "Explain how a bicycle works, step by step, for a curious ten-year-old.",
+  "List three tips for learning a new language.",
+  "Summarise the plot of Romeo and Juliet in two sentences.",
+  "How do I bake bread at home without a bread machine?",
+  "Why is the sky blue?",
+  "Give me a recipe for a quick vegetarian dinner with what most kitchens have.",
 ]
 # Plain decoding: no re-classification in the loop and no intervention (the prompt pass still
 # carries the CLS row, as every call of this model does).
-SCHEDULES = {"plain": DecodeConfig(schedule="first", strategic_attention=False, strategic_decoding=False),
-             "each": DecodeConfig(schedule="each"),
-             "annealing": DecodeConfig(schedule="annealing"),
-             "periodic(10)": DecodeConfig(schedule="periodic", period=10),
-             "first": DecodeConfig(schedule="first")}
+SCHEDULES = {
+  "plain": DecodeConfig(schedule="first", strategic_attention=False, strategic_decoding=False),
+  "each": DecodeConfig(schedule="each"),
+  "annealing": DecodeConfig(schedule="annealing"),
+  "periodic(10)": DecodeConfig(schedule="periodic", period=10),
+  "first": DecodeConfig(schedule="first"),
+}
 
 
 def cpu_model() -> str:
@@ -110,7 +112,7 @@ def long_prompt(prompts, length: int):
   """One prompt of exactly `length` tokens: the first prompt with its query tokens repeated."""
   tokens, (q0, q1) = prompts[0]
   query = tokens[q0:q1]
-  filler = (query * (length // max(len(query), 1) + 1))[:length - (len(tokens) - (q1 - q0))]
+  filler = (query * (length // max(len(query), 1) + 1))[: length - (len(tokens) - (q1 - q0))]
   return tokens[:q0] + filler + tokens[q1:], (q0, q0 + len(filler))
 
 
@@ -153,13 +155,16 @@ def main():
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params_np))
   bandwidth = memory_bandwidth_gbs(64 if args.smoke else 1024)
 
-  print(f"machine: {cpu_model()}, nproc={os.cpu_count()}, jax {jax.__version__}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-        f"memory bandwidth (numpy copy, read + write) {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB")
+  print(
+    f"machine: {cpu_model()}, nproc={os.cpu_count()}, jax {jax.__version__}, torch {torch.__version__}, "
+    f"transformers {transformers.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+    f"memory bandwidth (numpy copy, read + write) {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB"
+  )
 
   def ours(inputs, sampling, dcfg):
     return lambda: jax.block_until_ready(
-        decode(params, inputs, refusal, sampling, cfg=cfg, dcfg=dcfg, eos_id=None).tokens_BS)
+      decode(params, inputs, refusal, sampling, cfg=cfg, dcfg=dcfg, eos_id=None).tokens_BS
+    )
 
   def hf(rows, new_tokens):
     # transformers gets the same prompts without the [CLS] (its vocabulary has no such row).
@@ -172,8 +177,15 @@ def main():
 
     def run():
       with torch.inference_mode():
-        return hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=pad_id)
+        return hf_model.generate(
+          input_ids=ids,
+          attention_mask=mask,
+          do_sample=False,
+          max_new_tokens=new_tokens,
+          min_new_tokens=new_tokens,
+          pad_token_id=pad_id,
+        )
+
     return run
 
   kv_bytes_per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
@@ -182,7 +194,9 @@ def main():
     picked = [prompts[i % len(prompts)] for i in range(B)]
     inputs = pack_inputs([p for p, _ in picked], [span for _, span in picked])
     sampling = SamplingParams.make(B)
-    variants = {name: ours(inputs, sampling, d.replace(max_new_tokens=args.new_tokens)) for name, d in SCHEDULES.items()}
+    variants = {
+      name: ours(inputs, sampling, d.replace(max_new_tokens=args.new_tokens)) for name, d in SCHEDULES.items()
+    }
     variants["transformers"] = hf([p for p, _ in picked], args.new_tokens)
     load_before = os.getloadavg()[0]
     times, cpu, compile_s = run_variants(variants, args.repeats)
@@ -194,20 +208,26 @@ def main():
     # Mean filled slots over the decode steps (the whole padded prompt bucket counts: it is attended).
     mean_slots = inputs.tokens_BP.shape[1] + args.new_tokens / 2
     roofline = B * bandwidth * 1e9 / (weight_bytes + B * mean_slots * kv_bytes_per_slot)
-    rows.append(f"| {B} | transformers generate | {tok / best['transformers']:.1f} | {best['transformers']:.2f} "
-                f"| {statistics.median(times['transformers']):.2f} | {best_cpu['transformers']:.2f} | 1.00 | – "
-                f"| {tok / best['transformers'] / roofline:.0%} |")
+    rows.append(
+      f"| {B} | transformers generate | {tok / best['transformers']:.1f} | {best['transformers']:.2f} "
+      f"| {statistics.median(times['transformers']):.2f} | {best_cpu['transformers']:.2f} | 1.00 | – "
+      f"| {tok / best['transformers'] / roofline:.0%} |"
+    )
     for name in SCHEDULES:
       ratio = best["transformers"] / best[name]
       rel = f"{best[name] / best['plain']:.3f}" if name != "plain" else "1.000"
-      rows.append(f"| {B} | ours, {name if name != 'plain' else 'plain decoding'} | {tok / best[name]:.1f} "
-                  f"| {best[name]:.2f} | {statistics.median(times[name]):.2f} | {best_cpu[name]:.2f} | {ratio:.2f} "
-                  f"| {rel} | {tok / best[name] / roofline:.0%} |")
-    print("\n".join(rows[-len(variants):]))  # as soon as measured: a long run may be cut short
-    print(f"batch {B}: first-call (compile + run) seconds: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items())
-          + f"; roofline {roofline:.0f} tokens/s; load average {load_before:.2f} before, {load:.2f} after timing",
-          flush=True)
+      rows.append(
+        f"| {B} | ours, {name if name != 'plain' else 'plain decoding'} | {tok / best[name]:.1f} "
+        f"| {best[name]:.2f} | {statistics.median(times[name]):.2f} | {best_cpu[name]:.2f} | {ratio:.2f} "
+        f"| {rel} | {tok / best[name] / roofline:.0%} |"
+      )
+    print("\n".join(rows[-len(variants) :]))  # as soon as measured: a long run may be cut short
+    print(
+      f"batch {B}: first-call (compile + run) seconds: "
+      + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items())
+      + f"; roofline {roofline:.0f} tokens/s; load average {load_before:.2f} before, {load:.2f} after timing",
+      flush=True,
+    )
 
     if args.prefill_len and B in prefill_batches:
       long_tokens, long_span = long_prompt(prompts, args.prefill_len)
@@ -219,23 +239,32 @@ def main():
       pload = os.getloadavg()[0]
       for name in ("transformers", "ours"):
         c = pcpu[name][ptimes[name].index(pbest[name])]
-        prefill_rows.append(f"| {B} | {len(long_tokens)} | {name} | {B * len(long_tokens) / pbest[name]:.0f} "
-                            f"| {pbest[name]:.2f} | {c:.2f} | {pbest['transformers'] / pbest[name]:.2f} |")
+        prefill_rows.append(
+          f"| {B} | {len(long_tokens)} | {name} | {B * len(long_tokens) / pbest[name]:.0f} "
+          f"| {pbest[name]:.2f} | {c:.2f} | {pbest['transformers'] / pbest[name]:.2f} |"
+        )
       print("\n".join(prefill_rows[-2:]))
       print(f"batch {B} prefill: load average {pload:.2f} after timing", flush=True)
 
-  print("\n| batch | decoder | tokens/s | best s | median s | CPU s | speed vs transformers | time vs plain "
-        "| of roofline |")
+  print(
+    "\n| batch | decoder | tokens/s | best s | median s | CPU s | speed vs transformers | time vs plain | of roofline |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
   if prefill_rows:
     print("\n| batch | prompt tokens | prefill | prompt tokens/s | best s | CPU s | speed vs transformers |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(prefill_rows))
-  print(f"\ncommand: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} python benchmarks/decode.py "
-        + ("--smoke" if args.smoke else f"--batch_sizes={args.batch_sizes} --new_tokens={args.new_tokens} "
-           f"--repeats={args.repeats} --prefill_len={args.prefill_len} --prefill_repeats={args.prefill_repeats} "
-           f"--prefill_batch_sizes={args.prefill_batch_sizes or args.batch_sizes}"))
+  print(
+    f"\ncommand: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} python benchmarks/decode.py "
+    + (
+      "--smoke"
+      if args.smoke
+      else f"--batch_sizes={args.batch_sizes} --new_tokens={args.new_tokens} "
+      f"--repeats={args.repeats} --prefill_len={args.prefill_len} --prefill_repeats={args.prefill_repeats} "
+      f"--prefill_batch_sizes={args.prefill_batch_sizes or args.batch_sizes}"
+    )
+  )
   print("git:", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 
 

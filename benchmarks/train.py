@@ -36,14 +36,14 @@ import time
 import numpy as np
 
 VARIANTS = [
-    ("torch", {}),
-    ("jax", {"scan": False, "remat": "none"}),
-    ("jax", {"scan": True, "remat": "none"}),
-    ("jax", {"scan": True, "remat": "full"}),
-    ("jax", {"scan": True, "remat": "dots"}),
-    ("jax", {"scan": True, "remat": "dots_no_batch"}),
-    ("jax", {"scan": True, "remat": "save_qkv_proj"}),
-    ("jax", {"scan": True, "remat": "save_attn_mlp_out"}),
+  ("torch", {}),
+  ("jax", {"scan": False, "remat": "none"}),
+  ("jax", {"scan": True, "remat": "none"}),
+  ("jax", {"scan": True, "remat": "full"}),
+  ("jax", {"scan": True, "remat": "dots"}),
+  ("jax", {"scan": True, "remat": "dots_no_batch"}),
+  ("jax", {"scan": True, "remat": "save_qkv_proj"}),
+  ("jax", {"scan": True, "remat": "save_attn_mlp_out"}),
 ]
 SMOKE_VARIANTS = [VARIANTS[0], VARIANTS[2], VARIANTS[3]]
 HUGETLB = "glibc.malloc.hugetlb=1"
@@ -60,9 +60,11 @@ def _minflt() -> int:
 def _model(spec):
   from clsalign_jax import artifacts
   from clsalign_jax import model as M
+
   if spec["smoke"]:
     cfg = M.ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
     import jax
+
     params = jax.tree.map(np.asarray, M.init_params(cfg, jax.random.key(0)))
     return cfg, params
   loaded = artifacts.load("smollm2", tokenizer="none")
@@ -78,11 +80,13 @@ def _batch(cfg, batch, seq, seed=0):
   loss_mask = np.zeros((batch, seq), np.int32)
   loss_mask[:, q_end:] = 1
   return {
-      "tokens": tokens, "segment_ids": np.ones((batch, seq), np.int32),
-      "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-      "query_span": np.tile(np.array([[2, q_end]], np.int32), (batch, 1)),
-      "response_span": np.tile(np.array([[q_end, seq]], np.int32), (batch, 1)),
-      "loss_mask": loss_mask, "cls_label": (np.arange(batch) % 2).astype(np.int32),
+    "tokens": tokens,
+    "segment_ids": np.ones((batch, seq), np.int32),
+    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+    "query_span": np.tile(np.array([[2, q_end]], np.int32), (batch, 1)),
+    "response_span": np.tile(np.array([[q_end, seq]], np.int32), (batch, 1)),
+    "loss_mask": loss_mask,
+    "cls_label": (np.arange(batch) % 2).astype(np.int32),
   }
 
 
@@ -101,8 +105,9 @@ def run_jax(spec) -> dict:
   schedule = train.make_schedule(config, 100)
   tx = train.make_optimizer(config, schedule)
   params = jax.tree.map(jnp.asarray, M.to_layout(params, cfg))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                           rng=jax.random.key_data(jax.random.key(0)))
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0))
+  )
   batch = jax.tree.map(jnp.asarray, _batch(cfg, spec["batch"], spec["seq"]))
   step = jax.jit(train.make_train_step(config, cfg, tx, schedule), donate_argnums=0)
   t0 = time.perf_counter()
@@ -118,15 +123,27 @@ def run_jax(spec) -> dict:
   faults = (_minflt() - flt0) / spec["steps"]
   if spec.get("profile"):
     _profile_step(compiled, state, batch)
-  return {"compile_s": compile_s, "step_s": step_s, "loss": float(metrics["lm_loss"]), "peak_gib": _peak_rss_gib(),
-          "minflt": faults, "flops": step_flops(cfg, M.count_params(params), spec["batch"], spec["seq"])}
+  return {
+    "compile_s": compile_s,
+    "step_s": step_s,
+    "loss": float(metrics["lm_loss"]),
+    "peak_gib": _peak_rss_gib(),
+    "minflt": faults,
+    "flops": step_flops(cfg, M.count_params(params), spec["batch"], spec["seq"]),
+  }
 
 
 def _op_group(name: str, opcode: str, op_name: str) -> str:
   """A coarse cost group for one XLA CPU thunk, from its HLO opcode and jax op_name."""
-  kind = ("matmul" if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or opcode == "dot"
-          else "transpose/copy" if name.startswith("copy") else "scan stacking" if "dynamic" in name
-          else "elementwise")
+  kind = (
+    "matmul"
+    if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or opcode == "dot"
+    else "transpose/copy"
+    if name.startswith("copy")
+    else "scan stacking"
+    if "dynamic" in name
+    else "elementwise"
+  )
   if "btd,vd->btv" in op_name or "btd,dv->btv" in op_name:
     return "LM head matmul"
   if "/layers/" in op_name or "while/body" in op_name:
@@ -148,6 +165,7 @@ def _profile_step(compiled, state, batch) -> None:
   import glob
   import re
   import jax
+
   ops = {}
   for line in compiled.as_text().splitlines():
     m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ (\w+)\(", line)
@@ -198,8 +216,14 @@ def run_torch(spec) -> dict:
   step_s = (time.perf_counter() - t0) / spec["steps"]
   faults = (_minflt() - flt0) / spec["steps"]
   n_params = sum(p.numel() for p in model.parameters())
-  return {"compile_s": 0.0, "step_s": step_s, "loss": loss, "peak_gib": _peak_rss_gib(),
-          "minflt": faults, "flops": step_flops(cfg, n_params, spec["batch"], spec["seq"] - 1)}
+  return {
+    "compile_s": 0.0,
+    "step_s": step_s,
+    "loss": loss,
+    "peak_gib": _peak_rss_gib(),
+    "minflt": faults,
+    "flops": step_flops(cfg, n_params, spec["batch"], spec["seq"] - 1),
+  }
 
 
 def run_matmul(spec) -> dict:
@@ -207,6 +231,7 @@ def run_matmul(spec) -> dict:
   import jax
   import jax.numpy as jnp
   import torch
+
   n = 512 if spec["smoke"] else 4096
   a_NN = np.random.RandomState(0).randn(n, n).astype(np.float32)
   dot = jax.jit(jnp.dot)
@@ -249,14 +274,15 @@ def _run_worker(spec: dict, default_malloc: bool = False) -> dict:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   if not default_malloc:
     env["GLIBC_TUNABLES"] = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGETLB) if t)
-  proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                        text=True, env=env)
+  proc = subprocess.run(
+    [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if l.startswith("profile: ")))
   if proc.returncode != 0 or not lines:
     sys.stderr.write(proc.stderr[-4000:])
     raise SystemExit(f"worker {spec} failed (exit {proc.returncode})")
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main():
@@ -265,10 +291,16 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--variants", help="comma-separated indices into VARIANTS (0 = torch), run in this "
-                  "order; suffix d = on the default malloc (no huge pages). Default: all")
-  ap.add_argument("--profile", action="store_true", help="after timing, profile one more step of each "
-                  "jax variant and print its time per op group to stderr")
+  ap.add_argument(
+    "--variants",
+    help="comma-separated indices into VARIANTS (0 = torch), run in this "
+    "order; suffix d = on the default malloc (no huge pages). Default: all",
+  )
+  ap.add_argument(
+    "--profile",
+    action="store_true",
+    help="after timing, profile one more step of each jax variant and print its time per op group to stderr",
+  )
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -283,29 +315,39 @@ def main():
   tokens = args.batch * args.seq
   mm = _run_worker(dict(kind="matmul", smoke=args.smoke))
   roof = max(mm["jax_gflops"], mm["torch_gflops"])
-  print(f"done: fp32 matmul {mm['n']}^3: jax {mm['jax_gflops']:.1f}, torch {mm['torch_gflops']:.1f} GFLOP/s",
-        file=sys.stderr, flush=True)
+  print(
+    f"done: fp32 matmul {mm['n']}^3: jax {mm['jax_gflops']:.1f}, torch {mm['torch_gflops']:.1f} GFLOP/s",
+    file=sys.stderr,
+    flush=True,
+  )
   rows = []
   for (kind, opts), default_malloc in picks:
-    spec = dict(kind=kind, smoke=args.smoke, batch=args.batch, seq=args.seq, steps=args.steps,
-                profile=args.profile, **opts)
+    spec = dict(
+      kind=kind, smoke=args.smoke, batch=args.batch, seq=args.seq, steps=args.steps, profile=args.profile, **opts
+    )
     result = _run_worker(spec, default_malloc)
     rows.append((_name(kind, opts, default_malloc), result))
     print(f"done: {rows[-1][0]}: {result}", file=sys.stderr, flush=True)
 
   base = next((r["step_s"] for n, r in rows if n.startswith("transformers")), rows[0][1]["step_s"])
-  print(f"\ntraining step, {'tiny smoke model' if args.smoke else 'SmolLM2-135M'}, fp32, "
-        f"batch {args.batch} x {args.seq} ({tokens} tokens), mean of {args.steps} steps after one warm-up; "
-        f"fp32 matmul roofline {roof:.1f} GFLOP/s ({mm['n']}^3: jax {mm['jax_gflops']:.1f}, "
-        f"torch {mm['torch_gflops']:.1f})\n")
-  print("| variant | compile s | step s | tokens/s | vs torch | GFLOP/step | GFLOP/s | of roofline "
-        "| minor faults/step | peak RSS GiB | final loss |")
+  print(
+    f"\ntraining step, {'tiny smoke model' if args.smoke else 'SmolLM2-135M'}, fp32, "
+    f"batch {args.batch} x {args.seq} ({tokens} tokens), mean of {args.steps} steps after one warm-up; "
+    f"fp32 matmul roofline {roof:.1f} GFLOP/s ({mm['n']}^3: jax {mm['jax_gflops']:.1f}, "
+    f"torch {mm['torch_gflops']:.1f})\n"
+  )
+  print(
+    "| variant | compile s | step s | tokens/s | vs torch | GFLOP/step | GFLOP/s | of roofline "
+    "| minor faults/step | peak RSS GiB | final loss |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for name, r in rows:
     rate = r["flops"] / r["step_s"] / 1e9
-    print(f"| {name} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
-          f"{base / r['step_s']:.2f}x | {r['flops'] / 1e9:,.0f} | {rate:.1f} | {rate / roof:.0%} | "
-          f"{r['minflt']:,.0f} | {r['peak_gib']:.2f} | {r['loss']:.4f} |")
+    print(
+      f"| {name} | {r['compile_s']:.1f} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} | "
+      f"{base / r['step_s']:.2f}x | {r['flops'] / 1e9:,.0f} | {rate:.1f} | {rate / roof:.0%} | "
+      f"{r['minflt']:,.0f} | {r['peak_gib']:.2f} | {r['loss']:.4f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ def _run_dirs(path: str) -> tuple[str, str] | None:
   """(checkpoints dir, workdir) when `path` is a training run's workdir or its checkpoints/."""
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return os.path.join(path, "checkpoints"), path
-  if os.path.isdir(path) and any(d.isdigit() and os.path.isdir(os.path.join(path, d, "params"))
-                                 for d in os.listdir(path)):
+  if os.path.isdir(path) and any(
+    d.isdigit() and os.path.isdir(os.path.join(path, d, "params")) for d in os.listdir(path)
+  ):
     return path, os.path.dirname(os.path.abspath(path))
   return None
 
@@ -166,7 +167,9 @@ def parse_spec(spec: str) -> Spec:
       return Spec(spec, "orbax", path)
     dirs = _run_dirs(path)
     if dirs is None:
-      what = "not found" if not os.path.exists(path) else "neither a training run (no checkpoints/) nor a params directory"
+      what = (
+        "not found" if not os.path.exists(path) else "neither a training run (no checkpoints/) nor a params directory"
+      )
       raise CheckpointError(f"{spec}: {path}: {what}")
     return Spec(spec, "run", dirs[0], step, root=dirs[1])
   # A bare path: recognised by what it holds.
@@ -191,8 +194,7 @@ def parse_spec(spec: str) -> Spec:
     if _is_run_config(config_json):
       raise CheckpointError(f"{spec}: a training run's workdir without checkpoints/ (it saved no step yet)")
     return Spec(spec, "hf", path)
-  raise CheckpointError(f"{spec}: a directory with no checkpoints/, {ORBAX_CONFIG} or config.json "
-                        f"(expected {GRAMMAR})")
+  raise CheckpointError(f"{spec}: a directory with no checkpoints/, {ORBAX_CONFIG} or config.json (expected {GRAMMAR})")
 
 
 def _is_run_config(path: str) -> bool:
@@ -286,10 +288,15 @@ def facts_from_config(config, source: str) -> RunFacts:
   if tokenizer is None and _get(config, "data.source", "") != "synthetic":
     tokenizer = tokenizer_spec_of(_get(config, "init_from", "") or "")
   return RunFacts(
-      template=_get(config, "data.template", "") or None, template_kwargs={}, tokenizer=tokenizer,
-      response_sees_cls=bool(_get(config, "mask.response_sees_cls", True)),
-      cls_threshold=float(_get(config, "loss.cls_threshold", 0.5)), cls_trained=_cls_trained(config),
-      decode=run_decode(config), source=source)
+    template=_get(config, "data.template", "") or None,
+    template_kwargs={},
+    tokenizer=tokenizer,
+    response_sees_cls=bool(_get(config, "mask.response_sees_cls", True)),
+    cls_threshold=float(_get(config, "loss.cls_threshold", 0.5)),
+    cls_trained=_cls_trained(config),
+    decode=run_decode(config),
+    source=source,
+  )
 
 
 def tokenizer_spec_of(spec: str) -> str | None:
@@ -403,6 +410,7 @@ def check_float_params(params, source: str) -> None:
 
 def _orbax_params(directory: str) -> tuple[model_lib.ModelConfig, dict]:
   import orbax.checkpoint as ocp
+
   directory = os.path.abspath(directory)
   path = os.path.join(directory, ORBAX_CONFIG)
   try:
@@ -435,8 +443,9 @@ def _run_params(spec: Spec, check: Callable | None, restore_into) -> tuple[model
     if restore_into is None:
       device = jax.local_devices(backend="cpu")[0]
       restore_into = jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-          nn.meta.unbox(model_lib.abstract_params(cfg)))
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+        nn.meta.unbox(model_lib.abstract_params(cfg)),
+      )
     params = source.restore_params(step, restore_into)
   finally:
     source.close()
@@ -464,9 +473,17 @@ class Loaded:
     return DecodeConfig(**{**base, **explicit})
 
 
-def load(spec: str, *, tokenizer: str | None = None, template: str | None = None,
-         template_kwargs: dict | None = None, model_fields: dict | None = None, need_tokenizer: bool = True,
-         check: Callable[[model_lib.ModelConfig, str], None] | None = None, restore_into=None) -> Loaded:
+def load(
+  spec: str,
+  *,
+  tokenizer: str | None = None,
+  template: str | None = None,
+  template_kwargs: dict | None = None,
+  model_fields: dict | None = None,
+  need_tokenizer: bool = True,
+  check: Callable[[model_lib.ModelConfig, str], None] | None = None,
+  restore_into=None,
+) -> Loaded:
   """Load the checkpoint `spec` (module docstring) with its facts, tokenizer and template.
 
   tokenizer / template (+ template_kwargs): explicit choices ('auto' or None: the run's, else the
@@ -512,12 +529,16 @@ def load(spec: str, *, tokenizer: str | None = None, template: str | None = None
   loaded.tokenizer = resolve_tokenizer(s, facts, tokenizer)
   if loaded.tokenizer is None:
     if need_tokenizer:
-      raise CheckpointError(f"{spec}: no tokenizer recorded with it or stored alongside; give one "
-                            "(--tokenizer: smollm2, mistral, or a .gguf / .model / tokenizer.json path)")
+      raise CheckpointError(
+        f"{spec}: no tokenizer recorded with it or stored alongside; give one "
+        "(--tokenizer: smollm2, mistral, or a .gguf / .model / tokenizer.json path)"
+      )
     return loaded
   if loaded.tokenizer.vocab_size != cfg.vocab_size:
-    raise CheckpointError(f"{spec}: tokenizer {loaded.tokenizer.name} has {loaded.tokenizer.vocab_size} tokens, "
-                          f"the model {cfg.vocab_size} (the [CLS] id must be one past both)")
+    raise CheckpointError(
+      f"{spec}: tokenizer {loaded.tokenizer.name} has {loaded.tokenizer.vocab_size} tokens, "
+      f"the model {cfg.vocab_size} (the [CLS] id must be one past both)"
+    )
   loaded.template_name, kwargs = resolve_template(cfg, loaded.tokenizer, facts, template, template_kwargs)
   try:
     loaded.template = get_template(loaded.template_name, **kwargs)
@@ -556,8 +577,9 @@ def inferred_template(cfg: model_lib.ModelConfig, tokenizer: Tokenizer) -> str:
   return "mistral" if cfg.family == "mistral" else "llama2"
 
 
-def resolve_template(cfg, tokenizer: Tokenizer, facts: RunFacts, explicit: str | None,
-                     explicit_kwargs: dict | None) -> tuple[str, dict]:
+def resolve_template(
+  cfg, tokenizer: Tokenizer, facts: RunFacts, explicit: str | None, explicit_kwargs: dict | None
+) -> tuple[str, dict]:
   """explicit > run facts > inferred from the vocabulary; kwargs go with the name they belong to."""
   if explicit and explicit != "auto":
     return explicit, dict(explicit_kwargs or {})

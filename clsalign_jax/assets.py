@@ -29,8 +29,7 @@ def _package_file(package: str, relative: str, install_hint: str) -> str:
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-      f"package {package!r} is not installed; it carries the file {relative!r}. "
-      f"Install it with: {install_hint}"
+      f"package {package!r} is not installed; it carries the file {relative!r}. Install it with: {install_hint}"
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], relative)
   if not os.path.isfile(path):

@@ -53,8 +53,9 @@ def _sha256(path: str) -> str:
 def file_digests(step_dir: str) -> dict[str, str]:
   """sha256 of every file under `step_dir` (relative path -> hex), the digest file excepted.
   hashlib releases the GIL on large buffers, so a thread pool reads several files at once."""
-  paths = sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                 for root, _, names in os.walk(step_dir) for name in names)
+  paths = sorted(
+    os.path.relpath(os.path.join(root, name), step_dir) for root, _, names in os.walk(step_dir) for name in names
+  )
   paths = [p for p in paths if p != DIGESTS]
   with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     hashes = pool.map(lambda p: _sha256(os.path.join(step_dir, p)), paths)
@@ -77,8 +78,9 @@ class DataStateHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
     path = self._path(directory)
     if not path.exists():
-      raise FileNotFoundError(f"{path}: no data-iterator state for this process "
-                              f"(was the checkpoint written with a different process count?)")
+      raise FileNotFoundError(
+        f"{path}: no data-iterator state for this process (was the checkpoint written with a different process count?)"
+      )
     return json.loads(path.read_text())
 
 
@@ -106,8 +108,9 @@ class Checkpointer:
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True)
     else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=async_save)
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+      )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -121,12 +124,16 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, progress: dict, data_state: Any, meta: dict) -> None:
     self._finalize()
-    self.manager.save(step, args=ocp.args.Composite(
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         progress=ocp.args.StandardSave(progress),
         data=DataStateSave(data_state),
-        meta=ocp.args.JsonSave(meta)))
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
     self._pending = step
 
   def _finalize(self) -> None:
@@ -143,7 +150,7 @@ class Checkpointer:
       os.replace(tmp, os.path.join(self.step_dir(step), DIGESTS))
     if self.keep is not None:
       # `step` was just written and hashed, so it is intact: deleting older ones never leaves none.
-      for old in [s for s in self.all_steps() if s < step][:-(self.keep - 1) or None]:
+      for old in [s for s in self.all_steps() if s < step][: -(self.keep - 1) or None]:
         self.manager.delete(old)
 
   def verify(self, step: int) -> None:
@@ -164,8 +171,9 @@ class Checkpointer:
       if name not in found:
         raise CorruptCheckpointError(f"{step_dir}: checkpoint is corrupted: {name} is missing")
       if found[name] != digest:
-        raise CorruptCheckpointError(f"{step_dir}: checkpoint is corrupted: {name} differs from the sha256 "
-                                     f"recorded when it was saved")
+        raise CorruptCheckpointError(
+          f"{step_dir}: checkpoint is corrupted: {name} differs from the sha256 recorded when it was saved"
+        )
 
   def latest_intact_step(self) -> int | None:
     """The newest step whose files match their digests (None if there is none)."""
@@ -198,9 +206,10 @@ class Checkpointer:
       raise
     except Exception as e:  # orbax and tensorstore raise many types; all mean "unusable"
       raise CorruptCheckpointError(
-          f"{self.directory}/{step}: checkpoint exists but cannot be restored ({type(e).__name__}: "
-          f"{str(e)[:300]}); refusing to start from scratch. Fix the config to match it, or move this step "
-          f"directory away to resume from an earlier one.") from e
+        f"{self.directory}/{step}: checkpoint exists but cannot be restored ({type(e).__name__}: "
+        f"{str(e)[:300]}); refusing to start from scratch. Fix the config to match it, or move this step "
+        f"directory away to resume from an earlier one."
+      ) from e
 
   def read_meta(self, step: int) -> dict:
     with self._restoring(step):
@@ -209,17 +218,23 @@ class Checkpointer:
   def restore(self, step: int, abstract_params, abstract_opt_state, abstract_progress) -> dict:
     """All items of `step`, arrays placed as the abstract trees' shardings say."""
     with self._restoring(step):
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_params),
           opt_state=ocp.args.StandardRestore(abstract_opt_state),
           progress=ocp.args.StandardRestore(abstract_progress),
           data=DataStateRestore(),
-          meta=ocp.args.JsonRestore()))
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
     return {name: restored[name] for name in ITEMS}
 
   def restore_params(self, step: int, abstract_params) -> Any:
     with self._restoring(step):
-      return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+      return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))[
+        "params"
+      ]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -111,8 +111,11 @@ def _unknown_key(e: BaseException, argv: list[str]) -> str | None:
     where = culprit
   else:
     files = {os.path.realpath(a.partition("=")[2].partition(":")[0]) for a in argv[1:] if "=" in a}
-    lines = [f"{frame.f_code.co_filename}:{line}" for frame, line in frames
-             if os.path.realpath(frame.f_code.co_filename) in files]
+    lines = [
+      f"{frame.f_code.co_filename}:{line}"
+      for frame, line in frames
+      if os.path.realpath(frame.f_code.co_filename) in files
+    ]
     where = lines[-1] if lines else "config"
   if key in node:  # a declared key given a value it refuses (a str for a tuple, ...)
     innermost = [x for x in _chain(e)][-1]
@@ -120,8 +123,11 @@ def _unknown_key(e: BaseException, argv: list[str]) -> str | None:
     return f"{where}: config.{wanted}: {detail}"
   leaves = [k for k in known if wanted.count(".") == k.count(".")] or known
   close = difflib.get_close_matches(wanted, leaves, n=1, cutoff=0.5)
-  hint = f"; did you mean {close[0]}?" if close else f"; known keys under {prefix[:-1] or 'config'}: " + \
-      ", ".join(sorted(node.keys()))
+  hint = (
+    f"; did you mean {close[0]}?"
+    if close
+    else f"; known keys under {prefix[:-1] or 'config'}: " + ", ".join(sorted(node.keys()))
+  )
   return f"{where}: no such config key {wanted}{hint}"
 
 
@@ -187,8 +193,11 @@ class _QuietOrbax:
 _QUIET_ORBAX = _QuietOrbax()
 
 
-def run(body: Callable[[flags.FlagValues, list[str]], Any],
-        define_flags: Callable[[flags.FlagValues, list[str]], None], argv: list[str] | None = None) -> int:
+def run(
+  body: Callable[[flags.FlagValues, list[str]], Any],
+  define_flags: Callable[[flags.FlagValues, list[str]], None],
+  argv: list[str] | None = None,
+) -> int:
   """Parse `argv` (default sys.argv) into a fresh FlagValues and run `body`; returns the exit code."""
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()

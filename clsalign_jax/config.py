@@ -27,23 +27,23 @@ _PLACEHOLDER_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int
 # Logical axis (model.py names) → mesh axis. Changing the parallelism layout is an edit here
 # or an override of `config.mesh.logical_axis_rules`; no code names a mesh axis directly.
 DEFAULT_LOGICAL_AXIS_RULES = (
-    # parameters
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("cls_out", None),
-    ("layers", None),
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
+  # parameters
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("norm", None),
+  ("cls_out", None),
+  ("layers", None),
+  # activations
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
 )
 
 
@@ -191,9 +191,12 @@ def default_config() -> config_dict.ConfigDict:
   c.after_training.malicious = config_dict.ConfigDict(dict(kind="advbench", limit=100))
   c.after_training.benign = config_dict.ConfigDict(dict(kind="safety_tuned_llamas", subset="alpaca", limit=100))
   # More over-refusal sets, by name (decoded `direct` like `benign`); neither is in mixture v2.
-  c.after_training.over_refusal = config_dict.ConfigDict(dict(
+  c.after_training.over_refusal = config_dict.ConfigDict(
+    dict(
       alpaca_eval=dict(kind="alpaca_eval", stride=8, limit=100),
-      jbb_benign=dict(kind="jailbreakbench", side="benign", stride=1)))
+      jbb_benign=dict(kind="jailbreakbench", side="benign", stride=1),
+    )
+  )
   # DecodeConfig fields the `strategic` variant sets on top of the paper's prefill settings
   # (decode.config.CLS_RUN). rule2_include_query: Rules 2-3 also let the CLS read the query; pair it
   # with mask.cls_response="window", which trains the CLS on query + response window.
@@ -222,8 +225,10 @@ def model_config(config: config_dict.ConfigDict) -> model_lib.ModelConfig:
 
 def steps_per_epoch(config: config_dict.ConfigDict) -> int:
   if config.data.num_train_examples <= 0:
-    raise ConfigError("config.data.num_train_examples must be > 0 to count epochs "
-                     "(or set config.train.num_steps and a fixed schedule.decay_every_steps)")
+    raise ConfigError(
+      "config.data.num_train_examples must be > 0 to count epochs "
+      "(or set config.train.num_steps and a fixed schedule.decay_every_steps)"
+    )
   return math.ceil(config.data.num_train_examples / config.data.global_batch_size)
 
 
@@ -236,53 +241,53 @@ def total_steps(config: config_dict.ConfigDict) -> int:
 # Every numeric key's valid range: (key, test, what the test means). Keys a preset does not set
 # (None) are skipped; the model's own fields are checked when given.
 _RANGES = (
-    ("seed", lambda v: v >= 0, ">= 0"),
-    ("data.seq_len", lambda v: v >= 2, ">= 2 (the [CLS] row and one token)"),
-    ("data.global_batch_size", lambda v: v >= 1, ">= 1"),
-    ("data.num_train_examples", lambda v: v >= 1, ">= 1"),
-    ("train.num_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for num_epochs"),
-    ("train.num_epochs", lambda v: v > 0, "> 0"),
-    ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
-    ("loss.cls_weight", lambda v: v >= 0, ">= 0"),
-    ("loss.cls_threshold", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("optimizer.learning_rate", lambda v: v > 0, "> 0"),
-    ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optimizer.eps", lambda v: v > 0, "> 0"),
-    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: off)"),
-    ("optimizer.cls_head_lr_scale", lambda v: v >= 0, ">= 0"),
-    ("schedule.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("schedule.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("schedule.decay_rate", lambda v: v > 0, "> 0"),
-    ("schedule.decay_every_steps", lambda v: v >= 0, ">= 0 (0: once per epoch)"),
-    ("mesh.data", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
-    ("mesh.fsdp", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
-    ("mesh.tensor", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
-    ("checkpoint.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
-    ("checkpoint.keep", lambda v: v >= 1, ">= 1 (0 would delete the final checkpoint)"),
-    ("guard.divergence_factor", lambda v: v == 0 or v > 1, "> 1, or 0 for off"),
-    ("guard.divergence_steps", lambda v: v >= 1, ">= 1"),
-    ("guard.median_window", lambda v: v >= 5, ">= 5"),
-    ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
-    ("eval.num_batches", lambda v: v >= 1, ">= 1"),
-    ("mask.cls_window", lambda v: v >= 1, ">= 1"),
-    ("loss.malicious_lm_weight", lambda v: v >= 0, ">= 0"),
-    ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
-    ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("after_training.cls_test_examples", lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),
-    ("metrics.peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: by device kind)"),
-    ("model.vocab_size", lambda v: v >= 1, ">= 1"),
-    ("model.d_model", lambda v: v >= 1, ">= 1"),
-    ("model.n_layers", lambda v: v >= 1, ">= 1"),
-    ("model.n_heads", lambda v: v >= 1, ">= 1"),
-    ("model.n_kv_heads", lambda v: v >= 1, ">= 1"),
-    ("model.head_dim", lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (RoPE rotates pairs)"),
-    ("model.d_ff", lambda v: v >= 1, ">= 1"),
-    ("model.max_seq_len", lambda v: v >= 2, ">= 2"),
-    ("model.rope_theta", lambda v: v > 0, "> 0"),
-    ("model.rms_eps", lambda v: v > 0, "> 0"),
-    ("model.sliding_window", lambda v: v >= 0, ">= 0 (0: none)"),
+  ("seed", lambda v: v >= 0, ">= 0"),
+  ("data.seq_len", lambda v: v >= 2, ">= 2 (the [CLS] row and one token)"),
+  ("data.global_batch_size", lambda v: v >= 1, ">= 1"),
+  ("data.num_train_examples", lambda v: v >= 1, ">= 1"),
+  ("train.num_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 for num_epochs"),
+  ("train.num_epochs", lambda v: v > 0, "> 0"),
+  ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+  ("loss.cls_weight", lambda v: v >= 0, ">= 0"),
+  ("loss.cls_threshold", lambda v: 0 < v < 1, "in (0, 1)"),
+  ("optimizer.learning_rate", lambda v: v > 0, "> 0"),
+  ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optimizer.eps", lambda v: v > 0, "> 0"),
+  ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+  ("optimizer.grad_clip_norm", lambda v: v >= 0, ">= 0 (0: off)"),
+  ("optimizer.cls_head_lr_scale", lambda v: v >= 0, ">= 0"),
+  ("schedule.warmup_steps", lambda v: v >= 0, ">= 0"),
+  ("schedule.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("schedule.decay_rate", lambda v: v > 0, "> 0"),
+  ("schedule.decay_every_steps", lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+  ("mesh.data", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+  ("mesh.fsdp", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+  ("mesh.tensor", lambda v: v >= 1 or v == -1, ">= 1, or -1 for the rest"),
+  ("checkpoint.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
+  ("checkpoint.keep", lambda v: v >= 1, ">= 1 (0 would delete the final checkpoint)"),
+  ("guard.divergence_factor", lambda v: v == 0 or v > 1, "> 1, or 0 for off"),
+  ("guard.divergence_steps", lambda v: v >= 1, ">= 1"),
+  ("guard.median_window", lambda v: v >= 5, ">= 5"),
+  ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
+  ("eval.num_batches", lambda v: v >= 1, ">= 1"),
+  ("mask.cls_window", lambda v: v >= 1, ">= 1"),
+  ("loss.malicious_lm_weight", lambda v: v >= 0, ">= 0"),
+  ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
+  ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
+  ("after_training.cls_test_examples", lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),
+  ("metrics.peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: by device kind)"),
+  ("model.vocab_size", lambda v: v >= 1, ">= 1"),
+  ("model.d_model", lambda v: v >= 1, ">= 1"),
+  ("model.n_layers", lambda v: v >= 1, ">= 1"),
+  ("model.n_heads", lambda v: v >= 1, ">= 1"),
+  ("model.n_kv_heads", lambda v: v >= 1, ">= 1"),
+  ("model.head_dim", lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (RoPE rotates pairs)"),
+  ("model.d_ff", lambda v: v >= 1, ">= 1"),
+  ("model.max_seq_len", lambda v: v >= 2, ">= 2"),
+  ("model.rope_theta", lambda v: v > 0, "> 0"),
+  ("model.rms_eps", lambda v: v > 0, "> 0"),
+  ("model.sliding_window", lambda v: v >= 0, ">= 0 (0: none)"),
 )
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -320,9 +325,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   ConfigError (a ValueError) naming the key and its value."""
   check_ranges(config)
   choices = {
-      "train.mode": (config.train.mode, ("sft", "pretrain")),
-      "schedule.name": (config.schedule.name, ("constant", "cosine", "step")),
-      "mask.cls_response": (config.mask.cls_response, masks.CLS_RESPONSE_MODES),
+    "train.mode": (config.train.mode, ("sft", "pretrain")),
+    "schedule.name": (config.schedule.name, ("constant", "cosine", "step")),
+    "mask.cls_response": (config.mask.cls_response, masks.CLS_RESPONSE_MODES),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
@@ -335,11 +340,15 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise ConfigError(f"config.data.bucket_lengths={config.data.bucket_lengths!r}: lengths must be >= 2")
   if config.data.source in PRETRAIN_SOURCES and not config.data.files:
     # Checked here rather than by the data loader so that the run stops before touching the workdir.
-    raise ConfigError(f"config.data.source={config.data.source!r} needs config.data.files "
-                      "(JSONL with text/label rows): --config.data.files=corpus.jsonl")
+    raise ConfigError(
+      f"config.data.source={config.data.source!r} needs config.data.files "
+      "(JSONL with text/label rows): --config.data.files=corpus.jsonl"
+    )
   if config.data.global_batch_size % config.train.grad_accum_steps:
-    raise ConfigError(f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
-                      f"config.train.grad_accum_steps={config.train.grad_accum_steps}")
+    raise ConfigError(
+      f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "
+      f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
+    )
   try:
     re.compile(config.train.trainable)
   except re.error as e:

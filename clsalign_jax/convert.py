@@ -61,15 +61,29 @@ def exported_facts(loaded: artifacts.Loaded, with_tokenizer: bool) -> artifacts.
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
   d = dict(flag_values=fv)
-  flags.DEFINE_string("src", None, "A clsalign_jax.artifacts spec: smollm2 | file.gguf | HF directory | "
-                      "training run workdir (RUN_DIR[@STEP]) | orbax params directory", **d)
+  flags.DEFINE_string(
+    "src",
+    None,
+    "A clsalign_jax.artifacts spec: smollm2 | file.gguf | HF directory | "
+    "training run workdir (RUN_DIR[@STEP]) | orbax params directory",
+    **d,
+  )
   flags.DEFINE_string("dst", None, "output directory (must not exist or be empty)", **d)
   flags.DEFINE_enum("dst_format", "hf", ["hf", "orbax"], "output format", **d)
   flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16", "float16"], "output param dtype", **d)
-  flags.DEFINE_string("tokenizer", "auto", "auto (the run's, else from the GGUF or tokenizer.json next to the "
-                      "weights) | none | smollm2 | mistral | path", **d)
-  flags.DEFINE_string("template", "auto", "Chat template the HF export's tokenizer_config.json renders: auto "
-                      "(the run's, else what the vocabulary implies), llama2, mistral, chatml, llama3", **d)
+  flags.DEFINE_string(
+    "tokenizer",
+    "auto",
+    "auto (the run's, else from the GGUF or tokenizer.json next to the weights) | none | smollm2 | mistral | path",
+    **d,
+  )
+  flags.DEFINE_string(
+    "template",
+    "auto",
+    "Chat template the HF export's tokenizer_config.json renders: auto "
+    "(the run's, else what the vocabulary implies), llama2, mistral, chatml, llama3",
+    **d,
+  )
 
 
 def body(fv: flags.FlagValues, args: list[str]) -> None:
@@ -80,23 +94,30 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     raise UsageError("--src and --dst are required")
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
     raise UsageError(f"--dst={dst} exists and is not an empty directory; refusing to overwrite")
-  loaded = artifacts.load(src, tokenizer="none" if fv.dst_format == "orbax" and fv.tokenizer == "auto"
-                          else fv.tokenizer, template=fv.template, need_tokenizer=False)
+  loaded = artifacts.load(
+    src,
+    tokenizer="none" if fv.dst_format == "orbax" and fv.tokenizer == "auto" else fv.tokenizer,
+    template=fv.template,
+    need_tokenizer=False,
+  )
   cfg, params = loaded.cfg, cast_params(loaded.params, fv.dtype)
   tokenizer = loaded.tokenizer
   if fv.dst_format == "orbax":
     save_orbax_params(dst, cfg, params)
   else:
     chat_template = hf_io.jinja_chat_template(loaded.template, tokenizer) if tokenizer is not None else None
-    hf_io.save_hf(dst, cfg, params, tokenizer=tokenizer, threshold=loaded.facts.cls_threshold,
-                  chat_template=chat_template)
+    hf_io.save_hf(
+      dst, cfg, params, tokenizer=tokenizer, threshold=loaded.facts.cls_threshold, chat_template=chat_template
+    )
   facts = exported_facts(loaded, with_tokenizer=tokenizer is not None and fv.dst_format == "hf")
   artifacts.write_facts(dst, facts)
   n = sum(np.asarray(x).size for x in jax.tree.leaves(params))
   step = f" step {loaded.step}" if loaded.step is not None else ""
-  print(f"converted {loaded.spec.kind}{step} {src} -> {fv.dst_format} {dst}: {n:,} parameters, "
-        f"{cfg.n_layers} layers, vocab {cfg.vocab_size} + [CLS] id {cfg.cls_id}; template "
-        f"{facts.template or '-'}, CLS {'trained' if facts.cls_trained else 'untrained'}")
+  print(
+    f"converted {loaded.spec.kind}{step} {src} -> {fv.dst_format} {dst}: {n:,} parameters, "
+    f"{cfg.n_layers} layers, vocab {cfg.vocab_size} + [CLS] id {cfg.cls_id}; template "
+    f"{facts.template or '-'}, CLS {'trained' if facts.cls_trained else 'untrained'}"
+  )
 
 
 def main(argv: list[str] | None = None) -> int:

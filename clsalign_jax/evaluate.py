@@ -17,8 +17,9 @@ from clsalign_jax.eval import harness
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).", flag_values=fv,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Evaluation config file (configs/eval_*.py).", flag_values=fv, sys_argv=argv
+  )
 
 
 def body(fv: flags.FlagValues, args: list[str]) -> None:

@@ -34,23 +34,46 @@ from clsalign_jax.model import to_layout
 
 # Decode flags whose default is the checkpoint's (run facts, else the plain model): the value
 # shown in --help applies only when neither the flag nor the run says otherwise.
-_DECODE_FLAGS = ("threshold", "tau", "schedule", "period", "anneal_cutoff", "refusal", "strategic_attention",
-                 "strategic_decoding", "response_sees_cls")
+_DECODE_FLAGS = (
+  "threshold",
+  "tau",
+  "schedule",
+  "period",
+  "anneal_cutoff",
+  "refusal",
+  "strategic_attention",
+  "strategic_decoding",
+  "response_sees_cls",
+)
 _RUN = " Default: the run's (run facts), else the plain model's."
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   del argv
   d = dict(flag_values=fv)
-  flags.DEFINE_string("checkpoint", "smollm2", "A clsalign_jax.artifacts spec: smollm2, a .gguf file, an HF "
-                      "directory, a training run's workdir (RUN_DIR[@STEP]) or an orbax params directory.", **d)
-  flags.DEFINE_string("tokenizer", "auto", "auto (the run's, else from the GGUF, or tokenizer.json next to the "
-                      "weights), smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)", **d)
+  flags.DEFINE_string(
+    "checkpoint",
+    "smollm2",
+    "A clsalign_jax.artifacts spec: smollm2, a .gguf file, an HF "
+    "directory, a training run's workdir (RUN_DIR[@STEP]) or an orbax params directory.",
+    **d,
+  )
+  flags.DEFINE_string(
+    "tokenizer",
+    "auto",
+    "auto (the run's, else from the GGUF, or tokenizer.json next to the "
+    "weights), smollm2, mistral, or a tokenizer path (.gguf, .model, tokenizer.json or its dir)",
+    **d,
+  )
   flags.DEFINE_multi_string("prompt", [], "A user query (repeatable).", **d)
   flags.DEFINE_string("prompt_file", None, "A text file with one query per non-empty line.", **d)
   flags.DEFINE_string("prefill", "", "Response text forced before generation (attacker prefill).", **d)
-  flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto (the run's, "
-                      "else what the vocabulary implies).", **d)
+  flags.DEFINE_string(
+    "template",
+    "auto",
+    "Chat template: llama2, mistral, chatml, llama3, or auto (the run's, else what the vocabulary implies).",
+    **d,
+  )
   flags.DEFINE_integer("batch_size", 8, "Queries decoded together.", lower_bound=1, **d)
   flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).", lower_bound=1, **d)
   flags.DEFINE_float("temperature", 0.0, "0: greedy.", lower_bound=0.0, **d)
@@ -59,18 +82,22 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("seed", 0, "Row i samples with seed + i.", **d)
   flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
   flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
-  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule." + _RUN,
-                       lower_bound=1, **d)
-  flags.DEFINE_float("threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0,
-                     upper_bound=1.0, **d)
-  flags.DEFINE_integer("tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN,
-                       lower_bound=1, **d)
+  flags.DEFINE_integer(
+    "anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule." + _RUN, lower_bound=1, **d
+  )
+  flags.DEFINE_float(
+    "threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0, upper_bound=1.0, **d
+  )
+  flags.DEFINE_integer(
+    "tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN, lower_bound=1, **d
+  )
   flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
   flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
   flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
   flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
-  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)."
-                    + _RUN, **d)
+  flags.DEFINE_bool(
+    "response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)." + _RUN, **d
+  )
 
 
 def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
@@ -113,26 +140,35 @@ def check_budget(cfg, tokenizer, template, queries: list[str], prefill: str, dcf
   for i, query in enumerate(queries, start=1):
     n = len(encode_prompt(tokenizer, template, query, prefill).tokens)
     if n + dcfg.max_new_tokens > cfg.max_seq_len:
-      raise UsageError(f"prompt #{i} is {n} tokens (template and prefill included); with --max_new_tokens="
-                       f"{dcfg.max_new_tokens} that exceeds the model's context of {cfg.max_seq_len} tokens")
+      raise UsageError(
+        f"prompt #{i} is {n} tokens (template and prefill included); with --max_new_tokens="
+        f"{dcfg.max_new_tokens} that exceeds the model's context of {cfg.max_seq_len} tokens"
+      )
 
 
 def format_result(i: int, result) -> str:
   row = result.row
   label = "malicious" if row.initial_malicious else "benign"
-  lines = [f"=== [{i}] {result.query}",
-           f"prompt-time p(malicious) = {row.p_initial:.4f} ({label})",
-           f"response: {result.response!r}"]
+  lines = [
+    f"=== [{i}] {result.query}",
+    f"prompt-time p(malicious) = {row.p_initial:.4f} ({label})",
+    f"response: {result.response!r}",
+  ]
   trace = " ".join(f"{s}:{p:.3f}" for s, _, p in row.trace)
   lines.append(f"CLS trace (step:p, {len(row.trace)} re-classifications): {trace or '-'}")
   if row.insert_index < 0:
     note = f"; {row.false_alarms} false alarm(s)" if row.false_alarms else ""
     lines.append(f"refusal prefix: not inserted{note}")
   else:
-    cause = ("initially malicious" if row.trigger_step < 0
-             else f"flip at step {row.trigger_step} (S_t = response token {row.trigger_index}) held for tau")
-    lines.append(f"refusal prefix: inserted at response token {row.insert_index} "
-                 f"(char {result.insert_char}); {cause}; {row.false_alarms} false alarm(s)")
+    cause = (
+      "initially malicious"
+      if row.trigger_step < 0
+      else f"flip at step {row.trigger_step} (S_t = response token {row.trigger_index}) held for tau"
+    )
+    lines.append(
+      f"refusal prefix: inserted at response token {row.insert_index} "
+      f"(char {result.insert_char}); {cause}; {row.false_alarms} false alarm(s)"
+    )
   return "\n".join(lines)
 
 
@@ -150,10 +186,11 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   check_budget(cfg, tokenizer, template, queries, fv.prefill, dcfg)
   params = jax.device_put(to_layout(params, cfg))  # once, not on every batch
   for start in range(0, len(queries), fv.batch_size):
-    batch = queries[start:start + fv.batch_size]
+    batch = queries[start : start + fv.batch_size]
     sampling = SamplingParams.make(len(batch), fv.temperature, fv.top_k, fv.top_p, fv.seed + start)
-    for i, result in enumerate(generate_text(cfg, params, tokenizer, template, batch, dcfg, sampling,
-                                             fv.prefill), start=start):
+    for i, result in enumerate(
+      generate_text(cfg, params, tokenizer, template, batch, dcfg, sampling, fv.prefill), start=start
+    ):
       print(format_result(i, result), flush=True)
 
 

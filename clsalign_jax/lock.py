@@ -45,8 +45,10 @@ def _acquire(path: str) -> int:
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirBusyError(f"workdir {os.path.dirname(path)} is in use by {_describe(path)}; wait for that "
-                               f"run to end or use another --workdir (lock: {path})") from None
+        raise WorkdirBusyError(
+          f"workdir {os.path.dirname(path)} is in use by {_describe(path)}; wait for that "
+          f"run to end or use another --workdir (lock: {path})"
+        ) from None
       raise
     # The holder we waited on may have removed the file meanwhile; our lock must be on the live one.
     try:

@@ -54,8 +54,9 @@ def token_cross_entropy(logits_BTV: jax.Array, tokens_BT: jax.Array, weights_BT:
 
 def cls_bce(cls_logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
   """Per-example binary cross-entropy with logits; label 1 = malicious, -1 (filler) → 0."""
-  bce_B = optax.sigmoid_binary_cross_entropy(cls_logit_B.astype(jnp.float32),
-                                             jnp.maximum(label_B, 0).astype(jnp.float32))
+  bce_B = optax.sigmoid_binary_cross_entropy(
+    cls_logit_B.astype(jnp.float32), jnp.maximum(label_B, 0).astype(jnp.float32)
+  )
   return jnp.where(label_B >= 0, bce_B, 0.0)
 
 
@@ -65,13 +66,21 @@ def cls_confusion(cls_logit_B: jax.Array, label_B: jax.Array, threshold: float) 
   true_B = label_B > 0
   valid_B = label_B >= 0
   count = lambda m: jnp.sum((m & valid_B).astype(jnp.float32))
-  return {"tp": count(pred_B & true_B), "fp": count(pred_B & ~true_B),
-          "fn": count(~pred_B & true_B), "tn": count(~pred_B & ~true_B)}
+  return {
+    "tp": count(pred_B & true_B),
+    "fp": count(pred_B & ~true_B),
+    "fn": count(~pred_B & true_B),
+    "tn": count(~pred_B & ~true_B),
+  }
 
 
 def classification_metrics(tp: float, fp: float, fn: float, tn: float) -> dict:
   """Accuracy, precision, recall, F1 from counts (0 where a ratio has no support)."""
   ratio = lambda a, b: a / b if b else 0.0
   precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
-  return {"cls_accuracy": ratio(tp + tn, tp + fp + fn + tn), "cls_precision": precision,
-          "cls_recall": recall, "cls_f1": ratio(2 * precision * recall, precision + recall)}
+  return {
+    "cls_accuracy": ratio(tp + tn, tp + fp + fn + tn),
+    "cls_precision": precision,
+    "cls_recall": recall,
+    "cls_f1": ratio(2 * precision * recall, precision + recall),
+  }

@@ -19,13 +19,15 @@ from clsalign_jax import config as config_lib
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print parameter count and per-device memory, then exit.", flag_values=fv)
   flags.DEFINE_integer("dry_run_devices", 0, "Devices to size the dry run for (0: those present).", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.",
-                    flag_values=fv)
+  flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.", flag_values=fv
+  )
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.", flag_values=fv)

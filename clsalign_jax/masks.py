@@ -28,8 +28,12 @@ def causal_mask(segment_ids_BT, sliding_window: int | None = None):
   i_T1 = jnp.arange(T)[:, None]
   j_1T = jnp.arange(T)[None, :]
   valid_BT = segment_ids_BT > 0
-  mask_BTT = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-              & valid_BT[:, :, None] & valid_BT[:, None, :] & (j_1T <= i_T1))
+  mask_BTT = (
+    (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    & valid_BT[:, :, None]
+    & valid_BT[:, None, :]
+    & (j_1T <= i_T1)
+  )
   if sliding_window is not None:
     mask_BTT &= (i_T1 - j_1T) < sliding_window
   return mask_BTT
@@ -77,9 +81,18 @@ def cls_visible_response(response_span, cls_label, mode: str, window: int = 15):
   return jnp.stack([start_BN, end_BN], axis=-1)
 
 
-def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mode: str = "sft",
-                      sliding_window: int | None = None, cls_response: str = "none", cls_label=None,
-                      response_sees_cls: bool = True, cls_window: int = 15):
+def cls_training_mask(
+  segment_ids_BT,
+  query_span=None,
+  response_span=None,
+  *,
+  mode: str = "sft",
+  sliding_window: int | None = None,
+  cls_response: str = "none",
+  cls_label=None,
+  response_sees_cls: bool = True,
+  cls_window: int = 15,
+):
   """[B, T, T] training mask with a CLS at the start of every segment."""
   if mode not in ("sft", "pretrain"):
     raise ValueError(f"mask mode {mode!r}; expected 'sft' or 'pretrain'")
@@ -102,8 +115,9 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
     if cls_response != "none":
       if cls_label is None and cls_response != "window":
         raise ValueError(f"cls_response={cls_response!r} needs cls_label")
-      cls_sees_BT |= span_membership(segment_ids_BT,
-                                     cls_visible_response(response_span, cls_label, cls_response, cls_window))
+      cls_sees_BT |= span_membership(
+        segment_ids_BT, cls_visible_response(response_span, cls_label, cls_response, cls_window)
+      )
     cls_row_BTT = same_BTT & (cls_sees_BT[:, None, :] | diag_TT)
     is_resp_BT = span_membership(segment_ids_BT, response_span) & response_sees_cls
     cls_col_BTT = same_BTT & is_resp_BT[:, :, None]
@@ -120,8 +134,15 @@ def cls_training_mask(segment_ids_BT, query_span=None, response_span=None, *, mo
 RULE_MALICIOUS, RULE_BENIGN, RULE_TRANSITION = 1, 2, 3
 
 
-def prefill_mask(input_len_B, prompt_len_B, query_span_B2, num_rows: int, num_slots: int,
-                 sliding_window: int | None = None, response_sees_cls: bool = True):
+def prefill_mask(
+  input_len_B,
+  prompt_len_B,
+  query_span_B2,
+  num_rows: int,
+  num_slots: int,
+  sliding_window: int | None = None,
+  response_sees_cls: bool = True,
+):
   """[B, num_rows, num_slots] mask of the prompt pass (right-padded rows, row i in slot i).
 
   The CLS row follows Rule 4 and judges the query only; prompt rows do not see the CLS;
@@ -130,8 +151,14 @@ def prefill_mask(input_len_B, prompt_len_B, query_span_B2, num_rows: int, num_sl
   """
   seg_BT = (jnp.arange(num_rows)[None, :] < input_len_B[:, None]).astype(jnp.int32)
   response_span_B2 = jnp.stack([prompt_len_B, input_len_B], axis=-1)
-  mask_BTT = cls_training_mask(seg_BT, query_span_B2, response_span_B2, mode="sft",
-                               sliding_window=sliding_window, response_sees_cls=response_sees_cls)
+  mask_BTT = cls_training_mask(
+    seg_BT,
+    query_span_B2,
+    response_span_B2,
+    mode="sft",
+    sliding_window=sliding_window,
+    response_sees_cls=response_sees_cls,
+  )
   return jnp.pad(mask_BTT, ((0, 0), (0, 0), (0, num_slots - num_rows)))
 
 
@@ -148,8 +175,20 @@ def decode_token_mask(pos_B, num_slots: int, sliding_window: int | None = None, 
   return mask_BS
 
 
-def cls_inference_mask(rule_B, pos_B, query_span_B2, response_start_B, trigger_pos_B, num_slots: int,
-                       *, r1: int, r2: int, r3: int, rule2_query: bool = False, strategic: bool = True):
+def cls_inference_mask(
+  rule_B,
+  pos_B,
+  query_span_B2,
+  response_start_B,
+  trigger_pos_B,
+  num_slots: int,
+  *,
+  r1: int,
+  r2: int,
+  r3: int,
+  rule2_query: bool = False,
+  strategic: bool = True,
+):
   """[B, S] row of a re-classifying CLS (slot 0). It always reads itself, never BOS or template
   (Rule 4), and among response slots [response_start, pos]:
     Rule 1 (initially malicious): the query and the first r1 response tokens;
@@ -171,6 +210,5 @@ def cls_inference_mask(rule_B, pos_B, query_span_B2, response_start_B, trigger_p
     rule2_BS |= in_query_BS
     rule3_BS |= in_query_BS
   rule_B1 = col(rule_B)
-  chosen_BS = jnp.where(rule_B1 == RULE_MALICIOUS, rule1_BS,
-                        jnp.where(rule_B1 == RULE_TRANSITION, rule3_BS, rule2_BS))
+  chosen_BS = jnp.where(rule_B1 == RULE_MALICIOUS, rule1_BS, jnp.where(rule_B1 == RULE_TRANSITION, rule3_BS, rule2_BS))
   return (j_1S == 0) | chosen_BS

@@ -15,15 +15,15 @@ from clsalign_jax.model import ModelConfig
 
 # bf16 dense matmul peak per device, by a substring of `jax.Device.device_kind`.
 PEAK_FLOPS = (
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
-    ("TPU v4", 275e12),
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("A6000", 155e12),
-    ("L4", 121e12),
+  ("TPU v6", 918e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 197e12),  # v5e reports "TPU v5 lite"
+  ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("A6000", 155e12),
+  ("L4", 121e12),
 )
 
 
@@ -70,10 +70,12 @@ class MetricWriter:
     self.jsonl = open(self.jsonl_path, "a")
     # Imported here: tensorboardX pulls in torch when it is installed, which costs seconds.
     from tensorboardX import SummaryWriter
+
     # purge_step makes TensorBoard hide events a killed run wrote after the restored step.
     self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         disable=not progress_bar)
+    self.bar = tqdm.tqdm(
+      total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not progress_bar
+    )
 
   def _truncate_jsonl(self, start_step: int) -> None:
     if not os.path.exists(self.jsonl_path):

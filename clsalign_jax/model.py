@@ -27,12 +27,12 @@ from clsalign_jax.errors import ConfigError
 Array = jax.Array
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
-    "save_attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+  "save_attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 
 
@@ -84,8 +84,10 @@ class ModelConfig:
     if self.rope_type != "default" and self.rope_factor <= 0:
       raise ValueError(f"rope_factor={self.rope_factor} must be positive for rope_type={self.rope_type!r}")
     if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
-      raise ValueError(f"llama3 RoPE needs rope_high_freq_factor ({self.rope_high_freq_factor}) > "
-                       f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
+      raise ValueError(
+        f"llama3 RoPE needs rope_high_freq_factor ({self.rope_high_freq_factor}) > "
+        f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0"
+      )
     if self.family not in ("llama", "mistral"):
       raise ValueError(f"family={self.family!r}; known: llama, mistral")
     for key in ("dtype", "param_dtype"):
@@ -100,32 +102,100 @@ class ModelConfig:
 
 
 PRESETS = {
-    "llama2_7b": ModelConfig(
-        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-        d_ff=11008, rms_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
-    "mistral_7b_instruct_v0_2": ModelConfig(
-        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-        d_ff=14336, rms_eps=1e-5, rope_theta=1e6, max_seq_len=32768, family="mistral"),
-    "mistral_7b_v0_1": ModelConfig(
-        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-        d_ff=14336, rms_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
-        family="mistral"),
-    "smollm2_135m": ModelConfig(
-        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-        d_ff=1536, rms_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
-    # Llama-3.1-8B (and -Instruct): vocab 128256, BOS <|begin_of_text|> 128000, EOS <|eot_id|> 128009
-    # (the instruct models' end-of-turn; the base model stops on <|end_of_text|> 128001).
-    "llama3_8b": ModelConfig(
-        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-        d_ff=14336, rms_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
-        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
-        max_seq_len=131072, bos_id=128000, eos_id=128009),
-    # Llama-3.2-1B(-Instruct): tied embeddings, head_dim 64, llama3 scaling with factor 32.
-    "llama3_2_1b": ModelConfig(
-        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-        d_ff=8192, rms_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=32.0,
-        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
-        max_seq_len=131072, tie_embeddings=True, bos_id=128000, eos_id=128009),
+  "llama2_7b": ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=32,
+    head_dim=128,
+    d_ff=11008,
+    rms_eps=1e-5,
+    rope_theta=10000.0,
+    max_seq_len=4096,
+  ),
+  "mistral_7b_instruct_v0_2": ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=14336,
+    rms_eps=1e-5,
+    rope_theta=1e6,
+    max_seq_len=32768,
+    family="mistral",
+  ),
+  "mistral_7b_v0_1": ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=14336,
+    rms_eps=1e-5,
+    rope_theta=10000.0,
+    max_seq_len=32768,
+    sliding_window=4096,
+    family="mistral",
+  ),
+  "smollm2_135m": ModelConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    rms_eps=1e-5,
+    rope_theta=100000.0,
+    max_seq_len=8192,
+    tie_embeddings=True,
+  ),
+  # Llama-3.1-8B (and -Instruct): vocab 128256, BOS <|begin_of_text|> 128000, EOS <|eot_id|> 128009
+  # (the instruct models' end-of-turn; the base model stops on <|end_of_text|> 128001).
+  "llama3_8b": ModelConfig(
+    vocab_size=128256,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=14336,
+    rms_eps=1e-5,
+    rope_theta=500000.0,
+    rope_type="llama3",
+    rope_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+    max_seq_len=131072,
+    bos_id=128000,
+    eos_id=128009,
+  ),
+  # Llama-3.2-1B(-Instruct): tied embeddings, head_dim 64, llama3 scaling with factor 32.
+  "llama3_2_1b": ModelConfig(
+    vocab_size=128256,
+    d_model=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=64,
+    d_ff=8192,
+    rms_eps=1e-5,
+    rope_theta=500000.0,
+    rope_type="llama3",
+    rope_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+    max_seq_len=131072,
+    tie_embeddings=True,
+    bos_id=128000,
+    eos_id=128009,
+  ),
 }
 
 
@@ -144,8 +214,9 @@ def config_from_fields(fields, where: str = "config.model") -> ModelConfig:
     fields["sliding_window"] = None
   if name:
     return preset(name, **fields)
-  missing = [f.name for f in dataclasses.fields(ModelConfig)
-             if f.name not in fields and f.default is dataclasses.MISSING]
+  missing = [
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in fields and f.default is dataclasses.MISSING
+  ]
   if missing:
     raise ConfigError(f"{where}: no preset and no value for {missing}")
   return ModelConfig(**fields)
@@ -168,8 +239,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD):
-    weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                          (x_BTD.shape[-1],), self.param_dtype)
+    weight_D = self.param(
+      "weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x_BTD.shape[-1],), self.param_dtype
+    )
     x32 = x_BTD.astype(jnp.float32)
     # HF normalises in fp32, casts back to the activation dtype, then scales.
     y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
@@ -180,7 +252,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """[H/2] fp32 inverse frequencies after any static scaling ("dynamic" is applied per call)."""
   H = cfg.head_dim
   # fp32 throughout, in HF's order of operations, so angles at long positions agree bit for bit.
-  inv_h = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2).astype(np.float32) / np.float32(H))))
+  inv_h = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2).astype(np.float32) / np.float32(H)))
   if cfg.rope_type == "linear":
     return (inv_h / np.float32(cfg.rope_factor)).astype(np.float32)
   if cfg.rope_type != "llama3":
@@ -206,8 +278,7 @@ def rope_tables(positions_BT: Array, cfg: ModelConfig) -> tuple[Array, Array]:
     H = cfg.head_dim
     # The threshold is max_seq_len, as HF's is max_position_embeddings.
     seq_len = jnp.maximum(jnp.max(positions_BT).astype(jnp.float32) + 1, cfg.max_seq_len)
-    base = cfg.rope_theta * ((cfg.rope_factor * seq_len / cfg.max_seq_len) - (cfg.rope_factor - 1)
-                             ) ** (H / (H - 2))
+    base = cfg.rope_theta * ((cfg.rope_factor * seq_len / cfg.max_seq_len) - (cfg.rope_factor - 1)) ** (H / (H - 2))
     inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2).astype(jnp.float32) / H))
   freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   angles_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
@@ -247,7 +318,9 @@ class Attention(nn.Module):
     q_BTNH = checkpoint_name(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), "query_proj")
     k_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wk_DGH), "key_proj")
     v_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wv_DGH), "value_proj")
-    q_BTNH = nn.with_logical_constraint(q_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+    q_BTNH = nn.with_logical_constraint(
+      q_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim")
+    )
     q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTGH = apply_rope(k_BTGH, cos_BTH, sin_BTH)
 
@@ -274,12 +347,12 @@ class Attention(nn.Module):
     if cfg.attention_impl == "cudnn":
       if kv == "bgsh":
         k_BSGH, v_BSGH = k_BSGH.transpose(0, 2, 1, 3), v_BSGH.transpose(0, 2, 1, 3)
-      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSGH, v_BSGH, mask=mask_BTS[:, None],
-                                              implementation="cudnn")
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSGH, v_BSGH, mask=mask_BTS[:, None], implementation="cudnn")
     else:
       q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
-      scores_BGRTS = jnp.einsum(f"btgrh,{kv}->bgrts", q_BTGRH, k_BSGH,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
+      scores_BGRTS = jnp.einsum(f"btgrh,{kv}->bgrts", q_BTGRH, k_BSGH, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(H)
+      )
       # A large finite fill keeps fully masked (padding) rows finite instead of NaN.
       scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS, jnp.finfo(jnp.float32).min)
       probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
@@ -303,8 +376,9 @@ class MLP(nn.Module):
     # matmul.dense: same values, a backward without [B, T, F]-sized transposes on XLA CPU.
     gate_BTF = matmul.dense(x_BTD, kernel("gate_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
     up_BTF = matmul.dense(x_BTD, kernel("up_proj", (cfg.d_model, cfg.d_ff), ("embed", "mlp")))
-    h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF,
-                                       ("activation_batch", "activation_length", "activation_mlp"))
+    h_BTF = nn.with_logical_constraint(
+      jax.nn.silu(gate_BTF) * up_BTF, ("activation_batch", "activation_length", "activation_mlp")
+    )
     out_BTD = matmul.dense(h_BTF, kernel("down_proj", (cfg.d_ff, cfg.d_model), ("mlp", "embed")))
     return checkpoint_name(out_BTD, "mlp_out")
 
@@ -317,8 +391,9 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
-    attn_BTD, new_cache = Attention(cfg, self.layer, name="attn")(norm("input_norm")(x_BTD), cos_BTH, sin_BTH,
-                                                      mask_BTS, cache, slots_BT)
+    attn_BTD, new_cache = Attention(cfg, self.layer, name="attn")(
+      norm("input_norm")(x_BTD), cos_BTH, sin_BTH, mask_BTS, cache, slots_BT
+    )
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("post_attn_norm")(x_BTD))
     x_BTD = nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
@@ -341,17 +416,20 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0,
-               lm_rows_BK=None):
+  def __call__(
+    self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0, lm_rows_BK=None
+  ):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     V, D = cfg.vocab_size, cfg.d_model
-    embed_VD = self.param("embedding", nn.with_logical_partitioning(_dense_init(), ("vocab", "embed")),
-                          (V, D), pdtype)
+    embed_VD = self.param("embedding", nn.with_logical_partitioning(_dense_init(), ("vocab", "embed")), (V, D), pdtype)
     # The CLS row starts as the mean of the existing rows (HF mean_resizing, without the noise).
-    cls_D = self.param("cls_embedding",
-                       nn.with_logical_partitioning(lambda _, shape, dt: jnp.mean(embed_VD, axis=0).astype(dt),
-                                                    ("embed",)), (D,), pdtype)
+    cls_D = self.param(
+      "cls_embedding",
+      nn.with_logical_partitioning(lambda _, shape, dt: jnp.mean(embed_VD, axis=0).astype(dt), ("embed",)),
+      (D,),
+      pdtype,
+    )
     is_cls_BT1 = (tokens_BT == cfg.cls_id)[..., None]
     x_BTD = jnp.take(embed_VD, jnp.clip(tokens_BT, 0, V - 1), axis=0)
     x_BTD = jnp.where(is_cls_BT1, cls_D, x_BTD).astype(dtype)
@@ -363,15 +441,19 @@ class Transformer(nn.Module):
     if cfg.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x_BTD, new_cache = stack(cfg, name="layers")(x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
     else:
       new_cache = cache
       for i in range(cfg.n_layers):
-        x_BTD, new_cache = layer_cls(cfg, i, name=f"layers_{i}")(x_BTD, new_cache, cos_BTH, sin_BTH, mask_BTS,
-                                                                 slots_BT)
+        x_BTD, new_cache = layer_cls(cfg, i, name=f"layers_{i}")(x_BTD, new_cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
 
     h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")(x_BTD)
     # K = T when every row gets logits; the suffix stays T below for the common case.
@@ -381,12 +463,18 @@ class Transformer(nn.Module):
     else:
       head_DV = self.param("lm_head", nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")), (D, V), pdtype)
       logits_BTV = jnp.einsum("btd,dv->btv", lm_h_BTD, head_DV.astype(dtype))
-    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
-                                            ("activation_batch", "activation_length", "activation_vocab"))
+    logits_BTV = nn.with_logical_constraint(
+      logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+    )
 
-    cls_head = nn.Dense(1, dtype=jnp.float32, param_dtype=pdtype, name="cls_head",
-                        kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "cls_out")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("cls_out",)))
+    cls_head = nn.Dense(
+      1,
+      dtype=jnp.float32,
+      param_dtype=pdtype,
+      name="cls_head",
+      kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "cls_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("cls_out",)),
+    )
     # Always applied (one row, negligible) so every param tree has the head.
     cls_logit_B = cls_head(h_BTD[:, cls_row or 0].astype(jnp.float32))[:, 0]
     return ModelOutput(logits_BTV, None if cls_row is None else cls_logit_B, new_cache)

@@ -30,8 +30,10 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices")
   sizes = [num_devices // fixed if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
-                     f"but {num_devices} are present (use -1 on one axis to absorb the rest)")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
+      f"but {num_devices} are present (use -1 on one axis to absorb the rest)"
+    )
   return tuple(sizes)
 
 
@@ -50,16 +52,19 @@ def abstract_mesh(mesh_config, num_devices: int) -> AbstractMesh:
 
 def logical_specs(boxed_tree: Any, rules) -> Any:
   """PartitionSpec per leaf: boxed (logically named) leaves through the rules, others replicated."""
+
   def spec(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
       return nn.logical_to_mesh_axes(leaf.names, rules)
     return P()
+
   return jax.tree.map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def named_shardings(boxed_tree: Any, mesh, rules) -> Any:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), logical_specs(boxed_tree, rules),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), logical_specs(boxed_tree, rules), is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def batch_spec(rules, ndim: int) -> P:
@@ -86,8 +91,10 @@ def process_batch_block(mesh: Mesh, rules, global_batch: int) -> tuple[int, int]
   start, stop = min(rows), max(rows) + 1
   size = stop - start
   if len(rows) != size or global_batch % size or start % size:
-    raise ValueError(f"process {mine} holds batch rows {sorted(rows)}, not one aligned contiguous block; "
-                     "reorder the mesh or change config.mesh")
+    raise ValueError(
+      f"process {mine} holds batch rows {sorted(rows)}, not one aligned contiguous block; "
+      "reorder the mesh or change config.mesh"
+    )
   return start // size, global_batch // size
 
 

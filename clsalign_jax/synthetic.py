@@ -27,8 +27,20 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 class SyntheticIterator:
   """Yields dicts of numpy arrays: this shard's rows of one global batch per call."""
 
-  def __init__(self, *, split: str, seed: int, mode: str, seq_len: int, global_batch_size: int,
-               shard_index: int, shard_count: int, vocab_size: int, bos_id: int, eos_id: int):
+  def __init__(
+    self,
+    *,
+    split: str,
+    seed: int,
+    mode: str,
+    seq_len: int,
+    global_batch_size: int,
+    shard_index: int,
+    shard_count: int,
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+  ):
     if split not in SPLITS:
       raise ValueError(f"synthetic data has no split {split!r}; known: {sorted(SPLITS)}")
     if global_batch_size % shard_count:
@@ -88,18 +100,27 @@ class SyntheticIterator:
     loss_mask = np.zeros(T, np.int32)
     loss_mask[list(supervised)] = 1
     return {
-        "tokens": np.array(tokens + [PAD] * (T - n), np.int32),
-        "segment_ids": (np.arange(T) < n).astype(np.int32),
-        "positions": np.where(np.arange(T) < n, np.arange(T), 0).astype(np.int32),
-        "query_span": np.array(query_span, np.int32),
-        "response_span": np.array(response_span, np.int32),
-        "loss_mask": loss_mask,
-        "cls_label": np.int32(label),
+      "tokens": np.array(tokens + [PAD] * (T - n), np.int32),
+      "segment_ids": (np.arange(T) < n).astype(np.int32),
+      "positions": np.where(np.arange(T) < n, np.arange(T), 0).astype(np.int32),
+      "query_span": np.array(query_span, np.int32),
+      "response_span": np.array(response_span, np.int32),
+      "loss_mask": loss_mask,
+      "cls_label": np.int32(label),
     }
 
 
 def make_data_iterator(config, split: str, shard_index: int, shard_count: int) -> SyntheticIterator:
   cfg = config_lib.model_config(config)
-  return SyntheticIterator(split=split, seed=config.seed, mode=config.train.mode, seq_len=config.data.seq_len,
-                           global_batch_size=config.data.global_batch_size, shard_index=shard_index,
-                           shard_count=shard_count, vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+  return SyntheticIterator(
+    split=split,
+    seed=config.seed,
+    mode=config.train.mode,
+    seq_len=config.data.seq_len,
+    global_batch_size=config.data.global_batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    vocab_size=cfg.vocab_size,
+    bos_id=cfg.bos_id,
+    eos_id=cfg.eos_id,
+  )

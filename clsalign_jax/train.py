@@ -37,8 +37,19 @@ from clsalign_jax import sharding, synthetic
 from clsalign_jax.lock import workdir_lock
 
 # Fields a checkpoint or imported weights must share with the configured model.
-_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                "tie_embeddings", "rope_theta", "rms_eps", "sliding_window")
+_ARCH_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "n_layers",
+  "n_heads",
+  "n_kv_heads",
+  "head_dim",
+  "d_ff",
+  "tie_embeddings",
+  "rope_theta",
+  "rms_eps",
+  "sliding_window",
+)
 _LAYOUT_FIELDS = _ARCH_FIELDS + ("scan_layers", "param_dtype")
 # What `_forward_sums` returns: float32 scalars summed over rows.
 _SUM_KEYS = ("lm_sum", "lm_count", "cls_sum", "tp", "fp", "fn", "tn")
@@ -94,8 +105,10 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
   except ModuleNotFoundError as e:
     if e.name != "clsalign_jax.data":
       raise
-    raise ValueError(f"config.data.source={config.data.source!r} needs the data pipeline package "
-                     "clsalign_jax.data, which is not installed; use config.data.source='synthetic'") from None
+    raise ValueError(
+      f"config.data.source={config.data.source!r} needs the data pipeline package "
+      "clsalign_jax.data, which is not installed; use config.data.source='synthetic'"
+    ) from None
   if not hasattr(data, "make_data_iterator"):
     raise ValueError("clsalign_jax.data has no make_data_iterator(config, split, shard_index, shard_count)")
   return data.make_data_iterator(with_tokenizer(config), split, shard_index, shard_count)
@@ -149,7 +162,8 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
 
 def _cls_head_mask(params):
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(path) and getattr(path[0], "key", None) == "cls_head", params)
+    lambda path, _: bool(path) and getattr(path[0], "key", None) == "cls_head", params
+  )
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -182,8 +196,12 @@ class ParamPartition:
 
   def __init__(self, config, cfg: model_lib.ModelConfig):
     pattern = config.train.trainable
-    paths = lambda c: [_path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        model_lib.abstract_params(c), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]]
+    paths = lambda c: [
+      _path_key(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(
+        model_lib.abstract_params(c), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+      )[0]
+    ]
     if not pattern:
       self.trainable = frozenset(paths(cfg))
       return
@@ -195,14 +213,17 @@ class ParamPartition:
         if re.fullmatch(r"layers_\d+", layer):
           per_layer.setdefault(rest, set()).add(bool(re.search(pattern, path)))
       if any(len(picked) > 1 for picked in per_layer.values()):
-        raise ValueError(f"config.train.trainable={pattern!r} selects individual layers, but scanned layers "
-                         "are stacked into one array per weight; set config.model.scan_layers=False")
+        raise ValueError(
+          f"config.train.trainable={pattern!r} selects individual layers, but scanned layers "
+          "are stacked into one array per weight; set config.model.scan_layers=False"
+        )
     # A stacked weight 'layers/X' is what 'layers_0/X' (hence every layer) is unscanned.
     unscanned = lambda p: re.sub(r"^layers/", "layers_0/", p)
     self.trainable = frozenset(p for p in paths(cfg) if re.search(pattern, p) or re.search(pattern, unscanned(p)))
     if not self.trainable:
-      raise ValueError(f"config.train.trainable={pattern!r} matches no parameter; paths look like "
-                       f"{', '.join(paths(cfg)[:4])}")
+      raise ValueError(
+        f"config.train.trainable={pattern!r} matches no parameter; paths look like {', '.join(paths(cfg)[:4])}"
+      )
 
   def _select(self, tree, keep: bool, prefix: str = ""):
     out = {}
@@ -234,17 +255,32 @@ class ParamPartition:
 def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng=None) -> dict:
   """Sums over the rows of `batch` (which carries the precomputed `lm_weights`)."""
   mask_BTT = masks.cls_training_mask(
-      batch["segment_ids"], batch.get("query_span"), batch.get("response_span"), mode=config.train.mode,
-      sliding_window=model.cfg.sliding_window, cls_response=config.mask.cls_response,
-      cls_window=int(config.mask.cls_window),
-      cls_label=batch["cls_label"], response_sees_cls=config.mask.response_sees_cls)
+    batch["segment_ids"],
+    batch.get("query_span"),
+    batch.get("response_span"),
+    mode=config.train.mode,
+    sliding_window=model.cfg.sliding_window,
+    cls_response=config.mask.cls_response,
+    cls_window=int(config.mask.cls_window),
+    cls_label=batch["cls_label"],
+    response_sees_cls=config.mask.response_sees_cls,
+  )
   mask_BTT = nn.with_logical_constraint(mask_BTT, ("activation_batch", "activation_length", None))
-  out = model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT, cls_row=0,
-                    rngs=None if rng is None else {"dropout": rng})
+  out = model.apply(
+    {"params": params},
+    batch["tokens"],
+    batch["positions"],
+    mask_BTT,
+    cls_row=0,
+    rngs=None if rng is None else {"dropout": rng},
+  )
   lm_sum, lm_count = losses.token_cross_entropy(out.logits_BTV, batch["tokens"], batch["lm_weights"])
-  return {"lm_sum": lm_sum, "lm_count": lm_count,
-          "cls_sum": jnp.sum(losses.cls_bce(out.cls_logit_B, batch["cls_label"])),
-          **losses.cls_confusion(out.cls_logit_B, batch["cls_label"], config.loss.cls_threshold)}
+  return {
+    "lm_sum": lm_sum,
+    "lm_count": lm_count,
+    "cls_sum": jnp.sum(losses.cls_bce(out.cls_logit_B, batch["cls_label"])),
+    **losses.cls_confusion(out.cls_logit_B, batch["cls_label"], config.loss.cls_threshold),
+  }
 
 
 def _with_lm_weights(batch: dict, mode: str, malicious_weight: float = 1.0) -> dict:
@@ -286,8 +322,10 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
         grads, sums = grad_fn(trainable, *xs)
         return (jax.tree.map(jnp.add, grads_acc, to_f32(grads)), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
-               {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS})
+      zeros = (
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
+        {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS},
+      )
       micro_batches = jax.tree.map(split, batch)
       (grads, sums), _ = jax.lax.scan(body, zeros, (micro_batches, jax.random.split(step_rng, accum)))
 
@@ -295,9 +333,12 @@ def make_train_step(config, cfg: model_lib.ModelConfig, tx: optax.GradientTransf
     params = partition.merge(optax.apply_updates(trainable, updates), frozen)
     lm_loss, cls_loss = sums["lm_sum"] / n_tok, sums["cls_sum"] / n_seq
     step_metrics = {
-        "loss": lm_loss + cls_weight * cls_loss, "lm_loss": lm_loss, "cls_loss": cls_loss,
-        "cls_accuracy": (sums["tp"] + sums["tn"]) / n_seq, "grad_norm": optax.global_norm(grads),
-        "learning_rate": schedule(state.step),
+      "loss": lm_loss + cls_weight * cls_loss,
+      "lm_loss": lm_loss,
+      "cls_loss": cls_loss,
+      "cls_accuracy": (sums["tp"] + sums["tn"]) / n_seq,
+      "grad_norm": optax.global_norm(grads),
+      "learning_rate": schedule(state.step),
     }
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng))
     return new_state, step_metrics
@@ -309,7 +350,9 @@ def make_eval_step(config, cfg: model_lib.ModelConfig):
   model = model_lib.Transformer(cfg)
 
   def eval_step(params, batch: dict) -> dict:
-    return _forward_sums(model, params, _with_lm_weights(batch, config.train.mode, float(config.loss.malicious_lm_weight)), config)
+    return _forward_sums(
+      model, params, _with_lm_weights(batch, config.train.mode, float(config.loss.malicious_lm_weight)), config
+    )
 
   return eval_step
 
@@ -321,6 +364,7 @@ def make_eval_step(config, cfg: model_lib.ModelConfig):
 @dataclasses.dataclass
 class _Layout:
   """The train state's NamedShardings, and its ShapeDtypeStructs carrying them (restore targets)."""
+
   shardings: TrainState
   abstract: TrainState
 
@@ -330,11 +374,19 @@ def _layout(cfg: model_lib.ModelConfig, tx, mesh, rules, partition: ParamPartiti
   params_boxed = model_lib.abstract_params(cfg)
   opt_state_boxed = jax.eval_shape(tx.init, partition.split(params_boxed)[0] if partition else params_boxed)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shardings = TrainState(step=replicated, params=sharding.named_shardings(params_boxed, mesh, rules),
-                         opt_state=sharding.named_shardings(opt_state_boxed, mesh, rules), rng=replicated)
+  shardings = TrainState(
+    step=replicated,
+    params=sharding.named_shardings(params_boxed, mesh, rules),
+    opt_state=sharding.named_shardings(opt_state_boxed, mesh, rules),
+    rng=replicated,
+  )
   key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  unboxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.meta.unbox(params_boxed),
-                       opt_state=nn.meta.unbox(opt_state_boxed), rng=key_shape)
+  unboxed = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=nn.meta.unbox(params_boxed),
+    opt_state=nn.meta.unbox(opt_state_boxed),
+    rng=key_shape,
+  )
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unboxed, shardings)
   return _Layout(shardings, abstract)
 
@@ -364,8 +416,7 @@ def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
     _check_same_arch(dataclasses.asdict(src_cfg), cfg, fields, where)
 
   if spec.kind == "run":
-    return artifacts.load(config.init_from, tokenizer="none", check=check,
-                          restore_into=layout.abstract.params).params
+    return artifacts.load(config.init_from, tokenizer="none", check=check, restore_into=layout.abstract.params).params
   # Host-side loads; stacking for scan_layers goes through jnp, so keep it off device 0.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     params = model_lib.to_layout(artifacts.load(config.init_from, tokenizer="none", check=check).params, cfg)
@@ -373,8 +424,10 @@ def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
     raise ckpt_lib.CheckpointError(f"{config.init_from}: parameter tree does not match the model's")
   # Every process reads the whole file but only materialises its own shards.
   return jax.tree.map(
-      lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx: np.asarray(a[idx]).astype(s.dtype)),
-      params, layout.abstract.params)
+    lambda a, s: jax.make_array_from_callback(s.shape, s.sharding, lambda idx: np.asarray(a[idx]).astype(s.dtype)),
+    params,
+    layout.abstract.params,
+  )
 
 
 def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
@@ -390,6 +443,7 @@ def _restore_latest(config, cfg, layout: _Layout, directory: str, train_iter) ->
     # Opening a checkpoint manager is collective: every process must take the same branch, even if
     # process 0 has since created the directory.
     from jax.experimental import multihost_utils
+
     exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
   if not exists:
     return None, []
@@ -403,25 +457,35 @@ def _restore_latest(config, cfg, layout: _Layout, directory: str, train_iter) ->
         meta = reader.read_meta(step)
         # Another model is not corruption: never fall back past it.
         _check_same_arch(meta["model_config"], cfg, _LAYOUT_FIELDS, reader.step_dir(step))
-        items = reader.restore(step, layout.abstract.params, layout.abstract.opt_state,
-                               {"step": layout.abstract.step, "rng": layout.abstract.rng})
+        items = reader.restore(
+          step,
+          layout.abstract.params,
+          layout.abstract.opt_state,
+          {"step": layout.abstract.step, "rng": layout.abstract.rng},
+        )
       except ckpt_lib.CorruptCheckpointError as e:
         if not config.checkpoint.fallback_to_intact:
           raise ckpt_lib.CorruptCheckpointError(
-              f"{e}; to resume from the newest intact step instead, rerun with "
-              f"--config.checkpoint.fallback_to_intact=true (corrupted steps are then moved to "
-              f"{os.path.join(os.path.dirname(directory), CORRUPT_DIR)})") from None
+            f"{e}; to resume from the newest intact step instead, rerun with "
+            f"--config.checkpoint.fallback_to_intact=true (corrupted steps are then moved to "
+            f"{os.path.join(os.path.dirname(directory), CORRUPT_DIR)})"
+          ) from None
         logging.warning("%s; trying the step before", e)
         skipped.append(step)
         continue
       train_iter.set_state(items["data"])
       logging.info("resumed from %s", reader.step_dir(step))
-      state = TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"],
-                         rng=items["progress"]["rng"])
+      state = TrainState(
+        step=items["progress"]["step"],
+        params=items["params"],
+        opt_state=items["opt_state"],
+        rng=items["progress"]["rng"],
+      )
       return state, skipped
     if skipped:
-      raise ckpt_lib.CorruptCheckpointError(f"{directory}: no intact checkpoint among steps {steps}; "
-                                            "refusing to start from scratch")
+      raise ckpt_lib.CorruptCheckpointError(
+        f"{directory}: no intact checkpoint among steps {steps}; refusing to start from scratch"
+      )
     return None, []
   finally:
     reader.close()
@@ -435,8 +499,12 @@ def _fresh_state(config, cfg, tx, layout: _Layout, partition: ParamPartition) ->
   else:
     params = jax.jit(lambda k: model_lib.init_params(cfg, k), out_shardings=layout.shardings.params)(init_key)
   opt_state = jax.jit(lambda p: tx.init(partition.split(p)[0]), out_shardings=layout.shardings.opt_state)(params)
-  return TrainState(step=jax.device_put(jnp.int32(0), layout.shardings.step), params=params, opt_state=opt_state,
-                    rng=jax.device_put(jax.random.key_data(train_key), layout.shardings.rng))
+  return TrainState(
+    step=jax.device_put(jnp.int32(0), layout.shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(train_key), layout.shardings.rng),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +519,11 @@ def _evaluate(config, eval_fn, params, batch_shardings, shard_index, shard_count
     for k, v in jax.device_get(eval_fn(params, batch)).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n_seq = max(totals["tp"] + totals["fp"] + totals["fn"] + totals["tn"], 1.0)
-  return {"lm_loss": totals["lm_sum"] / max(totals["lm_count"], 1.0), "cls_loss": totals["cls_sum"] / n_seq,
-          **losses.classification_metrics(totals["tp"], totals["fp"], totals["fn"], totals["tn"])}
+  return {
+    "lm_loss": totals["lm_sum"] / max(totals["lm_count"], 1.0),
+    "cls_loss": totals["cls_sum"] / n_seq,
+    **losses.classification_metrics(totals["tp"], totals["fp"], totals["fn"], totals["tn"]),
+  }
 
 
 def train_and_evaluate(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> TrainState:
@@ -482,9 +553,11 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
     layout = _layout(cfg, tx, mesh, rules, partition)
     micro = config.data.global_batch_size // config.train.grad_accum_steps
     if micro % sharding.batch_shard_count(mesh, rules):
-      raise ValueError(f"micro-batch of {micro} sequences does not split over the "
-                       f"{sharding.batch_shard_count(mesh, rules)} batch shards of mesh {dict(mesh.shape)}; "
-                       "change config.mesh, data.global_batch_size or train.grad_accum_steps")
+      raise ValueError(
+        f"micro-batch of {micro} sequences does not split over the "
+        f"{sharding.batch_shard_count(mesh, rules)} batch shards of mesh {dict(mesh.shape)}; "
+        "change config.mesh, data.global_batch_size or train.grad_accum_steps"
+      )
     shard_index, shard_count = sharding.process_batch_block(mesh, rules, config.data.global_batch_size)
     train_iter = make_data_iterator(config, "train", shard_index, shard_count)
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -506,8 +579,22 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
       for step in corrupted:
         logging.warning("moved corrupted checkpoint to %s", ckpt.move_aside(step, os.path.join(workdir, CORRUPT_DIR)))
       with nn.logical_axis_rules(rules):
-        state = _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start,
-                            num_steps, workdir, (shard_index, shard_count))
+        state = _train_loop(
+          config,
+          cfg,
+          tx,
+          schedule,
+          mesh,
+          rules,
+          layout,
+          ckpt,
+          train_iter,
+          state,
+          start,
+          num_steps,
+          workdir,
+          (shard_index, shard_count),
+        )
     finally:
       ckpt.close()
   return state
@@ -529,14 +616,14 @@ class LossGuard:
   def observe(self, step: int, loss: float) -> bool:
     """Records one step's loss; True if that step is flagged."""
     if self.factor > 0 and self.history:
-      self.median = float(np.median(self.history[-self.window:]))
+      self.median = float(np.median(self.history[-self.window :]))
       # The 1-nat margin keeps a run that has converged to a tiny loss from stopping on batch noise.
       if loss > self.factor * self.median and loss > self.median + 1.0:
         self.flagged += 1
         self.first_flagged = step if self.flagged == 1 else self.first_flagged
         return True
     self.flagged, self.first_flagged = 0, None
-    self.history = self.history[-self.window:] + [loss]
+    self.history = self.history[-self.window :] + [loss]
     return False
 
   @property
@@ -549,8 +636,9 @@ class _StepMetrics:
   device; adds throughput, writes them, and stops the run on a non-finite or diverging loss.
   Checkpoint and eval steps `flush()` first, so a flagged step is never saved."""
 
-  def __init__(self, writer, ckpt, cfg, n_params: int, global_batch: int, peak_flops: float | None,
-               guard: LossGuard, workdir: str):
+  def __init__(
+    self, writer, ckpt, cfg, n_params: int, global_batch: int, peak_flops: float | None, guard: LossGuard, workdir: str
+  ):
     self.writer, self.ckpt, self.cfg, self.n_params = writer, ckpt, cfg, n_params
     self.global_batch, self.peak_flops = global_batch, peak_flops
     self.guard, self.workdir = guard, workdir
@@ -584,15 +672,18 @@ class _StepMetrics:
     self.writer.write(step, "train", values)
     loss = values["loss"]
     if not (math.isfinite(loss) and math.isfinite(values["grad_norm"])):
-      raise NonFiniteLossError(f"step {step}: loss={loss} grad_norm={values['grad_norm']} is not finite; training "
-                               f"stopped without saving. {self._last_good(self.guard.first_flagged or step)}")
+      raise NonFiniteLossError(
+        f"step {step}: loss={loss} grad_norm={values['grad_norm']} is not finite; training "
+        f"stopped without saving. {self._last_good(self.guard.first_flagged or step)}"
+      )
     self.suspect = self.guard.observe(step, loss)
     if self.guard.tripped:
       g = self.guard
       raise DivergenceError(
-          f"step {step}: loss={loss:.4g} has been above {g.factor:g} x its running median {g.median:.4g} for "
-          f"{g.patience} steps (config.guard.divergence_factor, config.guard.divergence_steps); training stopped "
-          f"without saving. {self._last_good(g.first_flagged)}")
+        f"step {step}: loss={loss:.4g} has been above {g.factor:g} x its running median {g.median:.4g} for "
+        f"{g.patience} steps (config.guard.divergence_factor, config.guard.divergence_steps); training stopped "
+        f"without saving. {self._last_good(g.first_flagged)}"
+      )
 
   def _last_good(self, first_bad: int) -> str:
     """Step `first_bad`'s loss was computed from the state after step first_bad - 1, so a checkpoint
@@ -603,8 +694,11 @@ class _StepMetrics:
       self.ckpt.move_aside(s, os.path.join(self.workdir, REJECTED_DIR))
     note = f" (moved step(s) {moved} saved after the loss went bad to {self.workdir}/{REJECTED_DIR})" if moved else ""
     good = self.ckpt.latest_intact_step()
-    where = (f"step {good} in {self.ckpt.directory}" if good is not None
-             else f"none (no step was saved in {self.ckpt.directory} before the loss went bad)")
+    where = (
+      f"step {good} in {self.ckpt.directory}"
+      if good is not None
+      else f"none (no step was saved in {self.ckpt.directory} before the loss went bad)"
+    )
     return f"Last good checkpoint: {where}{note}"
 
 
@@ -615,27 +709,40 @@ def _next_batch(batches, step: int) -> dict:
     raise ValueError(f"the training data ended before step {step}; the train split must repeat") from None
 
 
-def _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start, num_steps,
-                workdir, shard) -> TrainState:
+def _train_loop(
+  config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start, num_steps, workdir, shard
+) -> TrainState:
   first = _next_batch(train_iter, start + 1)
   if np.ndim(first["cls_label"]) != 1:
-    raise ValueError("packed rows (several examples per row) are not supported: the model reads one "
-                     "[CLS] per row; turn packing off in the data config")
+    raise ValueError(
+      "packed rows (several examples per row) are not supported: the model reads one "
+      "[CLS] per row; turn packing off in the data config"
+    )
   batches = itertools.chain([first], train_iter)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_shardings = sharding.batch_shardings(mesh, rules, first)
-  step_fn = jax.jit(make_train_step(config, cfg, tx, schedule),
-                    in_shardings=(layout.shardings, batch_shardings), out_shardings=(layout.shardings, replicated),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(config, cfg), in_shardings=(layout.shardings.params, batch_shardings),
-                    out_shardings=replicated)
+  step_fn = jax.jit(
+    make_train_step(config, cfg, tx, schedule),
+    in_shardings=(layout.shardings, batch_shardings),
+    out_shardings=(layout.shardings, replicated),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    make_eval_step(config, cfg), in_shardings=(layout.shardings.params, batch_shardings), out_shardings=replicated
+  )
   gbs = config.data.global_batch_size
   writer = metrics_lib.MetricWriter(workdir, start, num_steps, config.metrics.progress_bar)
   g = config.guard
   step_metrics = _StepMetrics(
-      writer, ckpt, cfg, model_lib.count_params(layout.abstract.params), gbs,
-      metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device),
-      LossGuard(g.divergence_factor, g.divergence_steps, g.median_window), workdir)
+    writer,
+    ckpt,
+    cfg,
+    model_lib.count_params(layout.abstract.params),
+    gbs,
+    metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device),
+    LossGuard(g.divergence_factor, g.divergence_steps, g.median_window),
+    workdir,
+  )
   meta = _run_meta(config, cfg)
   every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
   save_due = False  # a save was due at a step the guard flagged; it happens at the next clean step
@@ -652,13 +759,15 @@ def _train_loop(config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter
       if save_due and step_metrics.suspect:
         if step == num_steps:
           raise DivergenceError(
-              f"step {step}: the last step's loss is above {config.guard.divergence_factor:g} x its running median "
-              f"{step_metrics.guard.median:.4g}; not saving it. {step_metrics._last_good(step_metrics.guard.first_flagged or step)}")
+            f"step {step}: the last step's loss is above {config.guard.divergence_factor:g} x its running median "
+            f"{step_metrics.guard.median:.4g}; not saving it. {step_metrics._last_good(step_metrics.guard.first_flagged or step)}"
+          )
         logging.warning("step %d: loss flagged by the divergence guard; checkpoint deferred", step)
       elif save_due:
         save_due = False
-        ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                  train_iter.get_state(), meta)
+        ckpt.save(
+          step, state.params, state.opt_state, {"step": state.step, "rng": state.rng}, train_iter.get_state(), meta
+        )
       if eval_now:
         writer.write(step, "eval", _evaluate(config, eval_fn, state.params, batch_shardings, *shard))
       step_metrics.reset_clock()
@@ -714,8 +823,9 @@ def dry_run(config, num_devices: int) -> str:
   opt_b = sharding.per_device_bytes(nn.meta.unbox(opt_boxed), sharding.logical_specs(opt_boxed, rules), mesh)
   # Gradients (of the trainable params only) come out in the param dtype and are summed in fp32:
   # both exist at the peak.
-  trainable_b = sharding.per_device_bytes(nn.meta.unbox(trainable_boxed),
-                                          sharding.logical_specs(trainable_boxed, rules), mesh)
+  trainable_b = sharding.per_device_bytes(
+    nn.meta.unbox(trainable_boxed), sharding.logical_specs(trainable_boxed, rules), mesh
+  )
   grads_b = trainable_b * 4 // jnp.dtype(cfg.param_dtype).itemsize
   if jnp.dtype(cfg.param_dtype) != jnp.float32:
     grads_b += trainable_b
@@ -726,15 +836,15 @@ def dry_run(config, num_devices: int) -> str:
   act_b = _activation_bytes(cfg, rows, config.data.seq_len, mesh.shape["tensor"])
   gib = lambda x: f"{x / 2**30:.2f} GiB"
   lines = [
-      f"model: {config.model.preset or 'explicit'} (layers={cfg.n_layers}, d_model={cfg.d_model}, "
-      f"scan_layers={cfg.scan_layers}, remat={cfg.remat_policy}, dtype={cfg.dtype}, param_dtype={cfg.param_dtype})",
-      f"parameters: {n_params:,} ({n_params / 1e9:.3f}B = base {n_params - cfg.d_model - head:,} "
-      f"+ CLS row {cfg.d_model:,} + CLS head {head:,})",
-      f"mesh: {num_devices} devices = " + " x ".join(f"{a} {mesh.shape[a]}" for a in sharding.MESH_AXES),
-      f"micro-batch: {micro} sequences x {config.data.seq_len} tokens, {rows} per device"
-      + ("" if micro % batch_shards == 0 else f" (NOTE: {micro} does not divide over {batch_shards} batch shards)"),
-      f"per device: params {gib(params_b)} ({cfg.param_dtype}), optimizer {gib(opt_b)} ({config.optimizer.state_dtype}), "
-      f"gradients {gib(grads_b)}, activations ~{gib(act_b)} (estimate), "
-      f"total ~{gib(params_b + opt_b + grads_b + act_b)}",
+    f"model: {config.model.preset or 'explicit'} (layers={cfg.n_layers}, d_model={cfg.d_model}, "
+    f"scan_layers={cfg.scan_layers}, remat={cfg.remat_policy}, dtype={cfg.dtype}, param_dtype={cfg.param_dtype})",
+    f"parameters: {n_params:,} ({n_params / 1e9:.3f}B = base {n_params - cfg.d_model - head:,} "
+    f"+ CLS row {cfg.d_model:,} + CLS head {head:,})",
+    f"mesh: {num_devices} devices = " + " x ".join(f"{a} {mesh.shape[a]}" for a in sharding.MESH_AXES),
+    f"micro-batch: {micro} sequences x {config.data.seq_len} tokens, {rows} per device"
+    + ("" if micro % batch_shards == 0 else f" (NOTE: {micro} does not divide over {batch_shards} batch shards)"),
+    f"per device: params {gib(params_b)} ({cfg.param_dtype}), optimizer {gib(opt_b)} ({config.optimizer.state_dtype}), "
+    f"gradients {gib(grads_b)}, activations ~{gib(act_b)} (estimate), "
+    f"total ~{gib(params_b + opt_b + grads_b + act_b)}",
   ]
   return "\n".join(lines)

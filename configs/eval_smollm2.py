@@ -64,27 +64,34 @@ def get_config(arg: str | None = None):
   if "cls" in opts:
     ckpt = f"orbax:{opts['cls']}"
     variants += [
-        ("cls_full", ckpt, CLS_DECODE),
-        ("no_strategic_attention", ckpt, dict(CLS_DECODE, strategic_attention=False)),
-        ("no_strategic_decoding", ckpt, dict(CLS_DECODE, strategic_decoding=False)),
-        ("first_only", ckpt, dict(CLS_DECODE, schedule="first")),
-        ("periodic_10", ckpt, dict(CLS_DECODE, schedule="periodic", period=10)),
-        ("annealing", ckpt, dict(CLS_DECODE, schedule="annealing")),
+      ("cls_full", ckpt, CLS_DECODE),
+      ("no_strategic_attention", ckpt, dict(CLS_DECODE, strategic_attention=False)),
+      ("no_strategic_decoding", ckpt, dict(CLS_DECODE, strategic_decoding=False)),
+      ("first_only", ckpt, dict(CLS_DECODE, schedule="first")),
+      ("periodic_10", ckpt, dict(CLS_DECODE, schedule="periodic", period=10)),
+      ("annealing", ckpt, dict(CLS_DECODE, schedule="annealing")),
     ]
   if "sft" in opts:
     variants.append(("sft_only", f"orbax:{opts['sft']}", NO_CLS))
   c.variants = variants
 
   benchmarks = [
-      dict(name="advbench", kind="advbench", limit=100),
-      dict(name="advbench_opt", kind="advbench", limit=20),  # optimisation attacks: minutes per item
-      dict(name="deepinception", kind="deepinception"),
-      dict(name="stl_malicious", kind="safety_tuned_llamas", subset="malicious_instructions"),
+    dict(name="advbench", kind="advbench", limit=100),
+    dict(name="advbench_opt", kind="advbench", limit=20),  # optimisation attacks: minutes per item
+    dict(name="deepinception", kind="deepinception"),
+    dict(name="stl_malicious", kind="safety_tuned_llamas", subset="malicious_instructions"),
   ]
   decoding_on = ["advbench"]
   if "harmbench" in opts:
-    benchmarks.append(dict(name="harmbench", kind="harmbench", path=opts["harmbench"], limit=100,
-                           targets_path=opts.get("harmbench_targets")))
+    benchmarks.append(
+      dict(
+        name="harmbench",
+        kind="harmbench",
+        path=opts["harmbench"],
+        limit=100,
+        targets_path=opts.get("harmbench_targets"),
+      )
+    )
   if "malicious_instruct" in opts:
     benchmarks.append(dict(name="malicious_instruct", kind="malicious_instruct", path=opts["malicious_instruct"]))
     decoding_on.append("malicious_instruct")
@@ -96,33 +103,58 @@ def get_config(arg: str | None = None):
   everywhere = [b["name"] for b in benchmarks if b["name"] != "advbench_opt"]
 
   c.attacks = [
-      dict(name="direct", kind="direct", benchmarks=everywhere),
-      dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["advbench"]),
-      dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"]),
-      dict(name="decoding", kind="decoding", max_new_tokens=100, benchmarks=decoding_on),
-      *(dict(name=f"prefill_{k}tok", kind="prefill", mode="response_tokens", k=k, benchmarks=["harmful_responses"])
-        for k in (5, 10, 20, 40)),
-      dict(name="deepinception", kind="deepinception", max_new_tokens=300, benchmarks=["deepinception"]),
-      dict(name="gcg", kind="gcg", steps=500, benchmarks=["advbench_opt"]),
-      dict(name="gcg_adaptive", kind="gcg", steps=500, cls_weight=1.0, benchmarks=["advbench_opt"]),
-      dict(name="autodan", kind="autodan", generations=100, population=64, model_name="SmolLM",
-           developer="Hugging Face", benchmarks=["advbench_opt"]),
+    dict(name="direct", kind="direct", benchmarks=everywhere),
+    dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["advbench"]),
+    dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"]),
+    dict(name="decoding", kind="decoding", max_new_tokens=100, benchmarks=decoding_on),
+    *(
+      dict(name=f"prefill_{k}tok", kind="prefill", mode="response_tokens", k=k, benchmarks=["harmful_responses"])
+      for k in (5, 10, 20, 40)
+    ),
+    dict(name="deepinception", kind="deepinception", max_new_tokens=300, benchmarks=["deepinception"]),
+    dict(name="gcg", kind="gcg", steps=500, benchmarks=["advbench_opt"]),
+    dict(name="gcg_adaptive", kind="gcg", steps=500, cls_weight=1.0, benchmarks=["advbench_opt"]),
+    dict(
+      name="autodan",
+      kind="autodan",
+      generations=100,
+      population=64,
+      model_name="SmolLM",
+      developer="Hugging Face",
+      benchmarks=["advbench_opt"],
+    ),
   ]
-  judges = [dict(name="advbench", kind="keyword", list="advbench"),
-            dict(name="jailbreak_llm", kind="keyword", list="jailbreak_llm")]
+  judges = [
+    dict(name="advbench", kind="keyword", list="advbench"),
+    dict(name="jailbreak_llm", kind="keyword", list="jailbreak_llm"),
+  ]
   if "judge" in opts:
-    judges.append(dict(name="llm_judge", kind="llm", checkpoint=opts["judge"], tokenizer="auto",
-                       format=opts.get("judge_format", "llama_guard"), batch_size=8))
+    judges.append(
+      dict(
+        name="llm_judge",
+        kind="llm",
+        checkpoint=opts["judge"],
+        tokenizer="auto",
+        format=opts.get("judge_format", "llama_guard"),
+        batch_size=8,
+      )
+    )
   c.judges = judges
   c.judge_validation = []
 
-  utility = [dict(name="over_refusal", kind="over_refusal",
-                  benchmark=dict(kind="safety_tuned_llamas", subset="alpaca"))]
+  utility = [
+    dict(name="over_refusal", kind="over_refusal", benchmark=dict(kind="safety_tuned_llamas", subset="alpaca"))
+  ]
   if "gsm8k" in opts:
     utility.append(dict(name="gsm8k", kind="gsm8k", path=opts["gsm8k"], max_new_tokens=256))
   if "mmlu" in opts:
     utility.append(dict(name="mmlu", kind="mmlu", path=opts["mmlu"]))
   c.utility = utility
-  c.probe = dict(benchmark="deepinception", top_k=10, sharpness="p1", conditions=("direct", "prefill", "nested"),
-                 prefill_text="Sure, here is")
+  c.probe = dict(
+    benchmark="deepinception",
+    top_k=10,
+    sharpness="p1",
+    conditions=("direct", "prefill", "nested"),
+    prefill_text="Sure, here is",
+  )
   return c

@@ -10,8 +10,18 @@ import os
 from ml_collections import config_dict
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "eval")
-TINY_MODEL = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                  bos_id=1, eos_id=2, max_seq_len=1024)
+TINY_MODEL = dict(
+  vocab_size=259,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  head_dim=8,
+  d_ff=64,
+  bos_id=1,
+  eos_id=2,
+  max_seq_len=1024,
+)
 
 
 def get_config():
@@ -25,45 +35,70 @@ def get_config():
 
   # Defaults every variant starts from; a variant row overrides any of these keys.
   c.model = dict(
-      tokenizer=os.path.join(FIXTURES, "tiny_tokenizer"),
-      template="chatml",
-      template_kwargs=dict(system_prompt=None),
-      model=TINY_MODEL,
+    tokenizer=os.path.join(FIXTURES, "tiny_tokenizer"),
+    template="chatml",
+    template_kwargs=dict(system_prompt=None),
+    model=TINY_MODEL,
   )
   # (name, checkpoint, decode settings); rows may also be dicts with model / tokenizer / template keys.
   # A random head sits near p = 0.5; threshold 0 flags every prompt, so the refusal path runs and
   # the two variants differ (refusal inserted vs. not).
   c.variants = [
-      ("cls_full", "random:0", dict(schedule="each", r2=4, threshold=0.0)),
-      ("no_strategic_decoding", "random:0", dict(schedule="each", r2=4, threshold=0.0, strategic_decoding=False)),
+    ("cls_full", "random:0", dict(schedule="each", r2=4, threshold=0.0)),
+    ("no_strategic_decoding", "random:0", dict(schedule="each", r2=4, threshold=0.0, strategic_decoding=False)),
   ]
   c.benchmarks = [
-      dict(name="tiny_harmful", kind="generic", path=os.path.join(FIXTURES, "harmful.jsonl"),
-           fields=dict(id="id", query="prompt", target="target", response="response")),
+    dict(
+      name="tiny_harmful",
+      kind="generic",
+      path=os.path.join(FIXTURES, "harmful.jsonl"),
+      fields=dict(id="id", query="prompt", target="target", response="response"),
+    ),
   ]
   c.attacks = [
-      dict(name="direct", kind="direct"),
-      dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is"),
-      dict(name="prefill_target", kind="prefill", mode="target"),
-      dict(name="prefill_5tok", kind="prefill", mode="response_tokens", k=5),
-      dict(name="decoding", kind="decoding", temperatures=(0.7,), top_ps=(0.9,), top_ks=(5,), max_new_tokens=None),
-      dict(name="gcg_adaptive", kind="gcg", steps=2, suffix_tokens=4, top_k=8, search_width=8, eval_batch_size=8,
-           cls_weight=1.0),
+    dict(name="direct", kind="direct"),
+    dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is"),
+    dict(name="prefill_target", kind="prefill", mode="target"),
+    dict(name="prefill_5tok", kind="prefill", mode="response_tokens", k=5),
+    dict(name="decoding", kind="decoding", temperatures=(0.7,), top_ps=(0.9,), top_ks=(5,), max_new_tokens=None),
+    dict(
+      name="gcg_adaptive",
+      kind="gcg",
+      steps=2,
+      suffix_tokens=4,
+      top_k=8,
+      search_width=8,
+      eval_batch_size=8,
+      cls_weight=1.0,
+    ),
   ]
   c.judges = [
-      dict(name="advbench", kind="keyword", list="advbench"),
-      dict(name="jailbreak_llm", kind="keyword", list="jailbreak_llm"),
+    dict(name="advbench", kind="keyword", list="advbench"),
+    dict(name="jailbreak_llm", kind="keyword", list="jailbreak_llm"),
   ]
   c.judge_validation = [
-      dict(judge="advbench", path=os.path.join(FIXTURES, "judge_labels.jsonl"), behavior="behavior",
-           response="generation", label=("human_0", "human_1", "human_2")),
+    dict(
+      judge="advbench",
+      path=os.path.join(FIXTURES, "judge_labels.jsonl"),
+      behavior="behavior",
+      response="generation",
+      label=("human_0", "human_1", "human_2"),
+    ),
   ]
   c.utility = [
-      dict(name="over_refusal", kind="over_refusal",
-           benchmark=dict(kind="generic", path=os.path.join(FIXTURES, "benign.jsonl"))),
-      dict(name="gsm8k", kind="gsm8k", path=os.path.join(FIXTURES, "gsm8k.jsonl")),
-      dict(name="mmlu", kind="mmlu", path=os.path.join(FIXTURES, "mmlu.csv")),
+    dict(
+      name="over_refusal",
+      kind="over_refusal",
+      benchmark=dict(kind="generic", path=os.path.join(FIXTURES, "benign.jsonl")),
+    ),
+    dict(name="gsm8k", kind="gsm8k", path=os.path.join(FIXTURES, "gsm8k.jsonl")),
+    dict(name="mmlu", kind="mmlu", path=os.path.join(FIXTURES, "mmlu.csv")),
   ]
-  c.probe = dict(benchmark="tiny_harmful", top_k=10, sharpness="p1",
-                 conditions=("direct", "prefill", "nested"), prefill_text="Sure, here is")
+  c.probe = dict(
+    benchmark="tiny_harmful",
+    top_k=10,
+    sharpness="p1",
+    conditions=("direct", "prefill", "nested"),
+    prefill_text="Sure, here is",
+  )
   return c

@@ -41,32 +41,69 @@ from ml_collections import config_dict
 
 def _eval_smollm2():
   spec = importlib.util.spec_from_file_location(
-      "_eval_smollm2", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_smollm2.py"))
+    "_eval_smollm2", os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_smollm2.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
 # The table's rows, in its order; the extra schedules of configs/eval_smollm2.py are not in it.
-TABLE_VARIANTS = ("as_shipped", "sft_only", "cls_full", "no_strategic_attention", "no_strategic_decoding",
-                  "first_only")
+TABLE_VARIANTS = ("as_shipped", "sft_only", "cls_full", "no_strategic_attention", "no_strategic_decoding", "first_only")
 EXTRA_VARIANTS = ("periodic_10", "annealing")
 
 # Every 4th value of Huang et al.'s grid (attacks.HUANG_*), plus greedy: 16 decoding settings.
-REDUCED_GRID = dict(temperatures=(0.2, 0.4, 0.6, 0.8, 1.0), top_ps=(0.2, 0.4, 0.6, 0.8, 1.0),
-                    top_ks=(1, 5, 20, 100, 500))
+REDUCED_GRID = dict(
+  temperatures=(0.2, 0.4, 0.6, 0.8, 1.0), top_ps=(0.2, 0.4, 0.6, 0.8, 1.0), top_ks=(1, 5, 20, 100, 500)
+)
 
 SIZES = {
-    # One H100, the whole run (two trainings + all of this) in ~9 minutes. GCG is most of the device
-    # work (~0.17 s a step at width 512, three weight sets), hence 5 behaviours x 50 steps.
-    "gpu": dict(limit=100, dec_n=50, di_n=0, benign_n=0, gcg_n=5, gcg_steps=50, gcg_width=512, gcg_top_k=256,
-                gcg_batch=64, max_new_tokens=128, di_tokens=256, batch_size=64),
-    # Two CPU cores, about an hour with the main job's training recipe (scripts/results.sh --cpu).
-    "cpu": dict(limit=50, dec_n=10, di_n=10, benign_n=50, gcg_n=2, gcg_steps=20, gcg_width=64, gcg_top_k=64,
-                gcg_batch=16, max_new_tokens=64, di_tokens=128, batch_size=16),
-    # CPU check of the pipeline: numbers mean nothing.
-    "smoke": dict(limit=4, dec_n=2, di_n=2, benign_n=4, gcg_n=1, gcg_steps=2, gcg_width=8, gcg_top_k=8,
-                  gcg_batch=8, max_new_tokens=16, di_tokens=16, batch_size=4),
+  # One H100, the whole run (two trainings + all of this) in ~9 minutes. GCG is most of the device
+  # work (~0.17 s a step at width 512, three weight sets), hence 5 behaviours x 50 steps.
+  "gpu": dict(
+    limit=100,
+    dec_n=50,
+    di_n=0,
+    benign_n=0,
+    gcg_n=5,
+    gcg_steps=50,
+    gcg_width=512,
+    gcg_top_k=256,
+    gcg_batch=64,
+    max_new_tokens=128,
+    di_tokens=256,
+    batch_size=64,
+  ),
+  # Two CPU cores, about an hour with the main job's training recipe (scripts/results.sh --cpu).
+  "cpu": dict(
+    limit=50,
+    dec_n=10,
+    di_n=10,
+    benign_n=50,
+    gcg_n=2,
+    gcg_steps=20,
+    gcg_width=64,
+    gcg_top_k=64,
+    gcg_batch=16,
+    max_new_tokens=64,
+    di_tokens=128,
+    batch_size=16,
+  ),
+  # CPU check of the pipeline: numbers mean nothing.
+  "smoke": dict(
+    limit=4,
+    dec_n=2,
+    di_n=2,
+    benign_n=4,
+    gcg_n=1,
+    gcg_steps=2,
+    gcg_width=8,
+    gcg_top_k=8,
+    gcg_batch=8,
+    max_new_tokens=16,
+    di_tokens=16,
+    batch_size=4,
+  ),
 }
 PHASES = ("harmful", "main", "gcg", "gcg_adaptive")
 
@@ -116,8 +153,9 @@ def get_config(arg=None):
     names = [v for v in keep if v in by_name]
   unknown = [v for v in names if v not in by_name]
   if unknown:
-    raise ValueError(f"variants {unknown}: not configured (known: {sorted(by_name)}; the CLS rows need cls=, "
-                     "sft_only needs sft=)")
+    raise ValueError(
+      f"variants {unknown}: not configured (known: {sorted(by_name)}; the CLS rows need cls=, sft_only needs sft=)"
+    )
   c.variants = [by_name[v] for v in names]
 
   limit = lambda k: n[k] or None  # 0: every item of the benchmark
@@ -127,35 +165,51 @@ def get_config(arg=None):
     benchmarks.append(dict(name="alpaca", kind="safety_tuned_llamas", subset="alpaca", limit=limit("benign_n")))
     if harmful and os.path.exists(harmful):
       benchmarks.append(dict(name="harmful_responses", kind="generic", path=harmful))
-    benchmarks += [dict(name="deepinception", kind="deepinception", limit=limit("di_n")),
-                   dict(name="advbench_dec", kind="advbench", limit=n["dec_n"])]
+    benchmarks += [
+      dict(name="deepinception", kind="deepinception", limit=limit("di_n")),
+      dict(name="advbench_dec", kind="advbench", limit=n["dec_n"]),
+    ]
   if phase in ("gcg", "gcg_adaptive"):
     benchmarks = [dict(name="advbench_opt", kind="advbench", limit=n["gcg_n"])]
   c.benchmarks = benchmarks
 
-  gcg = dict(kind="gcg", steps=n["gcg_steps"], search_width=n["gcg_width"], top_k=n["gcg_top_k"],
-             eval_batch_size=n["gcg_batch"], benchmarks=["advbench_opt"])
+  gcg = dict(
+    kind="gcg",
+    steps=n["gcg_steps"],
+    search_width=n["gcg_width"],
+    top_k=n["gcg_top_k"],
+    eval_batch_size=n["gcg_batch"],
+    benchmarks=["advbench_opt"],
+  )
   attacks = {
-      "harmful": [dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"])],
-      "main": [
-          dict(name="direct", kind="direct", benchmarks=["advbench", "alpaca"]),
-          dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["advbench"]),
-          dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"]),
-          *(dict(name=f"prefill_{k}tok", kind="prefill", mode="response_tokens", k=k,
-                 benchmarks=["harmful_responses"]) for k in (10, 40)),
-          dict(name="deepinception", kind="deepinception", max_new_tokens=n["di_tokens"],
-               benchmarks=["deepinception"]),
-          # The run's max_new_tokens rather than Huang et al.'s 100: one compiled loop fewer.
-          dict(name="decoding", kind="decoding", max_new_tokens=n["max_new_tokens"], benchmarks=["advbench_dec"],
-               **REDUCED_GRID),
-      ],
-      "gcg": [dict(name="gcg", **gcg)],
-      "gcg_adaptive": [dict(name="gcg_adaptive", cls_weight=1.0, **gcg)],
+    "harmful": [dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"])],
+    "main": [
+      dict(name="direct", kind="direct", benchmarks=["advbench", "alpaca"]),
+      dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["advbench"]),
+      dict(name="prefill_target", kind="prefill", mode="target", benchmarks=["advbench"]),
+      *(
+        dict(name=f"prefill_{k}tok", kind="prefill", mode="response_tokens", k=k, benchmarks=["harmful_responses"])
+        for k in (10, 40)
+      ),
+      dict(name="deepinception", kind="deepinception", max_new_tokens=n["di_tokens"], benchmarks=["deepinception"]),
+      # The run's max_new_tokens rather than Huang et al.'s 100: one compiled loop fewer.
+      dict(
+        name="decoding",
+        kind="decoding",
+        max_new_tokens=n["max_new_tokens"],
+        benchmarks=["advbench_dec"],
+        **REDUCED_GRID,
+      ),
+    ],
+    "gcg": [dict(name="gcg", **gcg)],
+    "gcg_adaptive": [dict(name="gcg_adaptive", cls_weight=1.0, **gcg)],
   }[phase]
   c.attacks = attacks
   # ASR by the AdvBench keywords; over-refusal (the alpaca cells) by XSTest's refusal openings.
-  c.judges = [dict(name="advbench", kind="keyword", list="advbench"),
-              dict(name="xstest", kind="keyword", list="xstest")]
+  c.judges = [
+    dict(name="advbench", kind="keyword", list="advbench"),
+    dict(name="xstest", kind="keyword", list="xstest"),
+  ]
   c.judge_validation = []
   c.utility = []
   c.probe = None

@@ -27,8 +27,7 @@ from clsalign_jax.config import default_config
 
 def get_config():
   c = default_config()
-  c.model.update(preset="smollm2_135m", dtype="float32", param_dtype="float32", scan_layers=False,
-                 remat_policy="none")
+  c.model.update(preset="smollm2_135m", dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
   c.init_from = "gguf:smollm2"
   c.train.trainable = r"^(cls_head|final_norm|layers_(2[6-9]))/"
   # num_train_examples: one class-balanced epoch of mixture v2 (the loader oversamples benign).

@@ -53,32 +53,45 @@ def main(argv=None) -> int:
     name, run_dir, decode = spec.split(":", 2)
     variants.append((name, f"orbax:{run_dir}", {**CLS_RUN, **json.loads(decode or "{}")}))
   config = {
-      "output_dir": str(out / "eval"), "seed": 0, "batch_size": args.batch_size,
-      "max_new_tokens": args.max_new_tokens, "progress": True, "save_cls_trace": True,
-      "model": {"tokenizer": "auto", "template": "auto", "template_kwargs": {}, "model": {}},
-      "variants": variants,
-      "benchmarks": [dict(kind="generic", path=files["val_benign"], fields=dict(id="id", query="prompt"), name="benign"),
-                     dict(kind="generic", path=files["val_malicious"], fields=dict(id="id", query="prompt"),
-                          name="malicious")],
-      "attacks": [dict(name="direct", kind="direct", benchmarks=["benign"]),
-                  dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is",
-                       benchmarks=["malicious"])],
-      "judges": [dict(name="advbench", kind="keyword", list="advbench"), dict(name="refusal", kind="keyword", list="xstest")],
+    "output_dir": str(out / "eval"),
+    "seed": 0,
+    "batch_size": args.batch_size,
+    "max_new_tokens": args.max_new_tokens,
+    "progress": True,
+    "save_cls_trace": True,
+    "model": {"tokenizer": "auto", "template": "auto", "template_kwargs": {}, "model": {}},
+    "variants": variants,
+    "benchmarks": [
+      dict(kind="generic", path=files["val_benign"], fields=dict(id="id", query="prompt"), name="benign"),
+      dict(kind="generic", path=files["val_malicious"], fields=dict(id="id", query="prompt"), name="malicious"),
+    ],
+    "attacks": [
+      dict(name="direct", kind="direct", benchmarks=["benign"]),
+      dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["malicious"]),
+    ],
+    "judges": [
+      dict(name="advbench", kind="keyword", list="advbench"),
+      dict(name="refusal", kind="keyword", list="xstest"),
+    ],
   }
   h = harness_lib.Harness(config)
   for v in h.variants:
     h.run_variant(v)
   summary, _ = h.summarize()
   pct = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
-  lines = ["| variant | over-refusal, benign validation (direct) | ASR, malicious validation (\" Sure, here is\") | "
-           "CLS flagged at prompt (benign / malicious) | refusal inserted (benign / malicious) |",
-           "|---|---|---|---|---|"]
+  lines = [
+    '| variant | over-refusal, benign validation (direct) | ASR, malicious validation (" Sure, here is") | '
+    "CLS flagged at prompt (benign / malicious) | refusal inserted (benign / malicious) |",
+    "|---|---|---|---|---|",
+  ]
   for name, _, _ in variants:
     b = next(r for r in summary if r["variant"] == name and r["benchmark"] == "benign" and r["judge"] == "refusal")
     m = next(r for r in summary if r["variant"] == name and r["benchmark"] == "malicious" and r["judge"] == "advbench")
-    lines.append(f"| {name} | {pct(1 - b['asr'])} (n = {b['n_items']}) | {pct(m['asr'])} (n = {m['n_items']}) | "
-                 f"{pct(b['cls_flag_rate'])} / {pct(m['cls_flag_rate'])} | "
-                 f"{pct(b['refusal_inserted_rate'])} / {pct(m['refusal_inserted_rate'])} |")
+    lines.append(
+      f"| {name} | {pct(1 - b['asr'])} (n = {b['n_items']}) | {pct(m['asr'])} (n = {m['n_items']}) | "
+      f"{pct(b['cls_flag_rate'])} / {pct(m['cls_flag_rate'])} | "
+      f"{pct(b['refusal_inserted_rate'])} / {pct(m['refusal_inserted_rate'])} |"
+    )
   text = "\n".join(lines)
   print(text)
   (out / "table.md").write_text(text + "\n")

@@ -31,53 +31,53 @@ OUTPUT = ROOT / "docs" / "configuration.md"
 CONFIGS = ROOT / "configs"
 
 _MODEL_FIELDS = {
-    "preset": "a name in `model.PRESETS`; unset: every field below is given explicitly",
-    "vocab_size": "base vocabulary V; `[CLS]` is input-embedding row V and is never generated",
-    "d_model": "hidden width D",
-    "n_layers": "decoder layers",
-    "n_heads": "query heads",
-    "n_kv_heads": "key/value heads (GQA when fewer than `n_heads`)",
-    "head_dim": "width of one attention head",
-    "d_ff": "SwiGLU hidden width",
-    "rms_eps": "RMSNorm epsilon",
-    "rope_theta": "RoPE base frequency",
-    "rope_factor": "RoPE scaling factor (`linear`, `dynamic`, `llama3`)",
-    "max_seq_len": "longest sequence the model accepts (`data.seq_len` must not exceed it)",
-    "sliding_window": "attention window in tokens (Mistral v0.1); 0 = none",
-    "tie_embeddings": "the LM head reuses the input embedding (SmolLM2)",
-    "bos_id": "beginning-of-sequence token id",
-    "eos_id": "end-of-sequence token id",
-    "family": "`llama` or `mistral`: the HF architecture written on export",
-    "dtype": "compute dtype of activations and matmuls",
-    "param_dtype": "dtype the parameters are stored and updated in",
-    "scan_layers": "run the layers with `nn.scan` (one compiled layer; params stacked on a `layers` axis)",
-    "remat_policy": "activation rematerialisation: " + ", ".join(f"`{p}`" for p in model_lib.REMAT_POLICIES),
+  "preset": "a name in `model.PRESETS`; unset: every field below is given explicitly",
+  "vocab_size": "base vocabulary V; `[CLS]` is input-embedding row V and is never generated",
+  "d_model": "hidden width D",
+  "n_layers": "decoder layers",
+  "n_heads": "query heads",
+  "n_kv_heads": "key/value heads (GQA when fewer than `n_heads`)",
+  "head_dim": "width of one attention head",
+  "d_ff": "SwiGLU hidden width",
+  "rms_eps": "RMSNorm epsilon",
+  "rope_theta": "RoPE base frequency",
+  "rope_factor": "RoPE scaling factor (`linear`, `dynamic`, `llama3`)",
+  "max_seq_len": "longest sequence the model accepts (`data.seq_len` must not exceed it)",
+  "sliding_window": "attention window in tokens (Mistral v0.1); 0 = none",
+  "tie_embeddings": "the LM head reuses the input embedding (SmolLM2)",
+  "bos_id": "beginning-of-sequence token id",
+  "eos_id": "end-of-sequence token id",
+  "family": "`llama` or `mistral`: the HF architecture written on export",
+  "dtype": "compute dtype of activations and matmuls",
+  "param_dtype": "dtype the parameters are stored and updated in",
+  "scan_layers": "run the layers with `nn.scan` (one compiled layer; params stacked on a `layers` axis)",
+  "remat_policy": "activation rematerialisation: " + ", ".join(f"`{p}`" for p in model_lib.REMAT_POLICIES),
 }
 # Meanings of the keys that have no comment in clsalign_jax/config.py yet. A comment there wins,
 # and the generator then refuses to run until the entry here is removed, so the two never disagree.
 _UNCOMMENTED = {
-    "seed": "PRNG seed of parameter init and the training key; also seeds the synthetic data and the data pipeline's order",
-    "data.seq_len": "tokens per row (CLS included); rows may be shorter, each new length compiles once",
-    "data.eval_split": "split the periodic evaluation reads",
-    "train.num_epochs": "epochs when `train.num_steps < 0`",
-    "loss.cls_threshold": "p(malicious) above this counts as malicious in the accuracy / precision / recall / F1 metrics",
-    "optimizer.learning_rate": "AdamW peak learning rate",
-    "optimizer.b1": "AdamW β1",
-    "optimizer.b2": "AdamW β2",
-    "optimizer.eps": "AdamW ε",
-    "optimizer.weight_decay": "AdamW decoupled weight decay",
-    "schedule.warmup_steps": "linear warm-up from 0 to the peak learning rate",
-    "mesh.data": "size of the `data` mesh axis (pure data parallelism: params replicated)",
-    "mesh.tensor": "size of the `tensor` mesh axis (heads, MLP and vocabulary split)",
-    "checkpoint.every_steps": "save cadence in steps; the last step is always saved",
-    "checkpoint.async_save": "write checkpoints in the background while training goes on",
-    "eval.num_batches": "global batches per evaluation",
-    "metrics.progress_bar": "show a tqdm progress bar (steps, ETA, loss, CLS accuracy)",
-    "after_training.max_new_tokens": "generated tokens per response in the evaluation",
-    "after_training.template": "chat template of the evaluation prompts: `chatml`, `llama2` or `mistral`",
-    "after_training.benign": "benign benchmark spec (eval/benchmarks.py load_benchmark) for the over-refusal rate",
-    "after_training.cls_test_prompts": "a JSONL of prompt/label rows for the CLS metrics instead of the test split; "
-                                       "'' = the test split",
+  "seed": "PRNG seed of parameter init and the training key; also seeds the synthetic data and the data pipeline's order",
+  "data.seq_len": "tokens per row (CLS included); rows may be shorter, each new length compiles once",
+  "data.eval_split": "split the periodic evaluation reads",
+  "train.num_epochs": "epochs when `train.num_steps < 0`",
+  "loss.cls_threshold": "p(malicious) above this counts as malicious in the accuracy / precision / recall / F1 metrics",
+  "optimizer.learning_rate": "AdamW peak learning rate",
+  "optimizer.b1": "AdamW β1",
+  "optimizer.b2": "AdamW β2",
+  "optimizer.eps": "AdamW ε",
+  "optimizer.weight_decay": "AdamW decoupled weight decay",
+  "schedule.warmup_steps": "linear warm-up from 0 to the peak learning rate",
+  "mesh.data": "size of the `data` mesh axis (pure data parallelism: params replicated)",
+  "mesh.tensor": "size of the `tensor` mesh axis (heads, MLP and vocabulary split)",
+  "checkpoint.every_steps": "save cadence in steps; the last step is always saved",
+  "checkpoint.async_save": "write checkpoints in the background while training goes on",
+  "eval.num_batches": "global batches per evaluation",
+  "metrics.progress_bar": "show a tqdm progress bar (steps, ETA, loss, CLS accuracy)",
+  "after_training.max_new_tokens": "generated tokens per response in the evaluation",
+  "after_training.template": "chat template of the evaluation prompts: `chatml`, `llama2` or `mistral`",
+  "after_training.benign": "benign benchmark spec (eval/benchmarks.py load_benchmark) for the over-refusal rate",
+  "after_training.cls_test_prompts": "a JSONL of prompt/label rows for the CLS metrics instead of the test split; "
+  "'' = the test split",
 }
 # Keys whose defaults embed this checkout's absolute path (eval fixtures) print it as <repo>.
 _REPO_MARK = "<repo>"
@@ -97,7 +97,7 @@ def _comments(source: str) -> tuple[dict[int, str], set[int]]:
     if tok.type == tokenize.COMMENT:
       line = tok.start[0]
       text[line] = tok.string[1:].rstrip()
-      if not tok.line[:tok.start[1]].strip():
+      if not tok.line[: tok.start[1]].strip():
         alone.add(line)
   return text, alone
 
@@ -148,8 +148,13 @@ def parse_config_source(path: pathlib.Path, function: str) -> _Parsed:
   source = path.read_text()
   comments, alone = _comments(source)
   tree = ast.parse(source)
-  module_meaning = {t.id: _describe(node, comments, alone) for node in tree.body if isinstance(node, ast.Assign)
-                    for t in node.targets if isinstance(t, ast.Name)}
+  module_meaning = {
+    t.id: _describe(node, comments, alone)
+    for node in tree.body
+    if isinstance(node, ast.Assign)
+    for t in node.targets
+    if isinstance(t, ast.Name)
+  }
   func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
   root = next(n.targets[0].id for n in func.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name))
   parsed = _Parsed({}, {}, set())
@@ -202,8 +207,7 @@ def model_field_meanings() -> dict[str, str]:
   comments, alone = _comments(source)
   cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "ModelConfig")
   found = {n.target.id: _describe(n, comments, alone) for n in cls.body if isinstance(n, ast.AnnAssign)}
-  return {"preset": _MODEL_FIELDS["preset"],
-          **{name: found.get(name) or _MODEL_FIELDS.get(name, "") for name in found}}
+  return {"preset": _MODEL_FIELDS["preset"], **{name: found.get(name) or _MODEL_FIELDS.get(name, "") for name in found}}
 
 
 # ----- values ----------------------------------------------------------------------------------------
@@ -278,12 +282,15 @@ def default_tables() -> list[str]:
       if value is None and field != "preset":
         fallback = model_defaults[field]
         shown = "unset: the preset's value" + (
-            "" if fallback is dataclasses.MISSING else f" (without a preset {show(fallback)})")
+          "" if fallback is dataclasses.MISSING else f" (without a preset {show(fallback)})"
+        )
     else:
       meaning = parsed.meaning.get(key, "")
       if meaning and key in _UNCOMMENTED:
-        raise DocError(f"config.{key} now has a comment in clsalign_jax/config.py: "
-                       f"remove its entry from _UNCOMMENTED in {pathlib.Path(__file__).name}")
+        raise DocError(
+          f"config.{key} now has a comment in clsalign_jax/config.py: "
+          f"remove its entry from _UNCOMMENTED in {pathlib.Path(__file__).name}"
+        )
       meaning = meaning or _UNCOMMENTED.get(key, "")
       order = (parsed.order.get(section or key, 0), parsed.order.get(key, 0))
       shown = show(value)
@@ -294,8 +301,10 @@ def default_tables() -> list[str]:
   if stale:
     raise DocError(f"_UNCOMMENTED names keys default_config() no longer has: {sorted(stale)}")
   if missing:
-    raise DocError(f"config keys without a description: {missing}. Add a comment above the assignment in "
-                   "clsalign_jax/config.py (or on the ModelConfig field in clsalign_jax/model.py).")
+    raise DocError(
+      f"config keys without a description: {missing}. Add a comment above the assignment in "
+      "clsalign_jax/config.py (or on the ModelConfig field in clsalign_jax/model.py)."
+    )
 
   out = []
   sections = sorted(rows, key=lambda s: min(o for o, _ in rows[s]))
@@ -322,8 +331,7 @@ def preset_sections() -> list[str]:
     if values.keys() == defaults.keys():
       summary = doc.split("\n\n")[0].replace("\n", " ")
       training += [f"### `{rel}`", "", summary, "", "| key | default | this preset |", "| --- | --- | --- |"]
-      training += [f"| `{k}` | {show(defaults[k])} | {show(v)} |" for k, v in values.items()
-                   if v != defaults[k]]
+      training += [f"| `{k}` | {show(defaults[k])} | {show(v)} |" for k, v in values.items() if v != defaults[k]]
       training.append("")
     else:
       parsed = parse_config_source(path, "get_config")
@@ -332,29 +340,36 @@ def preset_sections() -> list[str]:
         meaning = parsed.meaning.get(key) or parsed.meaning.get(_section_of(key), "")
         evaluation.append(f"| `{key}` | {show(value)} | {meaning} |")
       evaluation.append("")
-  return (["## Training presets", "",
-           "Each file starts from `default_config()` and changes only the keys listed.", ""] + training
-          + ["## Evaluation configs", "",
-             "Read by `python -m clsalign_jax.evaluate`; they do not derive from `default_config()`. "
-             "Values are shown as `get_config()` returns them with no argument; the sections are described in "
-             "each file's docstring and in `clsalign_jax/eval/harness.py`.", ""] + evaluation)
+  return (
+    ["## Training presets", "", "Each file starts from `default_config()` and changes only the keys listed.", ""]
+    + training
+    + [
+      "## Evaluation configs",
+      "",
+      "Read by `python -m clsalign_jax.evaluate`; they do not derive from `default_config()`. "
+      "Values are shown as `get_config()` returns them with no argument; the sections are described in "
+      "each file's docstring and in `clsalign_jax/eval/harness.py`.",
+      "",
+    ]
+    + evaluation
+  )
 
 
 def render() -> str:
   lines = [
-      "<!-- Generated by scripts/gen_config_docs.py from clsalign_jax/config.py and configs/*.py. "
-      "Do not edit; run `python scripts/gen_config_docs.py`. -->",
-      "",
-      "# Configuration reference",
-      "",
-      "Every training run is `python -m clsalign_jax.main --config=configs/<preset>.py --workdir=DIR "
-      "[--config.<key>=<value> ...]`. All defaults live in `default_config()` "
-      "(`clsalign_jax/config.py`), which returns a *locked* ConfigDict: a key that is not listed "
-      "here fails, in a preset file and on the command line alike. A command-line value must have the "
-      "key's type. A test regenerates this page and fails when it is out of date.",
-      "",
-      "## Training keys (`default_config()`)",
-      "",
+    "<!-- Generated by scripts/gen_config_docs.py from clsalign_jax/config.py and configs/*.py. "
+    "Do not edit; run `python scripts/gen_config_docs.py`. -->",
+    "",
+    "# Configuration reference",
+    "",
+    "Every training run is `python -m clsalign_jax.main --config=configs/<preset>.py --workdir=DIR "
+    "[--config.<key>=<value> ...]`. All defaults live in `default_config()` "
+    "(`clsalign_jax/config.py`), which returns a *locked* ConfigDict: a key that is not listed "
+    "here fails, in a preset file and on the command line alike. A command-line value must have the "
+    "key's type. A test regenerates this page and fails when it is out of date.",
+    "",
+    "## Training keys (`default_config()`)",
+    "",
   ]
   lines += default_tables()
   lines += preset_sections()

@@ -10,6 +10,7 @@ _FIGURES: list[tuple[str, str]] = []
 def record_figure():
   def record(name: str, value) -> None:
     _FIGURES.append((name, value if isinstance(value, str) else f"{value:.3g}"))
+
   return record
 
 

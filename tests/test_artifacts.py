@@ -69,11 +69,24 @@ def _assert_tree_equal(a, b):
 def test_run_records_its_facts_and_every_run_spec_reads_them(run):
   config, workdir = run
   facts = json.loads((workdir / "run_facts.json").read_text())
-  assert facts == {"format_version": 1, "template": "llama2", "template_kwargs": {}, "tokenizer": str(TOKENIZER),
-                   "response_sees_cls": True, "cls_threshold": 0.5, "cls_trained": True, "decode": dict(CLS_RUN)}
+  assert facts == {
+    "format_version": 1,
+    "template": "llama2",
+    "template_kwargs": {},
+    "tokenizer": str(TOKENIZER),
+    "response_sees_cls": True,
+    "cls_threshold": 0.5,
+    "cls_trained": True,
+    "decode": dict(CLS_RUN),
+  }
   reference = saved_params(workdir, 2)  # read with orbax directly, not through artifacts
-  for spec in (str(workdir), f"orbax:{workdir}", f"orbax:{workdir / 'checkpoints'}@2", f"{workdir}@2",
-               str(workdir / "checkpoints")):
+  for spec in (
+    str(workdir),
+    f"orbax:{workdir}",
+    f"orbax:{workdir / 'checkpoints'}@2",
+    f"{workdir}@2",
+    str(workdir / "checkpoints"),
+  ):
     loaded = artifacts.load(spec)
     assert (loaded.spec.kind, loaded.step, loaded.template_name) == ("run", 2, "llama2"), spec
     assert loaded.cfg == M.config_from_fields(config.model)
@@ -157,6 +170,7 @@ def test_hf_export_and_orbax_params_carry_the_weights_and_facts(run, export, tmp
 
 def test_checkpoints_without_a_trained_cls_decode_as_the_plain_model(tmp_path):
   from clsalign_jax.assets import smollm2_gguf_path
+
   path = smollm2_gguf_path()
   for spec in ("smollm2", "gguf:smollm2", f"gguf:{path}", path):
     assert artifacts.parse_spec(spec) == artifacts.Spec(spec, "gguf", path)
@@ -169,6 +183,7 @@ def test_checkpoints_without_a_trained_cls_decode_as_the_plain_model(tmp_path):
   params = {k: v for k, v in M.unstack_layers(loaded.params).items() if not k.startswith("layers_")}
   params["layers_0"] = M.unstack_layers(loaded.params)["layers_0"]
   from clsalign_jax.interop.hf import save_hf
+
   save_hf(str(tmp_path / "plain"), cfg, params, loaded.tokenizer)
   plain = artifacts.load(str(tmp_path / "plain"))
   assert plain.template_name == "chatml" and plain.decode_config() == DecodeConfig(**PLAIN)
@@ -195,19 +210,19 @@ def _bad_specs(tmp, workdir, params_dir):
   started.mkdir()
   shutil.copy(workdir / "config.json", started / "config.json")
   return [
-      ("pickle:/x", "pickle:/x: unknown kind 'pickle'"),
-      ("hf:", "hf:: nothing after 'hf:'"),
-      ("random:nope", "random:nope: no model preset 'nope'"),
-      ("random:3", "random:3: random:SEED needs the model fields"),
-      (str(tmp / "missing"), f"{tmp / 'missing'}: not found (expected smollm2, gguf:FILE"),
-      (f"gguf:{tmp / 'missing.gguf'}", "missing.gguf not found (expected a GGUF file)"),
-      (f"hf:{tmp / 'empty'}", "empty: no config.json in it"),
-      (f"orbax:{workdir}@7", "no step 7 in"),
-      (f"{workdir}@x", "@x is not a step number"),
-      (f"orbax:{params_dir}@1", "is a params directory (one set of weights); it has no steps"),
-      (str(tmp / "empty"), "a directory with no checkpoints/, model_config.json or config.json"),
-      (str(started), "a training run's workdir without checkpoints/"),
-      (str(text), "notes.txt: a file that is not GGUF"),
+    ("pickle:/x", "pickle:/x: unknown kind 'pickle'"),
+    ("hf:", "hf:: nothing after 'hf:'"),
+    ("random:nope", "random:nope: no model preset 'nope'"),
+    ("random:3", "random:3: random:SEED needs the model fields"),
+    (str(tmp / "missing"), f"{tmp / 'missing'}: not found (expected smollm2, gguf:FILE"),
+    (f"gguf:{tmp / 'missing.gguf'}", "missing.gguf not found (expected a GGUF file)"),
+    (f"hf:{tmp / 'empty'}", "empty: no config.json in it"),
+    (f"orbax:{workdir}@7", "no step 7 in"),
+    (f"{workdir}@x", "@x is not a step number"),
+    (f"orbax:{params_dir}@1", "is a params directory (one set of weights); it has no steps"),
+    (str(tmp / "empty"), "a directory with no checkpoints/, model_config.json or config.json"),
+    (str(started), "a training run's workdir without checkpoints/"),
+    (str(text), "notes.txt: a file that is not GGUF"),
   ]
 
 
@@ -244,8 +259,9 @@ def test_generate_on_the_run_dir_uses_the_run_template(run, export, capsys):
   assert out == _generate(capsys, f"--checkpoint={export}", f"--prompt={QUERY}")
   # The run re-classifies at every step (its facts); a flag given on the command line wins.
   assert "CLS trace (step:p, 0 re-classifications)" not in out
-  assert "CLS trace (step:p, 0 re-classifications)" in _generate(capsys, f"--checkpoint={workdir}",
-                                                                 f"--prompt={QUERY}", "--schedule=first")
+  assert "CLS trace (step:p, 0 re-classifications)" in _generate(
+    capsys, f"--checkpoint={workdir}", f"--prompt={QUERY}", "--schedule=first"
+  )
 
 
 def test_convert_of_the_run_dir_loads_in_transformers(run, export):
@@ -261,8 +277,13 @@ def test_convert_of_the_run_dir_loads_in_transformers(run, export):
     ref = model(torch.tensor([ids])).logits.numpy()
   T = len(ids)
   cfg = loaded.cfg
-  plain = M.Transformer(cfg).apply({"params": M.to_layout(loaded.params, cfg)}, jnp.asarray([ids]),
-                                   jnp.arange(T)[None], masks.causal_mask(jnp.ones((1, T), jnp.int32)), cls_row=None)
+  plain = M.Transformer(cfg).apply(
+    {"params": M.to_layout(loaded.params, cfg)},
+    jnp.asarray([ids]),
+    jnp.arange(T)[None],
+    masks.causal_mask(jnp.ones((1, T), jnp.int32)),
+    cls_row=None,
+  )
   assert np.abs(np.asarray(plain.logits_BTV) - ref).max() <= 1e-4
 
 
@@ -274,9 +295,14 @@ def llama3_tok(tmp_path_factory):
   return Tokenizer.from_tokenizer_json(llama3_tokenizer.build(tmp_path_factory.mktemp("llama3_tok")))
 
 
-TEMPLATES = [("smollm2", "chatml", {}), ("smollm2", "chatml", {"system_prompt": None}), ("mistral", "llama2", {}),
-             ("mistral", "mistral", {}), ("llama3", "llama3", {}),
-             ("llama3", "llama3", {"system_prompt": "You are terse."})]
+TEMPLATES = [
+  ("smollm2", "chatml", {}),
+  ("smollm2", "chatml", {"system_prompt": None}),
+  ("mistral", "llama2", {}),
+  ("mistral", "mistral", {}),
+  ("llama3", "llama3", {}),
+  ("llama3", "llama3", {"system_prompt": "You are terse."}),
+]
 
 
 @pytest.mark.parametrize("tok_name,name,kwargs", TEMPLATES, ids=[f"{t[1]}-{i}" for i, t in enumerate(TEMPLATES)])
@@ -291,10 +317,11 @@ def test_exported_chat_template_gives_our_prompt_ids(tok_name, name, kwargs, tmp
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   for query in (QUERY, "Explain: 'quotes', \"double\", {{ braces }} and {% tags %}.", "café naïve 😀 emoji"):
     enc = encode_prompt(tok, template, query)
-    ids = hf_tok.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
-                                     tokenize=True)
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     assert ids == enc.tokens[1:].tolist(), (name, query)
   with pytest.raises(Exception, match="single-turn"):
-    hf_tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                {"role": "user", "content": "c"}], tokenize=False)
+    hf_tok.apply_chat_template(
+      [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+      tokenize=False,
+    )

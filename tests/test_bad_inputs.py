@@ -32,8 +32,13 @@ from clsalign_jax.interop.hf import save_hf
 from clsalign_jax.model import ModelConfig, abstract_params
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config=configs/tiny.py", "--config.metrics.progress_bar=false", "--config.train.num_steps=6",
-        "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3"]
+TINY = [
+  "--config=configs/tiny.py",
+  "--config.metrics.progress_bar=false",
+  "--config.train.num_steps=6",
+  "--config.checkpoint.every_steps=3",
+  "--config.eval.every_steps=3",
+]
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -90,37 +95,40 @@ def run_copy(run_dir, tmp_path):
 # --- configs: refused before anything is written ------------------------------------------------
 
 CONFIG_CASES = [
-    ("--config.checkpoint.keep=0", "config.checkpoint.keep=0: must be >= 1"),
-    ("--config.optimizer.learning_rate=-1", "config.optimizer.learning_rate=-1.0: must be > 0"),
-    ("--config.optimizer.learning_rate=nan", "config.optimizer.learning_rate=nan"),
-    ("--config.train.num_steps=0", "config.train.num_steps=0"),
-    ("--config.data.global_batch_size=0", "config.data.global_batch_size=0"),
-    ("--config.train.grad_accum_steps=0", "config.train.grad_accum_steps=0"),
-    ("--config.train.grad_accum_steps=3", "global_batch_size=8 is not a multiple of config.train.grad_accum_steps=3"),
-    ("--config.data.seq_len=1000", "config.data.seq_len=1000 exceeds the model's max_seq_len=128"),
-    ("--config.schedule.name=linear", "config.schedule.name='linear'"),
-    ("--config.train.trainable=(", "config.train.trainable='('"),
-    ("--config.init_from=s3:bucket", "config.init_from='s3:bucket'"),
-    ("--config.guard.divergence_factor=0.5", "config.guard.divergence_factor=0.5"),
-    ("--config.eval.num_batches=0", "config.eval.num_batches=0"),
-    ("--config.model.head_dim=15", "config.model.head_dim=15"),
-    ("--config.model.n_kv_heads=3", "config.model.n_heads=4 is not a multiple of config.model.n_kv_heads=3"),
-    ("--config.optimizer.state_dtype=int8", "config.optimizer.state_dtype='int8'"),
-    ("--config.loss.cls_threshold=1.5", "config.loss.cls_threshold=1.5"),
-    ("--config.train.nm_steps=3", "--config.train.nm_steps=3: no such config key train.nm_steps; did you mean "
-     "train.num_steps?"),
-    ("--config.data.flies=x", "--config.data.flies=x: no such config key data.flies; did you mean data.files?"),
-    ("--config.dta.seq_len=8", "--config.dta.seq_len=8: no such config key dta.seq_len; did you mean data.seq_len?"),
-    ("--config.data.bucket_lengths=1", "config.data.bucket_lengths=(1,): lengths must be >= 2"),
-    ("--config.data.files=7", "config.data.files=(7,): expected a tuple of paths (str)"),
-    ("--config.data.source=wiki_pretrain", "config.data.source='wiki_pretrain' needs config.data.files"),
-    ("--config.train.num_steps=abc", "--config.train.num_steps=abc"),
-    ("--bogus_flag=1", "Unknown command line flag 'bogus_flag'"),
+  ("--config.checkpoint.keep=0", "config.checkpoint.keep=0: must be >= 1"),
+  ("--config.optimizer.learning_rate=-1", "config.optimizer.learning_rate=-1.0: must be > 0"),
+  ("--config.optimizer.learning_rate=nan", "config.optimizer.learning_rate=nan"),
+  ("--config.train.num_steps=0", "config.train.num_steps=0"),
+  ("--config.data.global_batch_size=0", "config.data.global_batch_size=0"),
+  ("--config.train.grad_accum_steps=0", "config.train.grad_accum_steps=0"),
+  ("--config.train.grad_accum_steps=3", "global_batch_size=8 is not a multiple of config.train.grad_accum_steps=3"),
+  ("--config.data.seq_len=1000", "config.data.seq_len=1000 exceeds the model's max_seq_len=128"),
+  ("--config.schedule.name=linear", "config.schedule.name='linear'"),
+  ("--config.train.trainable=(", "config.train.trainable='('"),
+  ("--config.init_from=s3:bucket", "config.init_from='s3:bucket'"),
+  ("--config.guard.divergence_factor=0.5", "config.guard.divergence_factor=0.5"),
+  ("--config.eval.num_batches=0", "config.eval.num_batches=0"),
+  ("--config.model.head_dim=15", "config.model.head_dim=15"),
+  ("--config.model.n_kv_heads=3", "config.model.n_heads=4 is not a multiple of config.model.n_kv_heads=3"),
+  ("--config.optimizer.state_dtype=int8", "config.optimizer.state_dtype='int8'"),
+  ("--config.loss.cls_threshold=1.5", "config.loss.cls_threshold=1.5"),
+  (
+    "--config.train.nm_steps=3",
+    "--config.train.nm_steps=3: no such config key train.nm_steps; did you mean train.num_steps?",
+  ),
+  ("--config.data.flies=x", "--config.data.flies=x: no such config key data.flies; did you mean data.files?"),
+  ("--config.dta.seq_len=8", "--config.dta.seq_len=8: no such config key dta.seq_len; did you mean data.seq_len?"),
+  ("--config.data.bucket_lengths=1", "config.data.bucket_lengths=(1,): lengths must be >= 2"),
+  ("--config.data.files=7", "config.data.files=(7,): expected a tuple of paths (str)"),
+  ("--config.data.source=wiki_pretrain", "config.data.source='wiki_pretrain' needs config.data.files"),
+  ("--config.train.num_steps=abc", "--config.train.num_steps=abc"),
+  ("--bogus_flag=1", "Unknown command line flag 'bogus_flag'"),
 ]
 
 
-@pytest.mark.parametrize("arg,needle", CONFIG_CASES, ids=[a.split("=")[0].lstrip("-") + "=" + a.partition("=")[2]
-                                                          for a, _ in CONFIG_CASES])
+@pytest.mark.parametrize(
+  "arg,needle", CONFIG_CASES, ids=[a.split("=")[0].lstrip("-") + "=" + a.partition("=")[2] for a, _ in CONFIG_CASES]
+)
 def test_config_value_is_refused_naming_the_key(arg, needle, run_dir, run_digest, capsys):
   check(main.main, [*TINY, f"--workdir={run_dir}", arg], 2, needle, capsys)
   assert tree_digest(run_dir) == run_digest
@@ -133,18 +141,35 @@ def test_config_file_errors(run_dir, run_digest, tmp_path, capsys):
   check(main.main, [f"--config={broken}", f"--workdir={run_dir}"], 2, f"{broken}:1: ", capsys)
   # A key the locked default config does not declare: the file's line, the key and the closest one.
   misspelt = tmp_path / "misspelt.py"
-  misspelt.write_text("from clsalign_jax.config import default_config\n\n\ndef get_config():\n"
-                      "  c = default_config()\n  c.data.update(seq_len=64)\n  c.data.flies = ('x.jsonl',)\n  return c\n")
-  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
-        f"{misspelt}:7: no such config key data.flies; did you mean data.files?", capsys)
+  misspelt.write_text(
+    "from clsalign_jax.config import default_config\n\n\ndef get_config():\n"
+    "  c = default_config()\n  c.data.update(seq_len=64)\n  c.data.flies = ('x.jsonl',)\n  return c\n"
+  )
+  check(
+    main.main,
+    [f"--config={misspelt}", f"--workdir={run_dir}"],
+    2,
+    f"{misspelt}:7: no such config key data.flies; did you mean data.files?",
+    capsys,
+  )
   misspelt.write_text(misspelt.read_text().replace("c.data.flies = ('x.jsonl',)", "c.trian.mode = 'sft'"))
-  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
-        f"{misspelt}:7: no such config key trian; did you mean train?", capsys)
+  check(
+    main.main,
+    [f"--config={misspelt}", f"--workdir={run_dir}"],
+    2,
+    f"{misspelt}:7: no such config key trian; did you mean train?",
+    capsys,
+  )
   # A declared key given a value of another type: the key and ml_collections' reason, not a traceback.
   misspelt.write_text(misspelt.read_text().replace("c.trian.mode = 'sft'", "c.data.files = 'x.jsonl'"))
-  check(main.main, [f"--config={misspelt}", f"--workdir={run_dir}"], 2,
-        f"{misspelt}:7: config.data.files: x.jsonl is of original type <class 'str'> and cannot be casted to type "
-        "<class 'tuple'>", capsys)
+  check(
+    main.main,
+    [f"--config={misspelt}", f"--workdir={run_dir}"],
+    2,
+    f"{misspelt}:7: config.data.files: x.jsonl is of original type <class 'str'> and cannot be casted to type "
+    "<class 'tuple'>",
+    capsys,
+  )
   check(main.main, [f"--workdir={run_dir}"], 2, "--config is required", capsys)
   check(main.main, [*TINY], 2, "--workdir is required", capsys)
   check(main.main, [*TINY, f"--workdir={run_dir}", "extra"], 2, "unexpected arguments: ['extra']", capsys)
@@ -153,8 +178,13 @@ def test_config_file_errors(run_dir, run_digest, tmp_path, capsys):
 
 def test_refused_run_on_a_new_workdir_creates_nothing(tmp_path, capsys):
   fresh = tmp_path / "fresh"
-  check(main.main, [*TINY, f"--workdir={fresh}", "--config.init_from=hf:/nonexistent"], 1,
-        "hf:/nonexistent: /nonexistent: not found", capsys)
+  check(
+    main.main,
+    [*TINY, f"--workdir={fresh}", "--config.init_from=hf:/nonexistent"],
+    1,
+    "hf:/nonexistent: /nonexistent: not found",
+    capsys,
+  )
   assert not fresh.exists()
 
 
@@ -162,8 +192,13 @@ def test_refused_run_on_a_new_workdir_creates_nothing(tmp_path, capsys):
 
 
 def test_other_model_is_refused_and_config_json_kept(run_dir, run_digest, capsys):
-  check(main.main, [*TINY, f"--workdir={run_dir}", "--config.model.d_ff=256", "--config.train.num_steps=9"], 1,
-        "checkpoints/6: does not match the configured model (d_ff: 128 there vs 256 in the config)", capsys)
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_dir}", "--config.model.d_ff=256", "--config.train.num_steps=9"],
+    1,
+    "checkpoints/6: does not match the configured model (d_ff: 128 there vs 256 in the config)",
+    capsys,
+  )
   assert tree_digest(run_dir) == run_digest
 
 
@@ -181,16 +216,28 @@ def test_corrupted_step_is_refused_naming_the_file(run_copy, capsys):
   victim = _params_files(run_copy / "checkpoints" / "6")[0]
   _flip_a_byte(victim)
   rel = victim.relative_to(run_copy / "checkpoints" / "6")
-  check(main.main, [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"], 1,
-        f"checkpoints/6: checkpoint is corrupted: {rel} differs from the sha256", capsys, run_copy)
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"],
+    1,
+    f"checkpoints/6: checkpoint is corrupted: {rel} differs from the sha256",
+    capsys,
+    run_copy,
+  )
 
 
 def test_missing_file_and_torn_digest_file(run_copy, capsys):
   _params_files(run_copy / "checkpoints" / "6")[0].unlink()
   check(main.main, [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"], 1, "is missing", capsys, run_copy)
   (run_copy / "checkpoints" / "6" / "digests.json").write_text('{"files": ')
-  check(main.main, [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"], 1,
-        "6/digests.json: unreadable digest file", capsys, run_copy)
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"],
+    1,
+    "6/digests.json: unreadable digest file",
+    capsys,
+    run_copy,
+  )
 
 
 def test_fallback_to_intact_step_only_when_asked(run_copy, capsys):
@@ -226,13 +273,13 @@ _HOLD_LOCK = textwrap.dedent("""
 
 
 def test_second_process_is_refused_and_a_dead_holder_is_taken_over(run_dir, run_digest, capsys):
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     before = tree_digest(run_dir)
-    check(main.main, [*TINY, f"--workdir={run_dir}"], 1, f"workdir {run_dir} is in use by process {holder.pid}",
-          capsys)
+    check(main.main, [*TINY, f"--workdir={run_dir}"], 1, f"workdir {run_dir} is in use by process {holder.pid}", capsys)
     assert tree_digest(run_dir) == before
   finally:
     holder.send_signal(signal.SIGKILL)  # a crash: the kernel drops the flock, the file stays
@@ -247,14 +294,24 @@ def test_two_trainings_on_one_workdir(tmp_path, capsys):
   """A real training process holds the workdir; a second training is refused and A is unharmed."""
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  a = subprocess.Popen([sys.executable, "-m", "clsalign_jax.main", *TINY, f"--workdir={workdir}",
-                        "--config.train.num_steps=8"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  a = subprocess.Popen(
+    [sys.executable, "-m", "clsalign_jax.main", *TINY, f"--workdir={workdir}", "--config.train.num_steps=8"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 120
   while not (workdir / ".lock").exists() and a.poll() is None and time.monotonic() < deadline:
     time.sleep(0.1)
-  check(main.main, [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=0.1"], 1,
-        f"is in use by process {a.pid}", capsys)
+  check(
+    main.main,
+    [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=0.1"],
+    1,
+    f"is in use by process {a.pid}",
+    capsys,
+  )
   _, err = a.communicate(timeout=240)
   assert a.returncode == 0, err[-3000:]
   steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -269,9 +326,17 @@ def test_two_trainings_on_one_workdir(tmp_path, capsys):
 def test_divergence_guard_stops_before_saving_and_names_the_last_good_step(tmp_path, capsys):
   # From step 9 the lr is 300x: losses go 5.4 -> 30..54, finite but far above their median.
   workdir = tmp_path / "run"
-  argv = [*TINY, f"--workdir={workdir}", "--config.train.num_steps=14", "--config.checkpoint.every_steps=2",
-          "--config.eval.every_steps=0", "--config.schedule.name=step", "--config.schedule.decay_every_steps=6",
-          "--config.schedule.decay_rate=300", "--config.guard.divergence_factor=5"]
+  argv = [
+    *TINY,
+    f"--workdir={workdir}",
+    "--config.train.num_steps=14",
+    "--config.checkpoint.every_steps=2",
+    "--config.eval.every_steps=0",
+    "--config.schedule.name=step",
+    "--config.schedule.decay_every_steps=6",
+    "--config.schedule.decay_rate=300",
+    "--config.guard.divergence_factor=5",
+  ]
   code, line = call(main.main, argv, capsys)
   assert code == 1
   assert line.startswith("error: step 12: loss=") and "above 5 x its running median" in line
@@ -281,8 +346,11 @@ def test_divergence_guard_stops_before_saving_and_names_the_last_good_step(tmp_p
 
 def test_divergence_from_the_first_steps_saves_nothing(tmp_path, capsys):
   workdir = tmp_path / "run"
-  code, line = call(main.main, [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=1e6",
-                                "--config.schedule.warmup_steps=0"], capsys)
+  code, line = call(
+    main.main,
+    [*TINY, f"--workdir={workdir}", "--config.optimizer.learning_rate=1e6", "--config.schedule.warmup_steps=0"],
+    capsys,
+  )
   assert code == 1
   assert line.startswith("error: step 4: loss=") and "above 10 x its running median" in line, line
   assert "Last good checkpoint: none (no step was saved" in line
@@ -291,6 +359,7 @@ def test_divergence_from_the_first_steps_saves_nothing(tmp_path, capsys):
 
 def test_loss_guard_rules():
   from clsalign_jax.train import LossGuard
+
   converged = LossGuard(10.0, 3, 50)
   assert not any(converged.observe(i, x) for i, x in enumerate([0.01] * 20 + [0.3, 0.4, 0.5, 0.3], 1))
   assert not converged.tripped  # 30x the median, but within 1 nat: batch noise, not divergence
@@ -308,15 +377,15 @@ def test_loss_guard_rules():
 # --- data files (the readers training uses) -----------------------------------------------------
 
 DATA_CASES = [
-    ("bad.jsonl", b'{"prompt": "a", "response": "b", "label": 0}\n{"prompt": "a",\n', "bad.jsonl:2: malformed JSON"),
-    ("label.jsonl", b'{"prompt": "a", "response": "b", "label": 2}\n', "label.jsonl:1: label outside {0, 1}: 2"),
-    ("noprompt.jsonl", b'{"response": "b", "label": 1}\n', "noprompt.jsonl:1: missing field 'prompt'"),
-    ("utf8.jsonl", b'{"prompt": "a\xff", "response": "b", "label": 1}\n', "utf8.jsonl:1: not valid UTF-8"),
-    ("list.jsonl", b'[1, 2]\n', "list.jsonl:1: expected a JSON object"),
-    ("data.txt", b"hello\n", "data.txt: unsupported file type '.txt'"),
-    ("empty_response.jsonl", b'{"prompt": "a", "response": "", "label": 0}\n', "empty_response.jsonl:1: empty"),
-    ("empty.jsonl", b"", "empty.jsonl: no records"),
-    ("blank.csv", b"prompt,response,label\n\n", "blank.csv: no records"),
+  ("bad.jsonl", b'{"prompt": "a", "response": "b", "label": 0}\n{"prompt": "a",\n', "bad.jsonl:2: malformed JSON"),
+  ("label.jsonl", b'{"prompt": "a", "response": "b", "label": 2}\n', "label.jsonl:1: label outside {0, 1}: 2"),
+  ("noprompt.jsonl", b'{"response": "b", "label": 1}\n', "noprompt.jsonl:1: missing field 'prompt'"),
+  ("utf8.jsonl", b'{"prompt": "a\xff", "response": "b", "label": 1}\n', "utf8.jsonl:1: not valid UTF-8"),
+  ("list.jsonl", b"[1, 2]\n", "list.jsonl:1: expected a JSON object"),
+  ("data.txt", b"hello\n", "data.txt: unsupported file type '.txt'"),
+  ("empty_response.jsonl", b'{"prompt": "a", "response": "", "label": 0}\n', "empty_response.jsonl:1: empty"),
+  ("empty.jsonl", b"", "empty.jsonl: no records"),
+  ("blank.csv", b"prompt,response,label\n\n", "blank.csv: no records"),
 ]
 
 
@@ -336,9 +405,21 @@ def test_bad_data_record_names_file_and_line(name, content, needle, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
   from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
+
   tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
-  cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
-                    d_ff=32, max_seq_len=256, tie_embeddings=True, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+  cfg = ModelConfig(
+    vocab_size=tokenizer.vocab_size,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    max_seq_len=256,
+    tie_embeddings=True,
+    bos_id=tokenizer.bos_id,
+    eos_id=tokenizer.eos_id,
+  )
   rng = np.random.default_rng(0)
   shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(cfg)))
   params = jax.tree.unflatten(treedef, [rng.normal(0.0, 0.02, x.shape).astype(np.float32) for _, x in shapes])
@@ -358,14 +439,20 @@ def hf_dirs(tiny_model, tmp_path_factory):
     dirs[name] = root / name
   weights = lambda d: safetensors.numpy.load_file(d / "model.safetensors")
   t = weights(good)
-  safetensors.numpy.save_file({**t, "model.layers.0.mlp.up_proj.weight":
-                               t["model.layers.0.mlp.up_proj.weight"].astype(np.int32)},
-                              dirs["int32"] / "model.safetensors", metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    {**t, "model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"].astype(np.int32)},
+    dirs["int32"] / "model.safetensors",
+    metadata={"format": "pt"},
+  )
   (dirs["bad_json"] / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "vocab_size": }')
-  safetensors.numpy.save_file({k: v for k, v in t.items() if k != "model.norm.weight"},
-                              dirs["missing"] / "model.safetensors", metadata={"format": "pt"})
-  safetensors.numpy.save_file({**t, "model.norm.weight": np.ones(7, np.float32)},
-                              dirs["shape"] / "model.safetensors", metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    {k: v for k, v in t.items() if k != "model.norm.weight"},
+    dirs["missing"] / "model.safetensors",
+    metadata={"format": "pt"},
+  )
+  safetensors.numpy.save_file(
+    {**t, "model.norm.weight": np.ones(7, np.float32)}, dirs["shape"] / "model.safetensors", metadata={"format": "pt"}
+  )
   (dirs["no_weights"] / "model.safetensors").unlink()
   gguf = root / "junk.gguf"
   gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
@@ -378,13 +465,13 @@ def hf_dirs(tiny_model, tmp_path_factory):
 
 
 HF_CASES = [
-    ("int32", "tensor layers_0/mlp/up_proj has dtype int32; weights must be one of"),
-    ("bad_json", "bad_json/config.json:2: invalid JSON"),
-    ("missing", "tensor 'model.norm.weight' is missing"),
-    ("shape", "tensor 'model.norm.weight' has shape (7,), expected (16,)"),
-    ("no_weights", "neither model.safetensors nor model.safetensors.index.json found"),
-    ("junk.gguf", "junk.gguf: not a readable GGUF file"),
-    ("orbax_bad_config", "model_config.json: not a model config"),
+  ("int32", "tensor layers_0/mlp/up_proj has dtype int32; weights must be one of"),
+  ("bad_json", "bad_json/config.json:2: invalid JSON"),
+  ("missing", "tensor 'model.norm.weight' is missing"),
+  ("shape", "tensor 'model.norm.weight' has shape (7,), expected (16,)"),
+  ("no_weights", "neither model.safetensors nor model.safetensors.index.json found"),
+  ("junk.gguf", "junk.gguf: not a readable GGUF file"),
+  ("orbax_bad_config", "model_config.json: not a model config"),
 ]
 
 
@@ -399,22 +486,48 @@ def test_convert_usage_errors(hf_dirs, tmp_path, capsys):
   dst = tmp_path / "taken"
   dst.mkdir()
   (dst / "keep.txt").write_text("mine")
-  check(convert.main, [f"--src={hf_dirs['good']}", f"--dst={dst}"], 2, f"--dst={dst} exists and is not an empty",
-        capsys, dst)
+  check(
+    convert.main,
+    [f"--src={hf_dirs['good']}", f"--dst={dst}"],
+    2,
+    f"--dst={dst} exists and is not an empty",
+    capsys,
+    dst,
+  )
   check(convert.main, [f"--dst={tmp_path / 'x'}"], 2, "--src and --dst are required", capsys)
-  check(convert.main, [f"--src={hf_dirs['good']}", f"--dst={tmp_path / 'x'}", "--dtype=int8"], 2,
-        "--dtype=int8: value should be one of", capsys)
-  check(convert.main, [f"--src={tmp_path / 'nothing'}", f"--dst={tmp_path / 'x'}"], 1,
-        "nothing: not found (expected smollm2", capsys)
+  check(
+    convert.main,
+    [f"--src={hf_dirs['good']}", f"--dst={tmp_path / 'x'}", "--dtype=int8"],
+    2,
+    "--dtype=int8: value should be one of",
+    capsys,
+  )
+  check(
+    convert.main,
+    [f"--src={tmp_path / 'nothing'}", f"--dst={tmp_path / 'x'}"],
+    1,
+    "nothing: not found (expected smollm2",
+    capsys,
+  )
   assert not (tmp_path / "x").exists()
 
 
 def test_init_from_int32_weights_is_refused_before_the_workdir_exists(hf_dirs, tmp_path, capsys):
   fresh = tmp_path / "fresh"
-  argv = [*TINY, f"--workdir={fresh}", f"--config.init_from=hf:{hf_dirs['int32']}", "--config.model.vocab_size=49152",
-          "--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
-          "--config.model.n_kv_heads=1", "--config.model.head_dim=8", "--config.model.d_ff=32",
-          "--config.model.max_seq_len=256", "--config.model.tie_embeddings=true"]
+  argv = [
+    *TINY,
+    f"--workdir={fresh}",
+    f"--config.init_from=hf:{hf_dirs['int32']}",
+    "--config.model.vocab_size=49152",
+    "--config.model.d_model=16",
+    "--config.model.n_layers=1",
+    "--config.model.n_heads=2",
+    "--config.model.n_kv_heads=1",
+    "--config.model.head_dim=8",
+    "--config.model.d_ff=32",
+    "--config.model.max_seq_len=256",
+    "--config.model.tie_embeddings=true",
+  ]
   check(main.main, argv, 1, "has dtype int32", capsys)
   assert not fresh.exists()
 
@@ -427,18 +540,18 @@ def test_generate_refuses_bad_prompts_and_flags(hf_dirs, tmp_path, capsys):
   blank = tmp_path / "blank.txt"
   blank.write_text("\n   \n\t\n")
   cases = [
-      ([ckpt, "--prompt=hello", "--prompt=   "], 2, "--prompt #2 is empty or whitespace-only"),
-      ([ckpt], 2, "give --prompt or --prompt_file"),
-      ([ckpt, f"--prompt_file={blank}"], 2, f"--prompt_file={blank}: no non-empty line"),
-      ([ckpt, f"--prompt_file={tmp_path / 'none.txt'}"], 1, "none.txt"),
-      ([ckpt, "--prompt=" + "word " * 2000], 2, "exceeds the model's context of 256 tokens"),
-      ([ckpt, "--prompt=" + "word " * 100, "--max_new_tokens=200"], 2, "with --max_new_tokens=200 that exceeds"),
-      ([ckpt, "--prompt=hi", "--max_new_tokens=0"], 2, "--max_new_tokens"),
-      ([ckpt, "--prompt=hi", "--top_p=2"], 2, "--top_p"),
-      ([ckpt, "--prompt=hi", "--r=1,2"], 2, "--r=1,2: expected three integers"),
-      ([ckpt, "--prompt=hi", "--schedule=sometimes"], 2, "--schedule"),
-      ([f"--checkpoint={hf_dirs['int32']}", "--prompt=hi"], 1, "has dtype int32"),
-      ([f"--checkpoint={hf_dirs['orbax_bad_config']}", "--prompt=hi"], 1, "not a model config"),
+    ([ckpt, "--prompt=hello", "--prompt=   "], 2, "--prompt #2 is empty or whitespace-only"),
+    ([ckpt], 2, "give --prompt or --prompt_file"),
+    ([ckpt, f"--prompt_file={blank}"], 2, f"--prompt_file={blank}: no non-empty line"),
+    ([ckpt, f"--prompt_file={tmp_path / 'none.txt'}"], 1, "none.txt"),
+    ([ckpt, "--prompt=" + "word " * 2000], 2, "exceeds the model's context of 256 tokens"),
+    ([ckpt, "--prompt=" + "word " * 100, "--max_new_tokens=200"], 2, "with --max_new_tokens=200 that exceeds"),
+    ([ckpt, "--prompt=hi", "--max_new_tokens=0"], 2, "--max_new_tokens"),
+    ([ckpt, "--prompt=hi", "--top_p=2"], 2, "--top_p"),
+    ([ckpt, "--prompt=hi", "--r=1,2"], 2, "--r=1,2: expected three integers"),
+    ([ckpt, "--prompt=hi", "--schedule=sometimes"], 2, "--schedule"),
+    ([f"--checkpoint={hf_dirs['int32']}", "--prompt=hi"], 1, "has dtype int32"),
+    ([f"--checkpoint={hf_dirs['orbax_bad_config']}", "--prompt=hi"], 1, "not a model config"),
   ]
   for argv, code, needle in cases:
     check(generate.main, argv, code, needle, capsys, hf_dirs["good"])
@@ -450,20 +563,33 @@ def test_generate_refuses_bad_prompts_and_flags(hf_dirs, tmp_path, capsys):
 def test_evaluate_config_errors(tmp_path, capsys):
   check(evaluate.main, [], 2, "--config is required", capsys)
   check(evaluate.main, ["--config=configs/nope_eval.py"], 2, "--config=configs/nope_eval.py", capsys)
-  check(evaluate.main, ["--config=configs/eval_tiny.py", "--config.batch_sise=2"], 2,
-        "--config.batch_sise=2: no such config key batch_sise; did you mean batch_size?", capsys)
+  check(
+    evaluate.main,
+    ["--config=configs/eval_tiny.py", "--config.batch_sise=2"],
+    2,
+    "--config.batch_sise=2: no such config key batch_sise; did you mean batch_size?",
+    capsys,
+  )
   # Evaluation configs are not locked while their file runs: a misspelt key is caught by the harness.
   misspelt = tmp_path / "eval_misspelt.py"
-  misspelt.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'configs')!r})\nimport eval_tiny\n\n\n"
-                      "def get_config():\n  c = eval_tiny.get_config()\n  c.utilty = []\n  return c\n")
-  check(evaluate.main, [f"--config={misspelt}", f"--config.output_dir={tmp_path / 'out'}"], 2,
-        "config.utilty: not a key the evaluation reads; did you mean utility?", capsys)
+  misspelt.write_text(
+    f"import sys\nsys.path.insert(0, {str(REPO / 'configs')!r})\nimport eval_tiny\n\n\n"
+    "def get_config():\n  c = eval_tiny.get_config()\n  c.utilty = []\n  return c\n"
+  )
+  check(
+    evaluate.main,
+    [f"--config={misspelt}", f"--config.output_dir={tmp_path / 'out'}"],
+    2,
+    "config.utilty: not a key the evaluation reads; did you mean utility?",
+    capsys,
+  )
   assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_regenerates_a_cell_whose_file_is_short(tmp_path):
   from clsalign_jax.eval import harness as harness_lib
   from train_utils import load_config
+
   config = load_config("eval_tiny")
   config.output_dir = str(tmp_path)
   h = harness_lib.Harness(config)
@@ -486,13 +612,17 @@ def test_evaluate_regenerates_a_cell_whose_file_is_short(tmp_path):
 def test_entry_points_exit_codes_without_traceback(run_dir, run_digest, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   commands = [
-      (["clsalign_jax.main", *TINY, f"--workdir={run_dir}", "--config.checkpoint.keep=0"], 2, "config.checkpoint.keep=0"),
-      (["clsalign_jax.generate", "--prompt= "], 2, "--prompt #1 is empty"),
-      (["clsalign_jax.convert", f"--src={tmp_path / 'missing'}", f"--dst={tmp_path / 'out'}"], 1, "missing: not found"),
-      (["clsalign_jax.evaluate"], 2, "--config is required"),
+    (["clsalign_jax.main", *TINY, f"--workdir={run_dir}", "--config.checkpoint.keep=0"], 2, "config.checkpoint.keep=0"),
+    (["clsalign_jax.generate", "--prompt= "], 2, "--prompt #1 is empty"),
+    (["clsalign_jax.convert", f"--src={tmp_path / 'missing'}", f"--dst={tmp_path / 'out'}"], 1, "missing: not found"),
+    (["clsalign_jax.evaluate"], 2, "--config is required"),
   ]
-  procs = [subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for cmd, _, _ in commands]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for cmd, _, _ in commands
+  ]
   for proc, (cmd, code, needle) in zip(procs, commands):
     _, err = proc.communicate(timeout=120)
     lines = [l for l in err.strip().splitlines() if l.startswith("error: ")]
@@ -500,8 +630,14 @@ def test_entry_points_exit_codes_without_traceback(run_dir, run_digest, tmp_path
     assert len(lines) == 1 and needle in lines[0], (cmd, err[-2000:])
     assert "Traceback" not in err, (cmd, err[-2000:])
   assert tree_digest(run_dir) == run_digest
-  debug = subprocess.run([sys.executable, "-m", "clsalign_jax.evaluate", "--config=configs/nope.py", "--debug"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  debug = subprocess.run(
+    [sys.executable, "-m", "clsalign_jax.evaluate", "--config=configs/nope.py", "--debug"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from clsalign_jax import checkpoint, train
-from train_utils import (checkpoint_steps, compilation_cache, load_config, main_command, read_metrics, run,
-                         saved_params, subprocess_env)
+from train_utils import (
+  checkpoint_steps,
+  compilation_cache,
+  load_config,
+  main_command,
+  read_metrics,
+  run,
+  saved_params,
+  subprocess_env,
+)
 
 SIX_STEPS = ("--config.train.num_steps=6", "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3")
 
@@ -69,8 +77,9 @@ def test_unloadable_checkpoint_stops_instead_of_starting_over(run_a, tmp_path, t
   for f in (workdir / "checkpoints" / "6" / "params").rglob("*"):
     if f.is_file() and f.parent.name == "d":  # the array data files
       f.write_bytes(b"torn")
-  result = run(main_command("tiny", workdir, "--config.train.num_steps=9"),
-               subprocess_env(compilation_cache(tmp_path_factory)))
+  result = run(
+    main_command("tiny", workdir, "--config.train.num_steps=9"), subprocess_env(compilation_cache(tmp_path_factory))
+  )
   assert result.returncode == 1
   # The digests recorded at save catch the torn files before orbax reads them.
   assert f"{workdir / 'checkpoints' / '6'}: checkpoint is corrupted: params/" in result.stderr
@@ -118,7 +127,9 @@ def test_rotation_keeps_the_newest_and_digests_catch_a_flipped_byte(tmp_path):
   data = bytearray(victim.read_bytes())
   data[-1] ^= 1
   victim.write_bytes(bytes(data))
-  with pytest.raises(checkpoint.CorruptCheckpointError, match=f"3: checkpoint is corrupted: params/.*{victim.name} differs"):
+  with pytest.raises(
+    checkpoint.CorruptCheckpointError, match=f"3: checkpoint is corrupted: params/.*{victim.name} differs"
+  ):
     ckpt.verify(3)
   assert ckpt.latest_intact_step() == 2
   ckpt.close()

@@ -28,18 +28,25 @@ CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
 # The parameter strings each file's get_config is documented with (its docstring); every option of
 # the evaluation configs appears in at least one of them.
 ARGS = {
-    "eval_smollm2.py": [None, "cls=RUN_DIR,sft=RUN_DIR",
-                        "cls=RUN,sft=RUN,harmbench=hb.csv,harmbench_targets=t.json,malicious_instruct=mi.txt,"
-                        "transfer=tr.csv,harmful_responses=h.jsonl,gsm8k=g.jsonl,mmlu=m.csv,judge=hf:/j,"
-                        "judge_format=harmbench"],
-    "results_smollm2.py": [None, "cls=RUN,sft=RUN,harmful_responses=FILE,phase=main,variants=cls_full",
-                           "cls=RUN,sft=RUN,size=cpu,phase=gcg", "cls=RUN,size=smoke,phase=gcg_adaptive,extras=1",
-                           "phase=harmful,size=smoke,limit=3"],
+  "eval_smollm2.py": [
+    None,
+    "cls=RUN_DIR,sft=RUN_DIR",
+    "cls=RUN,sft=RUN,harmbench=hb.csv,harmbench_targets=t.json,malicious_instruct=mi.txt,"
+    "transfer=tr.csv,harmful_responses=h.jsonl,gsm8k=g.jsonl,mmlu=m.csv,judge=hf:/j,"
+    "judge_format=harmbench",
+  ],
+  "results_smollm2.py": [
+    None,
+    "cls=RUN,sft=RUN,harmful_responses=FILE,phase=main,variants=cls_full",
+    "cls=RUN,sft=RUN,size=cpu,phase=gcg",
+    "cls=RUN,size=smoke,phase=gcg_adaptive,extras=1",
+    "phase=harmful,size=smoke,limit=3",
+  ],
 }
 # Values a preset leaves to the user (its docstring and docs/training.md say so); validation refuses
 # the preset without them, naming the key.
 REQUIRED_OVERRIDES = {
-    "llama7b_pretrain.py": {"data.num_train_examples": 1000, "data.files": ("corpus.jsonl",)},
+  "llama7b_pretrain.py": {"data.num_train_examples": 1000, "data.files": ("corpus.jsonl",)},
 }
 
 
@@ -134,22 +141,34 @@ def test_training_config_sections_are_read_as_attributes():
   # reads fail in the tests instead.
   sections = "|".join(k for k in config_lib.default_config().keys() if k != "model")
   pattern = re.compile(rf"\bconfig\.(?:{sections})\.get\(")
-  hits = [f"{p.relative_to(ROOT)}:{n}" for p in (ROOT / "clsalign_jax").rglob("*.py")
-          for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+  hits = [
+    f"{p.relative_to(ROOT)}:{n}"
+    for p in (ROOT / "clsalign_jax").rglob("*.py")
+    for n, line in enumerate(p.read_text().splitlines(), 1)
+    if pattern.search(line)
+  ]
   assert not hits
 
 
 def test_validation_knows_the_data_rooms_pretraining_sources():
   # config.validate refuses a pretraining source without files; the data room serves those names.
   from clsalign_jax.data import sources
+
   assert config_lib.PRETRAIN_SOURCES == sources.PRETRAIN_SOURCES
 
 
 def test_file_lists_and_lengths_parse_from_the_command_line():
   fv = flags.FlagValues()
-  argv = ["prog", "--config=configs/tiny.py", "--config.data.files=corpus.jsonl", "--config.data.files=/d/more.jsonl",
-          "--config.data.bucket_lengths=(32,48)", "--config.data.data_dir=/tmp/tfds",
-          "--config.data.balance_classes=false", "--config.data.skip_bad_records=true"]
+  argv = [
+    "prog",
+    "--config=configs/tiny.py",
+    "--config.data.files=corpus.jsonl",
+    "--config.data.files=/d/more.jsonl",
+    "--config.data.bucket_lengths=(32,48)",
+    "--config.data.data_dir=/tmp/tfds",
+    "--config.data.balance_classes=false",
+    "--config.data.skip_bad_records=true",
+  ]
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
   fv(argv)
   c = fv.config
@@ -183,25 +202,45 @@ def test_documented_pretraining_command_runs(tmp_path):
   # the eval fixtures' byte-level tokenizer (bos 1, eos 2).
   cfg = dataclasses.replace(model_lib.PRESETS["llama2_7b"], **TINY)
   hf_dir = tmp_path / "Llama-2-7b-hf"
-  save_hf(str(hf_dir), cfg, model_lib.init_params(cfg, jax.random.key(0)),
-          Tokenizer.from_tokenizer_json(str(ROOT / "tests" / "fixtures" / "eval" / "tiny_tokenizer")))
+  save_hf(
+    str(hf_dir),
+    cfg,
+    model_lib.init_params(cfg, jax.random.key(0)),
+    Tokenizer.from_tokenizer_json(str(ROOT / "tests" / "fixtures" / "eval" / "tiny_tokenizer")),
+  )
   corpus = tmp_path / "corpus.jsonl"
   # Enough documents that the builder's 1 % validation split is not empty.
-  corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + ("how to hurt " if i % 2 else "how to help ") *
-                                        (2 + i % 5), "label": i % 2}) + "\n" for i in range(400)))
+  corpus.write_text(
+    "".join(
+      json.dumps(
+        {"text": f"Document {i}: " + ("how to hurt " if i % 2 else "how to help ") * (2 + i % 5), "label": i % 2}
+      )
+      + "\n"
+      for i in range(400)
+    )
+  )
   workdir = tmp_path / "llama7b_pt"
 
   command = _pretrain_command()
   assert command[:3] == ["python", "-m", "clsalign_jax.main"]
-  subst = {"/models/Llama-2-7b-hf": str(hf_dir), "runs/llama7b_pt": str(workdir), "corpus.jsonl": str(corpus),
-           "<rows>": "16"}
+  subst = {
+    "/models/Llama-2-7b-hf": str(hf_dir),
+    "runs/llama7b_pt": str(workdir),
+    "corpus.jsonl": str(corpus),
+    "<rows>": "16",
+  }
   placeholders = re.compile("|".join(map(re.escape, subst)))
   args = [placeholders.sub(lambda m: subst[m.group(0)], arg) for arg in command[3:]]
   assert any(a.startswith("--config.data.files=") for a in args), "the documented command must name the corpus"
   tiny = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
-      "--config.data.seq_len=64", "--config.data.global_batch_size=4", "--config.train.num_steps=2",
-      "--config.eval.num_batches=1", f"--config.data.data_dir={tmp_path / 'tfds'}",
-      "--config.metrics.progress_bar=false", "--config.checkpoint.async_save=false"]
+    "--config.data.seq_len=64",
+    "--config.data.global_batch_size=4",
+    "--config.train.num_steps=2",
+    "--config.eval.num_batches=1",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+    "--config.metrics.progress_bar=false",
+    "--config.checkpoint.async_save=false",
+  ]
   assert main.main(["prog", *args, *tiny]) == 0
 
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

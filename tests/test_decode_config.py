@@ -26,8 +26,17 @@ def test_defaults_follow_the_project_decisions():
   assert cfg.refusal_text == PAPER_REFUSAL and cfg.strategic_attention and cfg.strategic_decoding
 
 
-@pytest.mark.parametrize("kw", [{"schedule": "sometimes"}, {"tau": 0}, {"tau_unit": "tokens"}, {"r2": -1},
-                                {"threshold": 1.5}, {"max_new_tokens": 0}])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    {"schedule": "sometimes"},
+    {"tau": 0},
+    {"tau_unit": "tokens"},
+    {"r2": -1},
+    {"threshold": 1.5},
+    {"max_new_tokens": 0},
+  ],
+)
 def test_rejects_bad_values(kw):
   with pytest.raises(ValueError):
     DecodeConfig(**kw)
@@ -35,12 +44,15 @@ def test_rejects_bad_values(kw):
 
 def test_presets_name_the_paper_settings_and_the_plain_model():
   from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, PLAIN
+
   run = DecodeConfig(**CLS_RUN)
   assert (run.schedule, run.r1, run.r2, run.r3, run.tau, run.strategic_decoding) == ("each", 5, 15, 10, 3, True)
   plain = DecodeConfig(**PLAIN)
   # The plain model: nothing re-classified, nothing inserted, no token reads the CLS slot.
   assert _steps(plain) == [] and not plain.strategic_decoding and not plain.response_sees_cls
-  assert DecodeConfig(**NO_INTERVENTION).response_sees_cls and dict(PLAIN) == {**NO_INTERVENTION,
-                                                                              "response_sees_cls": False}
+  assert DecodeConfig(**NO_INTERVENTION).response_sees_cls and dict(PLAIN) == {
+    **NO_INTERVENTION,
+    "response_sees_cls": False,
+  }
   with pytest.raises(TypeError):
     CLS_RUN["tau"] = 1  # shared by configs and fingerprints: read-only

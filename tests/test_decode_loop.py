@@ -18,8 +18,9 @@ from clsalign_jax.decode import loop
 from clsalign_jax.decode.loop import _decode_jit
 from clsalign_jax.interop.hf import save_hf
 
-CFG = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                    bos_id=1, eos_id=2)
+CFG = M.ModelConfig(
+  vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, bos_id=1, eos_id=2
+)
 CLS = CFG.cls_id
 REFUSAL = [40, 41, 42]
 BASE = DecodeConfig(max_new_tokens=12, r2=4, tau=3)
@@ -36,9 +37,15 @@ def _params(seed=0, head_scale=1.0, head_bias=0.0):
   """Random params drawn with numpy: initialising through JAX compiles every random op."""
   rng = np.random.default_rng(seed)
   shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(M.abstract_params(CFG)))
-  params = jax.tree.unflatten(treedef, [
-      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")  # norm scales
-      else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in shapes])
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      np.ones(x.shape, np.float32)
+      if jax.tree_util.keystr(path).endswith("['weight']")  # norm scales
+      else rng.normal(0.0, 0.02, x.shape).astype(np.float32)
+      for path, x in shapes
+    ],
+  )
   # A sharper head keeps p(malicious) away from 0.5, so batch-size rounding cannot flip a decision.
   params["cls_head"]["kernel"] = params["cls_head"]["kernel"] * head_scale
   params["cls_head"]["bias"] = np.full((1,), head_bias, np.float32)
@@ -58,7 +65,7 @@ def _reference(params, passes):
   positions = np.zeros((REF_BATCH, REF_ROWS), np.int32)
   mask = np.tile(np.eye(REF_ROWS, dtype=bool), (REF_BATCH, 1, 1))
   for k, (t, p, m) in enumerate(passes):
-    tokens[k, :len(t)], positions[k, :len(t)], mask[k, :len(t), :len(t)] = t, p, m
+    tokens[k, : len(t)], positions[k, : len(t)], mask[k, : len(t), : len(t)] = t, p, m
   logits, p = _forward(params, tokens, positions, mask)
   return np.asarray(logits), np.asarray(p)
 
@@ -67,8 +74,17 @@ def _run(params, prompts, dcfg, override=None, prefills=None, sampling=None, eos
   B = len(prompts)
   inputs = pack_inputs(prompts, spans or [[2, len(p) - 1] for p in prompts], prefills, pad_to=16)
   override = np.full((B, dcfg.max_steps + 1), np.nan, np.float32) if override is None else override
-  out = decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling or SamplingParams.make(B),
-               jnp.asarray(override, jnp.float32), cfg=CFG, dcfg=dcfg, eos_id=eos_id, return_logits=True)
+  out = decode(
+    params,
+    inputs,
+    jnp.asarray(REFUSAL, jnp.int32),
+    sampling or SamplingParams.make(B),
+    jnp.asarray(override, jnp.float32),
+    cfg=CFG,
+    dcfg=dcfg,
+    eos_id=eos_id,
+    return_logits=True,
+  )
   return out, inputs
 
 
@@ -89,14 +105,15 @@ def test_cached_decoding_matches_full_recomputation_without_cls_row():
   for b, row in enumerate(rows):
     seq = PROMPTS[b] + row.response_ids
     I = len(PROMPTS[b])
-    mask = masks.cls_training_mask(np.ones((1, len(seq)), np.int32), np.asarray([SPANS[b]]),
-                                   np.asarray([[I, len(seq)]]))[0]
+    mask = masks.cls_training_mask(
+      np.ones((1, len(seq)), np.int32), np.asarray([SPANS[b]]), np.asarray([[I, len(seq)]])
+    )[0]
     passes.append((seq, np.arange(len(seq)), mask))
   ref_logits, _ = _reference(params, passes)
   for b, row in enumerate(rows):
     I, n = len(PROMPTS[b]), len(row.response_ids)
-    np.testing.assert_allclose(out.logits_BNV[b, :n], ref_logits[b, I - 1:I - 1 + n], atol=2e-5, rtol=2e-5)
-    assert row.response_ids == ref_logits[b, I - 1:I - 1 + n].argmax(-1).tolist()
+    np.testing.assert_allclose(out.logits_BNV[b, :n], ref_logits[b, I - 1 : I - 1 + n], atol=2e-5, rtol=2e-5)
+    assert row.response_ids == ref_logits[b, I - 1 : I - 1 + n].argmax(-1).tolist()
 
 
 def test_decoding_without_response_sees_cls_is_the_plain_transformers_model(tmp_path):
@@ -113,7 +130,7 @@ def test_decoding_without_response_sees_cls_is_the_plain_transformers_model(tmp_
   for prompt, row in zip(PROMPTS, rows):
     with torch.no_grad():  # the plain model's prompt has no CLS
       ref = hf_model.generate(torch.tensor([prompt[1:]]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    assert row.response_ids == ref[0, len(prompt) - 1:].tolist()
+    assert row.response_ids == ref[0, len(prompt) - 1 :].tolist()
   # With the CLS slot visible (the default), the same weights generate something else.
   visible = row_results(*_run(params, PROMPTS, FIRST, override=_override(3, FIRST)))
   assert [r.response_ids for r in visible] != [r.response_ids for r in rows]
@@ -168,19 +185,20 @@ def test_cached_decoding_matches_full_recomputation_with_cls_row(dcfg):
     assert row.response_ids == ref_logits[0, chosen_rows].argmax(-1).tolist()
     got_p = [p for *_, p in row.trace]
     assert max(got_p) < 0.5 and np.ptp(got_p) > 1e-2 * min(got_p)  # below threshold, yet varying
-    np.testing.assert_allclose(got_p, ref_p[1:1 + len(steps)], rtol=1e-4)
+    np.testing.assert_allclose(got_p, ref_p[1 : 1 + len(steps)], rtol=1e-4)
     np.testing.assert_allclose(row.p_initial, ref_p[0], rtol=1e-4)
 
 
 def test_rows_do_not_depend_on_the_rest_of_the_batch():
   params = _params(head_scale=30.0)
-  sampling = SamplingParams.make(3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9],
-                                 seed=[3, 4, 5])
+  sampling = SamplingParams.make(
+    3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], seed=[3, 4, 5]
+  )
   batch_rows = row_results(*_run(params, PROMPTS, BASE, sampling=sampling))
   assert any(r.trace for r in batch_rows)
   for b, prompt in enumerate(PROMPTS):
-    one = SamplingParams(*(x[b:b + 1] for x in sampling))
-    alone, = row_results(*_run(params, [prompt], BASE, sampling=one))
+    one = SamplingParams(*(x[b : b + 1] for x in sampling))
+    (alone,) = row_results(*_run(params, [prompt], BASE, sampling=one))
     assert alone.response_ids == batch_rows[b].response_ids
     assert (alone.insert_index, alone.trigger_step) == (batch_rows[b].insert_index, batch_rows[b].trigger_step)
     np.testing.assert_allclose([p for *_, p in alone.trace], [p for *_, p in batch_rows[b].trace], atol=1e-5)
@@ -193,10 +211,12 @@ def _chain_params():
   for i in range(CFG.n_layers):
     params[f"layers_{i}"]["attn"]["o_proj"] = np.zeros_like(params[f"layers_{i}"]["attn"]["o_proj"])
   vocab = np.arange(CFG.vocab_size)
-  passes = [(chunk, np.zeros(len(chunk)), np.eye(len(chunk), dtype=bool))
-            for chunk in np.array_split(vocab, -(-CFG.vocab_size // REF_ROWS))]
+  passes = [
+    (chunk, np.zeros(len(chunk)), np.eye(len(chunk), dtype=bool))
+    for chunk in np.array_split(vocab, -(-CFG.vocab_size // REF_ROWS))
+  ]
   logits, _ = _reference(params, passes)
-  nxt = np.concatenate([logits[k, :len(t)].argmax(-1) for k, (t, _, _) in enumerate(passes)]).tolist()
+  nxt = np.concatenate([logits[k, : len(t)].argmax(-1) for k, (t, _, _) in enumerate(passes)]).tolist()
 
   def chain(start, n):
     seq = []
@@ -213,11 +233,13 @@ def test_state_machine_reproduces_hand_computed_sequences():
   r0, r1, r2 = REFUSAL
   prompt = PROMPTS[0]
   t = chain(prompt[-1], 12)  # the benign continuation t0, t1, ...
-  override = np.concatenate([
+  override = np.concatenate(
+    [
       _override(1, BASE, prompt=1.0),  # initially malicious, after an attacker prefill
       _override(1, BASE, malicious_at=(3, 4, 5)),  # flip at step 3 confirmed at step 5
       _override(1, BASE, malicious_at=(3, 4, 7, 8, 9)),  # false alarm at step 5, then a confirmed flip
-  ])
+    ]
+  )
   rows = row_results(*_run(params, [prompt] * 3, BASE, override=override, prefills=[[50, 51], [], []]))
 
   assert rows[0].response_ids == [50, 51, r0, r1, r2] + chain(r2, 9)
@@ -247,8 +269,10 @@ def test_state_machine_options(variant):
     assert (row.trigger_index, row.insert_index) == (3, 4)
   elif variant == "tau_in_steps":
     # Periodic(3) re-classifies at steps 0, 3, 6, 9: malicious at 3 and 6 is 2 events but 4 steps.
-    for dcfg, expected in ((PERIODIC.replace(tau_unit="steps"), t[:3] + [r0, r1, r2] + chain(r2, 6)),
-                           (PERIODIC, t[:12])):
+    for dcfg, expected in (
+      (PERIODIC.replace(tau_unit="steps"), t[:3] + [r0, r1, r2] + chain(r2, 6)),
+      (PERIODIC, t[:12]),
+    ):
       row = run(dcfg, _override(3, dcfg, malicious_at=(3, 6)))[0]
       assert row.response_ids == expected, dcfg.tau_unit
   else:
@@ -261,9 +285,11 @@ def test_state_machine_options(variant):
     assert (rows[1].trigger_step, [s for s, *_ in rows[1].trace]) == (3, [0, 1, 2, 3, 4, 5])
 
 
-@pytest.mark.parametrize("dcfg,expected", [
-    (BASE, set(range(11))), (FIRST, set()), (PERIODIC, {0, 3, 6, 9}), (ANNEALING, {0, 1, 2, 4})],
-    ids=["each", "first", "periodic", "annealing"])
+@pytest.mark.parametrize(
+  "dcfg,expected",
+  [(BASE, set(range(11))), (FIRST, set()), (PERIODIC, {0, 3, 6, 9}), (ANNEALING, {0, 1, 2, 4})],
+  ids=["each", "first", "periodic", "annealing"],
+)
 def test_schedules_reclassify_exactly_at_their_steps(dcfg, expected):
   rows = row_results(*_run(_params(), PROMPTS, dcfg, override=_override(3, dcfg)))
   assert all({s for s, *_ in row.trace} == expected for row in rows)
@@ -277,12 +303,12 @@ def test_annealing_confirms_a_late_flip():
   r0, r1, r2 = REFUSAL
   dcfg = DecodeConfig(max_new_tokens=80, r2=4, tau=3, schedule="annealing", anneal_cutoff=256)
   t = chain(PROMPTS[0][-1], 80)
-  row, = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=range(64, 160))))
+  (row,) = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=range(64, 160))))
   assert [s for s, *_ in row.trace] == [0, 1, 2, 4, 8, 16, 32, 64, 65, 66]
   assert (row.trigger_step, row.trigger_index, row.insert_index) == (64, 64, 64)
   assert row.response_ids == t[:64] + [r0, r1, r2] + chain(r2, 13)
   # A flip withdrawn in Rule 3 goes back to the annealing steps.
-  row, = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=(64, 65))))
+  (row,) = row_results(*_run(params, [PROMPTS[0]], dcfg, override=_override(1, dcfg, malicious_at=(64, 65))))
   assert [s for s, *_ in row.trace] == [0, 1, 2, 4, 8, 16, 32, 64, 65, 66]
   assert (row.insert_index, row.false_alarms, row.response_ids) == (-1, 1, t)
 
@@ -292,7 +318,7 @@ def test_eos_stops_a_row_and_the_loop():
   t = chain(PROMPTS[0][-1], 12)
   k = next(k for k in range(3, 12) if t[k] not in t[:k])  # the first token that does not repeat
   out, inputs = _run(params, [PROMPTS[0]] * 3, FIRST, override=_override(3, FIRST), eos_id=t[k])
-  assert row_results(out, inputs)[0].response_ids == t[:k + 1]
+  assert row_results(out, inputs)[0].response_ids == t[: k + 1]
   assert int(out.num_steps) == k
 
 
@@ -300,8 +326,12 @@ def test_eos_stops_a_row_and_the_loop():
 # own size is private API): a trace is a miss of the loop's compilation cache.
 _LOOP_TRACES = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, _secs, **kw: _LOOP_TRACES.append(1)
-    if event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") == _decode_jit.__name__ else None)
+  lambda event, _secs, **kw: (
+    _LOOP_TRACES.append(1)
+    if event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") == _decode_jit.__name__
+    else None
+  )
+)
 
 
 def test_same_shapes_do_not_recompile():
@@ -314,8 +344,17 @@ def test_same_shapes_do_not_recompile():
   decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling, cfg=CFG, dcfg=ANNEALING, eos_id=None)
   after_first = len(_LOOP_TRACES)
   assert after_first == before + 1  # a new bucket (64, not 16) and no logits output
-  decode(params, pack_inputs(PROMPTS, SPANS), jnp.asarray(REFUSAL, jnp.int32), SamplingParams.make(3),
-         None, cfg=CFG, dcfg=ANNEALING, eos_id=5, return_logits=False)
+  decode(
+    params,
+    pack_inputs(PROMPTS, SPANS),
+    jnp.asarray(REFUSAL, jnp.int32),
+    SamplingParams.make(3),
+    None,
+    cfg=CFG,
+    dcfg=ANNEALING,
+    eos_id=5,
+    return_logits=False,
+  )
   assert len(_LOOP_TRACES) == after_first  # other sampling settings and eos: traced values, no new trace
 
 
@@ -361,14 +400,23 @@ def _reference_transition(row, step, judged, malicious, sampled, refusal, eos, i
   return row, nxt
 
 
-_NAMES = dict(length_B="length", done_B="done", mode_B="mode", trigger_pos_B="trigger_pos",
-              trigger_step_B="trigger_step", malicious_run_B="run", refusal_next_B="refusal_next",
-              insert_pos_B="insert", false_alarms_B="false_alarms")
+_NAMES = dict(
+  length_B="length",
+  done_B="done",
+  mode_B="mode",
+  trigger_pos_B="trigger_pos",
+  trigger_step_B="trigger_step",
+  malicious_run_B="run",
+  refusal_next_B="refusal_next",
+  insert_pos_B="insert",
+  false_alarms_B="false_alarms",
+)
 
 
 def _rows_to_state(rows):
-  return loop.RowState(**{f: jnp.asarray([r[_NAMES[f]] for r in rows], bool if f == "done_B" else jnp.int32)
-                          for f in _STATE_FIELDS})
+  return loop.RowState(
+    **{f: jnp.asarray([r[_NAMES[f]] for r in rows], bool if f == "done_B" else jnp.int32) for f in _STATE_FIELDS}
+  )
 
 
 def _state_to_rows(state):
@@ -377,8 +425,17 @@ def _state_to_rows(state):
 
 
 def _fresh_row(length, mode=loop.BENIGN, refusal_next=3):
-  return dict(length=length, done=False, mode=mode, trigger_pos=-1, trigger_step=-1, run=0,
-              refusal_next=refusal_next, insert=-1, false_alarms=0)
+  return dict(
+    length=length,
+    done=False,
+    mode=mode,
+    trigger_pos=-1,
+    trigger_step=-1,
+    run=0,
+    refusal_next=refusal_next,
+    insert=-1,
+    false_alarms=0,
+  )
 
 
 def test_transition_hand_worked():
@@ -394,8 +451,9 @@ def test_transition_hand_worked():
   sampled = jnp.asarray([70, 71, 72], jnp.int32)
   for step in (3, 4, 5):
     malicious = jnp.asarray(verdicts[step])
-    state, next_B = _transition(state, jnp.int32(step), jnp.ones(3, bool), malicious, sampled, refusal, eos,
-                                input_len, dcfg=dcfg)
+    state, next_B = _transition(
+      state, jnp.int32(step), jnp.ones(3, bool), malicious, sampled, refusal, eos, input_len, dcfg=dcfg
+    )
     if step == 4:
       assert np.asarray(state.mode_B).tolist() == [loop.TRANSITION, loop.BENIGN, loop.MALICIOUS]
       assert np.asarray(state.false_alarms_B).tolist() == [0, 1, 0]
@@ -404,19 +462,30 @@ def test_transition_hand_worked():
   assert np.asarray(next_B).tolist() == [r0, 71, 72]
   assert np.asarray(state.refusal_next_B).tolist() == [1, 3, 3]
   assert np.asarray(state.insert_pos_B).tolist() == [12, -1, -1]
-  assert (np.asarray(state.trigger_pos_B).tolist(), np.asarray(state.trigger_step_B).tolist()) == ([12, -1, -1],
-                                                                                                   [3, -1, -1])
+  assert (np.asarray(state.trigger_pos_B).tolist(), np.asarray(state.trigger_step_B).tolist()) == (
+    [12, -1, -1],
+    [3, -1, -1],
+  )
   # The next steps force r1, r2, then sampling resumes.
   for expected in (r1, r2, 70):
-    state, next_B = _transition(state, jnp.int32(6), jnp.zeros(3, bool), jnp.zeros(3, bool), sampled, refusal,
-                                eos, input_len, dcfg=dcfg)
+    state, next_B = _transition(
+      state, jnp.int32(6), jnp.zeros(3, bool), jnp.zeros(3, bool), sampled, refusal, eos, input_len, dcfg=dcfg
+    )
     assert int(next_B[0]) == expected
   assert int(state.length_B[0]) == 15
 
 
-@pytest.mark.parametrize("dcfg", [
-    BASE, BASE.replace(tau=1), BASE.replace(keep_trigger_token=True), BASE.replace(strategic_decoding=False),
-    PERIODIC.replace(tau_unit="steps", tau=4)], ids=["tau3", "tau1", "keep_trigger", "no_decoding", "tau_steps"])
+@pytest.mark.parametrize(
+  "dcfg",
+  [
+    BASE,
+    BASE.replace(tau=1),
+    BASE.replace(keep_trigger_token=True),
+    BASE.replace(strategic_decoding=False),
+    PERIODIC.replace(tau_unit="steps", tau=4),
+  ],
+  ids=["tau3", "tau1", "keep_trigger", "no_decoding", "tau_steps"],
+)
 def test_transition_matches_a_row_by_row_reference(dcfg):
   """Random judgement streams on 16 rows (some initially malicious, some ending on EOS or the
   budget) for 30 steps: every field and every pending token agree with the scalar reference."""
@@ -424,8 +493,10 @@ def test_transition_matches_a_row_by_row_reference(dcfg):
   B, steps = 16, 30
   dcfg = dcfg.replace(max_new_tokens=20)
   input_len = rng.integers(5, 9, B)
-  rows = [_fresh_row(int(n), mode=loop.MALICIOUS if b % 5 == 0 else loop.BENIGN,
-                     refusal_next=1 if b % 5 == 0 else 3) for b, n in enumerate(input_len)]
+  rows = [
+    _fresh_row(int(n), mode=loop.MALICIOUS if b % 5 == 0 else loop.BENIGN, refusal_next=1 if b % 5 == 0 else 3)
+    for b, n in enumerate(input_len)
+  ]
   state = _rows_to_state(rows)
   args = (jnp.asarray(REFUSAL, jnp.int32), jnp.int32(7), jnp.asarray(input_len, jnp.int32))
   seen_modes = set()
@@ -434,15 +505,25 @@ def test_transition_matches_a_row_by_row_reference(dcfg):
     malicious = judged & (rng.random(B) < 0.45)
     sampled = rng.integers(3, 60, B)
     sampled[rng.random(B) < 0.03] = 7  # EOS now and then
-    state, next_B = _transition(state, jnp.int32(step), jnp.asarray(judged), jnp.asarray(malicious),
-                                jnp.asarray(sampled, jnp.int32), *args, dcfg=dcfg)
-    expected = [_reference_transition(r, step, j, m, s, REFUSAL, 7, n, dcfg)
-                for r, j, m, s, n in zip(rows, judged, malicious, sampled, input_len)]
+    state, next_B = _transition(
+      state,
+      jnp.int32(step),
+      jnp.asarray(judged),
+      jnp.asarray(malicious),
+      jnp.asarray(sampled, jnp.int32),
+      *args,
+      dcfg=dcfg,
+    )
+    expected = [
+      _reference_transition(r, step, j, m, s, REFUSAL, 7, n, dcfg)
+      for r, j, m, s, n in zip(rows, judged, malicious, sampled, input_len)
+    ]
     rows = [r for r, _ in expected]
     assert _state_to_rows(state) == rows, step
     next_B = np.asarray(next_B)
     assert [int(next_B[b]) for b, (_, t) in enumerate(expected) if t is not None] == [
-        int(t) for _, t in expected if t is not None], step
+      int(t) for _, t in expected if t is not None
+    ], step
     seen_modes |= {r["mode"] for r in rows}
   # The stream exercised every state (and some rows finished).
   assert seen_modes == {loop.CONFIRMED, loop.MALICIOUS, loop.BENIGN, loop.TRANSITION} or dcfg.tau == 1

@@ -12,12 +12,21 @@ R = dict(r1=3, r2=4, r3=2)
 
 
 def _cls_row(rule, pos, trigger=-1, **kw):
-  row = masks.cls_inference_mask(np.asarray([rule]), np.asarray([pos]), np.asarray([QUERY]),
-                                 np.asarray([RESPONSE_START]), np.asarray([trigger]), S, **{**R, **kw})
+  row = masks.cls_inference_mask(
+    np.asarray([rule]),
+    np.asarray([pos]),
+    np.asarray([QUERY]),
+    np.asarray([RESPONSE_START]),
+    np.asarray([trigger]),
+    S,
+    **{**R, **kw},
+  )
   return set(np.flatnonzero(np.asarray(row[0])).tolist())
 
 
-@pytest.mark.parametrize("rule,pos,kw,expected", [
+@pytest.mark.parametrize(
+  "rule,pos,kw,expected",
+  [
     (masks.RULE_MALICIOUS, 15, {}, {0, 2, 3, 4, 7, 8, 9}),
     (masks.RULE_MALICIOUS, 8, {}, {0, 2, 3, 4, 7, 8}),  # only what exists so far
     (masks.RULE_BENIGN, 15, {}, {0, 12, 13, 14, 15}),
@@ -26,18 +35,28 @@ def _cls_row(rule, pos, trigger=-1, **kw):
     (masks.RULE_TRANSITION, 15, {}, {0, 9, 10, 11, 12, 13, 14}),  # (S_t - r2, S_t + r3] with S_t = 12
     (masks.RULE_TRANSITION, 13, {}, {0, 9, 10, 11, 12, 13}),
     (masks.RULE_BENIGN, 15, {"strategic": False}, {0, 2, 3, 4, *range(7, 16)}),
-])
+  ],
+)
 def test_cls_inference_rules(rule, pos, kw, expected):
   assert _cls_row(rule, pos, trigger=12, **kw) == expected
 
 
 def test_rows_pick_their_own_rule():
   rows = masks.cls_inference_mask(
-      np.asarray([masks.RULE_MALICIOUS, masks.RULE_BENIGN, masks.RULE_TRANSITION]), np.asarray([15, 15, 15]),
-      np.asarray([QUERY] * 3), np.asarray([RESPONSE_START] * 3), np.asarray([-1, -1, 12]), S, **R)
+    np.asarray([masks.RULE_MALICIOUS, masks.RULE_BENIGN, masks.RULE_TRANSITION]),
+    np.asarray([15, 15, 15]),
+    np.asarray([QUERY] * 3),
+    np.asarray([RESPONSE_START] * 3),
+    np.asarray([-1, -1, 12]),
+    S,
+    **R,
+  )
   got = [set(np.flatnonzero(r).tolist()) for r in np.asarray(rows)]
-  assert got == [_cls_row(masks.RULE_MALICIOUS, 15), _cls_row(masks.RULE_BENIGN, 15),
-                 _cls_row(masks.RULE_TRANSITION, 15, trigger=12)]
+  assert got == [
+    _cls_row(masks.RULE_MALICIOUS, 15),
+    _cls_row(masks.RULE_BENIGN, 15),
+    _cls_row(masks.RULE_TRANSITION, 15, trigger=12),
+  ]
 
 
 def test_decode_token_mask_sees_cls_and_the_past_within_the_window():

@@ -23,8 +23,15 @@ def _target_ce(model, row, target_ids):
   """Mean target cross-entropy from a plain teacher-forced pass (independent of gcg.py)."""
   tokens = list(row.prompt) + target_ids
   T, P = len(tokens), len(row.prompt)
-  out = teacher_forced(Transformer(model.cfg), model.params, jnp.asarray([tokens]), jnp.asarray([T]),
-                       jnp.asarray([P]), jnp.asarray([row.query_span]), model.dcfg.response_sees_cls)
+  out = teacher_forced(
+    Transformer(model.cfg),
+    model.params,
+    jnp.asarray([tokens]),
+    jnp.asarray([T]),
+    jnp.asarray([P]),
+    jnp.asarray([row.query_span]),
+    model.dcfg.response_sees_cls,
+  )
   logp = jax.nn.log_softmax(out.logits_BTV[0])
   ce = -float(np.mean([logp[P - 1 + i, t] for i, t in enumerate(target_ids)]))
   return ce, float(jax.nn.sigmoid(out.cls_logit_B[0]))
@@ -62,9 +69,18 @@ def test_gcg_optimises_against_the_variants_attention(model):
   params = random_params(model.cfg, 1)
   # A CLS row far from the mean embedding, so whether the target reads it changes the loss.
   params["cls_embedding"] = np.random.default_rng(2).normal(0.0, 1.0, model.cfg.d_model).astype(np.float32)
-  blind, seeing = (TargetModel("t", model.cfg, params, model.tokenizer, model.template,
-                               model.dcfg.replace(response_sees_cls=sees_cls), model.batch_size)
-                   for sees_cls in (False, True))
+  blind, seeing = (
+    TargetModel(
+      "t",
+      model.cfg,
+      params,
+      model.tokenizer,
+      model.template,
+      model.dcfg.replace(response_sees_cls=sees_cls),
+      model.batch_size,
+    )
+    for sees_cls in (False, True)
+  )
   res = GCG(blind, GCGConfig(**{**SMALL.__dict__, "steps": 1})).run(GOAL, TARGET)
   target_ids = model.tokenizer.encode_continuation(TARGET)
   ce, _ = _target_ce(blind, res.row, target_ids)

@@ -41,22 +41,35 @@ def test_outputs_and_numbers(finished):
     assert row["asr"] == expected, row
     assert row["refusal_inserted_rate"] == (1.0 if row["variant"] == "cls_full" else 0.0)
   decoding = [json.loads(line) for line in (out / "generations/cls_full/tiny_harmful/decoding.jsonl").open()]
-  assert len(decoding) == 3 * 4 and {g["setting"] for g in decoding} == {"greedy", "temperature=0.7", "top_p=0.9",
-                                                                          "top_k=5"}
+  assert len(decoding) == 3 * 4 and {g["setting"] for g in decoding} == {
+    "greedy",
+    "temperature=0.7",
+    "top_p=0.9",
+    "top_k=5",
+  }
   assert all(g["cls_trace"] is not None and g["response"].startswith("Sorry") for g in decoding)
   # Both variants load the same weights, so GCG ran once per item and both use its suffixes.
   gcg_cases = list((out / "attack_cases").glob("*/tiny_harmful/gcg_adaptive/*.json"))
   assert len(gcg_cases) == 3
-  queries = [[json.loads(line)["query"] for line in (out / f"generations/{v}/tiny_harmful/gcg_adaptive.jsonl").open()]
-             for v in ("cls_full", "no_strategic_decoding")]
+  queries = [
+    [json.loads(line)["query"] for line in (out / f"generations/{v}/tiny_harmful/gcg_adaptive.jsonl").open()]
+    for v in ("cls_full", "no_strategic_decoding")
+  ]
   plain = [json.loads(line)["query"] for line in (out / "generations/cls_full/tiny_harmful/direct.jsonl").open()]
   assert queries[0] == queries[1]
   assert all(q.startswith(p) and len(q) > len(p) for q, p in zip(queries[0], plain))  # goal + suffix
   assert {r["task"] for r in result["utility"]} == {"over_refusal", "gsm8k", "mmlu"}
   assert set(result["probe"]) == {"cls_full", "no_strategic_decoding"}
   assert result["validation"][0]["n"] == 4
-  for name in ("summary.csv", "summary.md", "settings.csv", "utility.csv", "judge_validation.csv",
-               "plots/asr_tiny_harmful_advbench.png", "plots/probe.png"):
+  for name in (
+    "summary.csv",
+    "summary.md",
+    "settings.csv",
+    "utility.csv",
+    "judge_validation.csv",
+    "plots/asr_tiny_harmful_advbench.png",
+    "plots/probe.png",
+  ):
     assert (out / name).stat().st_size > 0, name
   assert (out / "plots/probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   md = (out / "summary.md").read_text()
@@ -69,9 +82,14 @@ def test_cli_resumes_without_recomputing(finished):
   out = harness.Harness(config).out
   before = _mtimes(out)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "clsalign_jax.evaluate", "--config=configs/eval_tiny.py",
-                         f"--config.output_dir={out}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=240)
+  proc = subprocess.run(
+    [sys.executable, "-m", "clsalign_jax.evaluate", "--config=configs/eval_tiny.py", f"--config.output_dir={out}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("done, skipped") == 12 and "generating" not in proc.stdout
   assert "loading variant" not in proc.stdout and "judging" not in proc.stdout
@@ -93,11 +111,17 @@ def test_changed_and_half_written_cells_are_recomputed(finished, monkeypatch):
   config.attacks[1]["text"] = "Of course:"
   generated = []
   original = harness.Harness._generate_cell
-  monkeypatch.setattr(harness.Harness, "_generate_cell",
-                      lambda self, model, v, a, b: (generated.append((v.name, a.name)), original(self, model, v, a, b)))
+  monkeypatch.setattr(
+    harness.Harness,
+    "_generate_cell",
+    lambda self, model, v, a, b: (generated.append((v.name, a.name)), original(self, model, v, a, b)),
+  )
   result = harness.run(config)
-  assert sorted(generated) == [("cls_full", "direct"), ("cls_full", "prefill_sure"),
-                               ("no_strategic_decoding", "prefill_sure")]
+  assert sorted(generated) == [
+    ("cls_full", "direct"),
+    ("cls_full", "prefill_sure"),
+    ("no_strategic_decoding", "prefill_sure"),
+  ]
   lines = (out / "generations/cls_full/tiny_harmful/prefill_sure.jsonl").open()
   prefills = {json.loads(line)["prefill"] for line in lines}
   assert prefills == {"Of course:"}
@@ -107,8 +131,11 @@ def test_changed_and_half_written_cells_are_recomputed(finished, monkeypatch):
 def test_optimised_cases_are_shared_only_by_variants_with_the_same_scoring_mask(tmp_path):
   config = tiny_config()
   config.output_dir, config.progress = str(tmp_path), False
-  config.variants = [("sees", "random:0", {}), ("blind", "random:0", dict(response_sees_cls=False)),
-                     ("blind_first", "random:0", dict(response_sees_cls=False, schedule="first"))]
+  config.variants = [
+    ("sees", "random:0", {}),
+    ("blind", "random:0", dict(response_sees_cls=False)),
+    ("blind_first", "random:0", dict(response_sees_cls=False, schedule="first")),
+  ]
   h = harness.Harness(config)
   optimised_for = []
 
@@ -120,9 +147,10 @@ def test_optimised_cases_are_shared_only_by_variants_with_the_same_scoring_mask(
       return [Case(item.id, f"{item.query} {model.dcfg.response_sees_cls}")]
 
   attack = Optimising("optimising")
-  queries = {v.name: [c.query for c in h._cases(types.SimpleNamespace(dcfg=DecodeConfig(**v.decode)), v, attack,
-                                                  "tiny_harmful")]
-             for v in h.variants}
+  queries = {
+    v.name: [c.query for c in h._cases(types.SimpleNamespace(dcfg=DecodeConfig(**v.decode)), v, attack, "tiny_harmful")]
+    for v in h.variants
+  }
   assert optimised_for == [True] * 3 + [False] * 3  # blind_first reuses blind's cases
   assert queries["blind_first"] == queries["blind"] != queries["sees"]
 

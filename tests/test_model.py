@@ -19,8 +19,16 @@ T_LONG = 320
 
 def _tiny_hf(kind: str, seed: int = 0):
   torch.manual_seed(seed)
-  common = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+  common = dict(
+    vocab_size=257,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+  )
   if kind == "llama_gqa":
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5000.0, **common))
   elif kind == "llama_tied":
@@ -33,8 +41,9 @@ def _tiny_hf(kind: str, seed: int = 0):
     # so the llama3 frequency bands (stretched, blended, kept) all act within T_LONG tokens.
     common.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16)
     rope = {"rope_theta": 500000.0, **LLAMA3_ROPE[kind]}
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        rope_parameters=rope, tie_word_embeddings=kind == "llama32_tied", **common))
+    m = transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(rope_parameters=rope, tie_word_embeddings=kind == "llama32_tied", **common)
+    )
   elif kind in ("llama_linear", "llama_dynamic"):
     # dynamic grows the base once positions pass max_position_embeddings: 256 < T_LONG.
     common.update(max_position_embeddings=256)
@@ -59,23 +68,34 @@ def _forward(cfg, params, tokens_BT, segment_ids_BT, cls_row=None):
   B, T = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   mask = masks.causal_mask(jnp.asarray(segment_ids_BT), cfg.sliding_window)
-  out = M.Transformer(cfg).apply({"params": M.to_layout(params, cfg)}, jnp.asarray(tokens_BT), positions_BT,
-                                 mask, cls_row=cls_row)
+  out = M.Transformer(cfg).apply(
+    {"params": M.to_layout(params, cfg)}, jnp.asarray(tokens_BT), positions_BT, mask, cls_row=cls_row
+  )
   return np.asarray(out.logits_BTV)
 
 
 LLAMA3_ROPE = {
-    "llama31_untied": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 64},
-    "llama32_tied": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 64},
+  "llama31_untied": {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+  },
+  "llama32_tied": {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+  },
 }
-PARITY_CASES = [(kind, scan) for kind in ("llama_gqa", "mistral_window", "llama_tied", *LLAMA3_ROPE)
-                for scan in (False, True)] + [("llama_linear", False), ("llama_dynamic", False)]
+PARITY_CASES = [
+  (kind, scan) for kind in ("llama_gqa", "mistral_window", "llama_tied", *LLAMA3_ROPE) for scan in (False, True)
+] + [("llama_linear", False), ("llama_dynamic", False)]
 
 
-@pytest.mark.parametrize("kind,scan", PARITY_CASES,
-                         ids=[f"{k}-{'scan' if s else 'loop'}" for k, s in PARITY_CASES])
+@pytest.mark.parametrize("kind,scan", PARITY_CASES, ids=[f"{k}-{'scan' if s else 'loop'}" for k, s in PARITY_CASES])
 def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
   m = _tiny_hf(kind)
   cfg, params = _import(m, tmp_path)
@@ -83,7 +103,7 @@ def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
   rng = np.random.RandomState(1)
   tokens = rng.randint(0, cfg.vocab_size, (2, T_LONG))
   valid = np.ones((2, T_LONG), np.int64)
-  valid[1, T_LONG - 37:] = 0  # right padding in the second row
+  valid[1, T_LONG - 37 :] = 0  # right padding in the second row
   with torch.no_grad():
     ref = m(torch.tensor(tokens), attention_mask=torch.tensor(valid)).logits.numpy()
   ours = _forward(cfg, params, tokens, valid.astype(np.int32))
@@ -109,8 +129,9 @@ def test_tied_config_has_no_lm_head(tmp_path):
 
 
 def test_remat_policies_keep_values_and_gradients():
-  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
-                      scan_layers=True)
+  cfg = M.ModelConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, scan_layers=True
+  )
   params = M.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -118,7 +139,7 @@ def test_remat_policies_keep_values_and_gradients():
 
   def loss(p, c):
     out = M.Transformer(c).apply({"params": p}, tokens, pos, mask)
-    return jnp.mean(out.logits_BTV ** 2) + jnp.mean(out.cls_logit_B ** 2)
+    return jnp.mean(out.logits_BTV**2) + jnp.mean(out.cls_logit_B**2)
 
   ref_val, ref_grad = jax.value_and_grad(loss)(params, cfg)
   for policy in sorted(set(M.REMAT_POLICIES) - {"none"}):
@@ -148,16 +169,26 @@ def test_cls_row_is_an_input_embedding_only():
 def test_lm_rows_compute_only_the_chosen_rows(tied, scan):
   # The decode loop asks for LM logits of one row per sequence (the last prompt row; the token
   # row of a CLS step): those rows, the CLS logit and the cache must be what the all-rows call gives.
-  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
-                      tie_embeddings=tied, scan_layers=scan)
+  cfg = M.ModelConfig(
+    vocab_size=97,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    tie_embeddings=tied,
+    scan_layers=scan,
+  )
   params = M.init_params(cfg, jax.random.key(0))
   B, T, S = 3, 7, 12
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size).at[:, 0].set(cfg.cls_id)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   mask = jnp.pad(masks.causal_mask(jnp.ones((B, T), jnp.int32)), ((0, 0), (0, 0), (0, S - T)))
   slots = jnp.broadcast_to(jnp.arange(T), (B, T))
-  apply = lambda **kw: M.Transformer(cfg).apply({"params": params}, tokens, pos, mask, cache=M.init_cache(cfg, B, S),
-                                                slots_BT=slots, cls_row=0, **kw)
+  apply = lambda **kw: M.Transformer(cfg).apply(
+    {"params": params}, tokens, pos, mask, cache=M.init_cache(cfg, B, S), slots_BT=slots, cls_row=0, **kw
+  )
   full = apply()
   rows_BK = jnp.asarray([[6, 1], [3, 3], [0, 5]], jnp.int32)
   some = apply(lm_rows_BK=rows_BK)
@@ -173,9 +204,11 @@ def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
   m = _tiny_hf("llama_gqa")
   cfg, params = _import(m, tmp_path)
   rs = np.random.RandomState(0)
-  params = dict(params, cls_embedding=rs.normal(size=cfg.d_model).astype(np.float32),
-                cls_head={"kernel": rs.normal(size=(cfg.d_model, 1)).astype(np.float32),
-                          "bias": np.zeros(1, np.float32)})
+  params = dict(
+    params,
+    cls_embedding=rs.normal(size=cfg.d_model).astype(np.float32),
+    cls_head={"kernel": rs.normal(size=(cfg.d_model, 1)).astype(np.float32), "bias": np.zeros(1, np.float32)},
+  )
   T = 64
   tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, T))
   seg = np.ones((2, T), np.int32)
@@ -216,8 +249,11 @@ def test_bf16_compute_tracks_fp32():
   pos = jnp.arange(24)[None]
   mask = masks.causal_mask(jnp.ones((1, 24), jnp.int32))
   ref = M.Transformer(cfg).apply({"params": params}, tokens, pos, mask).logits_BTV
-  low = M.Transformer(cfg.replace(dtype="bfloat16", param_dtype="bfloat16")).apply(
-      {"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}, tokens, pos, mask).logits_BTV
+  low = (
+    M.Transformer(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"))
+    .apply({"params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)}, tokens, pos, mask)
+    .logits_BTV
+  )
   assert low.dtype == jnp.float32
   assert np.abs(np.asarray(low - ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
 
@@ -234,8 +270,9 @@ def smollm2():
 
 def test_smollm2_gguf_matches_transformers(smollm2, record_figure):
   cfg, params, hf_model, tok = smollm2
-  text = tok.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}],
-                                 tokenize=False, add_generation_prompt=True)
+  text = tok.apply_chat_template(
+    [{"role": "user", "content": "Explain why the sky is blue."}], tokenize=False, add_generation_prompt=True
+  )
   prompt = tok(text, return_tensors="np")["input_ids"][0]
   n_new, P = 20, len(prompt)
   with torch.no_grad():
@@ -245,8 +282,13 @@ def test_smollm2_gguf_matches_transformers(smollm2, record_figure):
 
   # Greedy without a cache over a fixed-size buffer: one compiled shape for every step.
   T = P + n_new
-  apply = jax.jit(lambda toks, seg: M.Transformer(cfg).apply(
-      {"params": params}, toks, jnp.arange(T)[None], masks.causal_mask(seg), cls_row=None).logits_BTV)
+  apply = jax.jit(
+    lambda toks, seg: (
+      M.Transformer(cfg)
+      .apply({"params": params}, toks, jnp.arange(T)[None], masks.causal_mask(seg), cls_row=None)
+      .logits_BTV
+    )
+  )
   buf = np.zeros((1, T), np.int32)
   buf[0, :P] = prompt
   ours_prompt_logits = None
@@ -270,14 +312,18 @@ def test_gguf_qk_rows_match_transformers_dequantisation(smollm2):
   for i in (0, cfg.n_layers - 1):
     for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj")):
       w = sd[f"model.layers.{i}.self_attn.{theirs}.weight"].numpy()
-      np.testing.assert_array_equal(params[f"layers_{i}"]["attn"][ours], w.T.reshape(params[f"layers_{i}"]["attn"][ours].shape))
+      np.testing.assert_array_equal(
+        params[f"layers_{i}"]["attn"][ours], w.T.reshape(params[f"layers_{i}"]["attn"][ours].shape)
+      )
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_every_parameter_has_logical_axes(scan):
   import flax.linen as nn
-  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
-                      scan_layers=scan)
+
+  cfg = M.ModelConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, scan_layers=scan
+  )
   boxed = M.abstract_params(cfg)
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
   leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]

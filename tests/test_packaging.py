@@ -27,8 +27,20 @@ def test_wheel_installs_and_its_scripts_run(tmp_path):
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(REPO / name, src / name)
   shutil.copytree(REPO / "clsalign_jax", src / "clsalign_jax", ignore=shutil.ignore_patterns("__pycache__"))
-  built = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-                "-w", str(tmp_path / "dist"), str(src)])
+  built = _run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "-v",
+      "--no-deps",
+      "--no-build-isolation",
+      "-w",
+      str(tmp_path / "dist"),
+      str(src),
+    ]
+  )
   log = built.stdout + built.stderr
   for warning in ("would be ignored", "SetuptoolsDeprecationWarning", "_Warning"):
     assert warning not in log, log[-3000:]
@@ -41,13 +53,15 @@ def test_wheel_installs_and_its_scripts_run(tmp_path):
   vpy = venv / "bin" / "python"
   purelib = _run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
   (pathlib.Path(purelib) / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-  _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--quiet", "--no-deps", "--no-index",
-        str(wheel)])
+  _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--quiet", "--no-deps", "--no-index", str(wheel)])
 
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
   env["JAX_PLATFORMS"] = "cpu"
-  where = _run([str(vpy), "-c", "import clsalign_jax, pathlib; print(pathlib.Path(clsalign_jax.__file__).parent)"],
-               cwd=tmp_path, env=env).stdout.strip()
+  where = _run(
+    [str(vpy), "-c", "import clsalign_jax, pathlib; print(pathlib.Path(clsalign_jax.__file__).parent)"],
+    cwd=tmp_path,
+    env=env,
+  ).stdout.strip()
   assert where.startswith(str(venv)), where
   shipped = pathlib.Path(where) / "data" / "shipped" / "advbench" / "harmful_behaviors.csv"
   assert shipped.stat().st_size > 0
@@ -61,11 +75,30 @@ def test_wheel_installs_and_its_scripts_run(tmp_path):
   from clsalign_jax.data.tokenizer import Tokenizer
   from clsalign_jax.eval.lm import random_params
   from clsalign_jax.interop import hf
+
   tok = Tokenizer.from_tokenizer_json(REPO / "tests" / "fixtures" / "eval" / "tiny_tokenizer")
-  cfg = M.ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                      d_ff=64, bos_id=tok.bos_id, eos_id=tok.eos_id, max_seq_len=256)
+  cfg = M.ModelConfig(
+    vocab_size=tok.vocab_size,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=64,
+    bos_id=tok.bos_id,
+    eos_id=tok.eos_id,
+    max_seq_len=256,
+  )
   params = {k: np.asarray(v) if not isinstance(v, dict) else v for k, v in random_params(cfg, 0).items()}
   hf.save_hf(str(tmp_path / "tiny"), cfg, params, tokenizer=tok)
-  gen = _run([str(venv / "bin" / "clsalign-generate"), f"--checkpoint={tmp_path / 'tiny'}", "--prompt=Hello there",
-              "--max_new_tokens=4"], cwd=tmp_path, env=env)
+  gen = _run(
+    [
+      str(venv / "bin" / "clsalign-generate"),
+      f"--checkpoint={tmp_path / 'tiny'}",
+      "--prompt=Hello there",
+      "--max_new_tokens=4",
+    ],
+    cwd=tmp_path,
+    env=env,
+  )
   assert "prompt-time p(malicious)" in gen.stdout and "response:" in gen.stdout

@@ -14,11 +14,29 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from clsalign_jax import (checkpoint, config as config_lib, losses, masks, metrics, model as model_lib, sharding,
-                          synthetic, train)
+from clsalign_jax import (
+  checkpoint,
+  config as config_lib,
+  losses,
+  masks,
+  metrics,
+  model as model_lib,
+  sharding,
+  synthetic,
+  train,
+)
 from clsalign_jax.interop import hf
-from train_utils import (REPO, checkpoint_steps, compilation_cache, load_config, main_command, read_metrics, run,
-                         saved_params, subprocess_env)
+from train_utils import (
+  REPO,
+  checkpoint_steps,
+  compilation_cache,
+  load_config,
+  main_command,
+  read_metrics,
+  run,
+  saved_params,
+  subprocess_env,
+)
 
 SIX_STEPS = ("--config.train.num_steps=6", "--config.checkpoint.every_steps=3", "--config.eval.every_steps=3")
 
@@ -32,8 +50,9 @@ def test_defaults_are_the_paper_recipe():
   assert (c.data.global_batch_size, c.data.seq_len, c.loss.cls_weight, c.train.num_epochs) == (72, 2048, 0.1, 15)
   assert (c.schedule.name, c.schedule.decay_rate, c.schedule.warmup_steps) == ("step", 0.85, 0)
   assert config_lib.total_steps(c) == 15 * math.ceil(29_600 / 72)
-  assert config_lib.model_config(c) == model_lib.preset("llama2_7b", dtype="bfloat16", param_dtype="bfloat16",
-                                                         scan_layers=True, remat_policy="full")
+  assert config_lib.model_config(c) == model_lib.preset(
+    "llama2_7b", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="full"
+  )
   m = load_config("mistral7b_sft")
   assert (m.loss.cls_weight, m.train.num_epochs, m.model.preset) == (0.01, 8, "mistral_7b_instruct_v0_2")
   p = load_config("llama7b_pretrain")
@@ -81,8 +100,10 @@ def test_bf16_params_keep_fp32_optimizer_state():
 
 
 def test_cls_head_lr_scale_multiplies_only_the_head_updates():
-  params = {"cls_head": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones((1,))},
-            "layers_0": {"mlp": {"cls_head": jnp.ones((2,))}}}  # a name deeper down is not the head
+  params = {
+    "cls_head": {"kernel": jnp.ones((3, 1)), "bias": jnp.ones((1,))},
+    "layers_0": {"mlp": {"cls_head": jnp.ones((2,))}},
+  }  # a name deeper down is not the head
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
   c = load_config("tiny")
 
@@ -106,15 +127,31 @@ def test_trainable_subset_freezes_the_rest_and_resumes(tmp_path):
   c.metrics.progress_bar = False
   cfg = config_lib.model_config(c)
   partition = train.ParamPartition(c, cfg)
-  assert partition.trainable == {"cls_head/bias", "cls_head/kernel", *(
-      f"layers_1/{w}" for w in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "input_norm/weight",
-                                "post_attn_norm/weight", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"))}
+  assert partition.trainable == {
+    "cls_head/bias",
+    "cls_head/kernel",
+    *(
+      f"layers_1/{w}"
+      for w in (
+        "attn/q_proj",
+        "attn/k_proj",
+        "attn/v_proj",
+        "attn/o_proj",
+        "input_norm/weight",
+        "post_attn_norm/weight",
+        "mlp/gate_proj",
+        "mlp/up_proj",
+        "mlp/down_proj",
+      )
+    ),
+  }
   schedule = optax.constant_schedule(1e-2)
   tx = train.make_optimizer(c, schedule)
   params = model_lib.init_params(cfg, jax.random.key(0))
   trainable, frozen = partition.split(params)
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(trainable),
-                           rng=jax.random.key_data(jax.random.key(1)))
+  state = train.TrainState(
+    step=jnp.int32(0), params=params, opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(1))
+  )
   step = jax.jit(train.make_train_step(c, cfg, tx, schedule))
   it = synthetic.make_data_iterator(c, "train", 0, 1)
   for _ in range(3):
@@ -203,9 +240,15 @@ def test_inert_cls_trains_the_plain_causal_model():
   # the mean embedding: if responses read it, their logits move.
   rng = np.random.default_rng(0)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(model_lib.abstract_params(cfg)))
-  params = jax.tree.unflatten(treedef, [
-      np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith("['weight']")
-      else rng.normal(0.0, 0.02, x.shape).astype(np.float32) for path, x in leaves])
+  params = jax.tree.unflatten(
+    treedef,
+    [
+      np.ones(x.shape, np.float32)
+      if jax.tree_util.keystr(path).endswith("['weight']")
+      else rng.normal(0.0, 0.02, x.shape).astype(np.float32)
+      for path, x in leaves
+    ],
+  )
   params["cls_embedding"] = rng.normal(0.0, 1.0, params["cls_embedding"].shape).astype(np.float32)
   batch = jax.tree.map(jnp.asarray, next(synthetic.make_data_iterator(c, "train", 0, 1)))
   weights_BT = losses.lm_target_weights(batch, "sft")
@@ -213,13 +256,13 @@ def test_inert_cls_trains_the_plain_causal_model():
 
   seg_BT = batch["segment_ids"][:, 1:]
   positions_BT = jnp.where(seg_BT > 0, batch["positions"][:, 1:] - 1, 0)  # BOS at 0, as in the plain model
-  plain = model.apply({"params": params}, batch["tokens"][:, 1:], positions_BT, masks.causal_mask(seg_BT),
-                      cls_row=None)
+  plain = model.apply({"params": params}, batch["tokens"][:, 1:], positions_BT, masks.causal_mask(seg_BT), cls_row=None)
   plain_sum, plain_n = losses.token_cross_entropy(plain.logits_BTV, batch["tokens"][:, 1:], weights_BT[:, 1:])
 
   def with_cls(response_sees_cls):
-    mask_BTT = masks.cls_training_mask(batch["segment_ids"], batch["query_span"], batch["response_span"],
-                                       response_sees_cls=response_sees_cls)
+    mask_BTT = masks.cls_training_mask(
+      batch["segment_ids"], batch["query_span"], batch["response_span"], response_sees_cls=response_sees_cls
+    )
     return model.apply({"params": params}, batch["tokens"], batch["positions"], mask_BTT).logits_BTV[:, 1:]
 
   scored_BT = np.asarray(weights_BT[:, 1:] > 0)
@@ -230,8 +273,9 @@ def test_inert_cls_trains_the_plain_causal_model():
 
   schedule = optax.constant_schedule(1e-2)
   tx = train.make_optimizer(c, schedule)
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                           rng=jax.random.key_data(jax.random.key(2)))
+  state = train.TrainState(
+    step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(2))
+  )
   new_state, step_metrics = jax.jit(train.make_train_step(c, cfg, tx, schedule))(state, batch)
   np.testing.assert_allclose(step_metrics["lm_loss"], plain_sum / plain_n, rtol=1e-6)
   for name in ("cls_embedding", "cls_head"):
@@ -284,10 +328,18 @@ def test_model_flops_formula():
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tmp_path_factory):
   # The LR jumps by 1e12 after 6 steps; the loss is NaN at step 8, after the step-6 checkpoint.
-  result = run(main_command("tiny", tmp_path, "--config.train.num_steps=10", "--config.checkpoint.every_steps=2",
-                            "--config.schedule.name=step", "--config.schedule.decay_every_steps=4",
-                            "--config.schedule.decay_rate=1e12"),
-               subprocess_env(compilation_cache(tmp_path_factory)))
+  result = run(
+    main_command(
+      "tiny",
+      tmp_path,
+      "--config.train.num_steps=10",
+      "--config.checkpoint.every_steps=2",
+      "--config.schedule.name=step",
+      "--config.schedule.decay_every_steps=4",
+      "--config.schedule.decay_rate=1e12",
+    ),
+    subprocess_env(compilation_cache(tmp_path_factory)),
+  )
   assert result.returncode == 1
   assert "error: step 8: loss=nan" in result.stderr
   assert "Last good checkpoint: step 6" in result.stderr
@@ -304,10 +356,17 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path, tmp_path_factory):
   env = subprocess_env(compilation_cache(tmp_path_factory))
   address = f"--coordinator_address=127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(main_command("tiny", tmp_path / "two", *SIX_STEPS, address, "--num_processes=2",
-                                         f"--process_id={i}"),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      main_command("tiny", tmp_path / "two", *SIX_STEPS, address, "--num_processes=2", f"--process_id={i}"),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   single = run(main_command("tiny", tmp_path / "one", *SIX_STEPS), env)
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
@@ -318,11 +377,19 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
   one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
   for step in range(1, 7):
     assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
-  assert read_metrics(tmp_path / "two", "eval")[6]["cls_accuracy"] == read_metrics(tmp_path / "one", "eval")[6]["cls_accuracy"]
-  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "6" / "data").glob("*.json")) == \
-      ["process_0-of-2.json", "process_1-of-2.json"]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               saved_params(tmp_path / "one", 6), saved_params(tmp_path / "two", 6))
+  assert (
+    read_metrics(tmp_path / "two", "eval")[6]["cls_accuracy"]
+    == read_metrics(tmp_path / "one", "eval")[6]["cls_accuracy"]
+  )
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "6" / "data").glob("*.json")) == [
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+    saved_params(tmp_path / "one", 6),
+    saved_params(tmp_path / "two", 6),
+  )
 
 
 # --- step speed: the custom-VJP dense projection (issue 16) -------------------------------------
@@ -331,6 +398,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
 @pytest.mark.parametrize("policy", [None, "nothing_saveable", "checkpoint_dots"])
 def test_dense_has_the_einsum_values_and_gradients(policy):
   from clsalign_jax import matmul
+
   x_BTD = jax.random.normal(jax.random.key(0), (3, 5, 7))
   w_DF = jax.random.normal(jax.random.key(1), (7, 11))
   plain = lambda x, w: jnp.einsum("btd,df->btf", x, w)
@@ -339,7 +407,7 @@ def test_dense_has_the_einsum_values_and_gradients(policy):
     h = jnp.sin(dense(x, w))  # a non-trivial output gradient
     return jnp.sum(h * jnp.cos(dense(x, w)))
 
-  fn = lambda d: (lambda x, w: loss(d, x, w))
+  fn = lambda d: lambda x, w: loss(d, x, w)
   if policy:
     fn = lambda d, f=fn: jax.checkpoint(f(d), policy=getattr(jax.checkpoint_policies, policy))
   val, (gx, gw) = jax.value_and_grad(fn(matmul.dense), argnums=(0, 1))(x_BTD, w_DF)
@@ -352,6 +420,7 @@ def test_dense_has_the_einsum_values_and_gradients(policy):
 def test_train_step_gradients_match_plain_einsum_mlp(monkeypatch):
   """The whole model's gradient with the custom-VJP MLP equals plain autodiff of the einsums."""
   from clsalign_jax import matmul
+
   cfg = model_lib.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
   params = model_lib.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)

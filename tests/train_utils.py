@@ -34,8 +34,15 @@ def subprocess_env(cache_dir: str, devices: int = 1) -> dict:
 
 
 def main_command(config: str, workdir, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "clsalign_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
-          "--config.metrics.progress_bar=false", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "clsalign_jax.main",
+    f"--config=configs/{config}.py",
+    f"--workdir={workdir}",
+    "--config.metrics.progress_bar=false",
+    *overrides,
+  ]
 
 
 def run(cmd: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -53,6 +60,7 @@ def saved_params(workdir, step: int):
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
+
   path = Path(workdir, "checkpoints", str(step), "params").resolve()
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree

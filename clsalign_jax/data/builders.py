@@ -127,7 +127,8 @@ class SafetyMix(tfds.core.GeneratorBasedBuilder):
       description="Mixture v2 built from clsalign_jax/data/shipped by data/curation.py; see docs/data.md.",
     ),
     SafetyMixConfig(
-      name="v1", mixture_version="v1",
+      name="v1",
+      mixture_version="v1",
       description="The first mixture (LIMA + AlpacaEval vs safety-tuned-llamas), kept to reproduce old runs.",
     ),
   ]
@@ -169,13 +170,16 @@ class SafetyMix(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, rows):
     for r in rows:
-      yield r.id, {
-        "id": r.id,
-        "prompt": r.prompt,
-        "response": r.response,
-        "label": r.label,
-        "source": r.source,
-      }
+      yield (
+        r.id,
+        {
+          "id": r.id,
+          "prompt": r.prompt,
+          "response": r.response,
+          "label": r.label,
+          "source": r.source,
+        },
+      )
 
 
 class SafetyPretrainCorpus(tfds.core.GeneratorBasedBuilder):
@@ -210,8 +214,7 @@ class SafetyPretrainCorpus(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     if config is None or not config.files:
       raise ValueError(
-        "safety_pretrain_corpus needs files: SafetyPretrainCorpus("
-        "config=pretrain_corpus_config([...]), data_dir=...)"
+        "safety_pretrain_corpus needs files: SafetyPretrainCorpus(config=pretrain_corpus_config([...]), data_dir=...)"
       )
     fractions = {"train": 1.0 - config.validation_fraction, "validation": config.validation_fraction}
     plan = _CorpusSplits(config, fractions)
@@ -267,8 +270,10 @@ class _CorpusSplits:
       "skipped_bad_records": skipped.count,
       "skipped_examples": list(skipped),
       "split_counts": {
-        name: {"benign": int(((doc_split == k) & (doc_labels == 0)).sum()),
-               "malicious": int(((doc_split == k) & (doc_labels == 1)).sum())}
+        name: {
+          "benign": int(((doc_split == k) & (doc_labels == 0)).sum()),
+          "malicious": int(((doc_split == k) & (doc_labels == 1)).sum()),
+        }
         for k, name in enumerate(self.names)
       },
     }
@@ -309,9 +314,7 @@ def _iter_corpus(config: PretrainCorpusConfig, skipped: list):
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder) -> Mapping:
   """Writes the dataset if needed (offline) and returns {split: random-access data source}."""
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder.as_data_source()
 
 

@@ -94,8 +94,12 @@ SOURCES = (
   Source("red_instruct_catqa_english", MALICIOUS, needs_refusal=True),
   Source("red_instruct_harmfulqa", MALICIOUS, cap=700, needs_refusal=True),
   Source("red_instruct_dangerousqa", MALICIOUS, needs_refusal=True),
-  Source("do_not_answer", MALICIOUS, needs_refusal=True,
-         categories=("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")),
+  Source(
+    "do_not_answer",
+    MALICIOUS,
+    needs_refusal=True,
+    categories=("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive"),
+  ),
 )
 # LIMA's first turns are benign too (read by mixture.load_lima).
 
@@ -160,8 +164,14 @@ def _parts(prompt: str) -> dict[str, str]:
   words = first_words(p, 1)
   # Only a real instruction reads well after "Can you": it opens with a verb-like word, not with
   # a question word, a pronoun or "Given ...".
-  if (one_line and not p.endswith("?") and words and prompt_form(p) != "question"
-      and words[0] not in _NOT_VERBS and len(p) > 1):
+  if (
+    one_line
+    and not p.endswith("?")
+    and words
+    and prompt_form(p) != "question"
+    and words[0] not in _NOT_VERBS
+    and len(p) > 1
+  ):
     imp = p.rstrip(".!").strip()
     parts["imp"] = imp + "."
     parts["imp_lc"] = imp[0].lower() + imp[1:] if not imp[:2].isupper() else imp
@@ -223,17 +233,41 @@ _CLOSINGS = (
 )
 # Category names of the prompt-only sets, in words a refusal can name.
 _TOPICS = {  # most specific first: the first key found in the category names the topic
-  "drug": "illegal drugs", "weapon": "weapons", "human trafficking": "human trafficking",
-  "theft": "theft", "cybercrime": "cybercrime", "ransomware": "ransomware", "spyware": "spyware",
-  "phishing": "phishing", "identity": "identity theft", "scam": "scams", "counterfeit": "counterfeiting",
-  "doxx": "doxxing", "deepfake": "deepfakes", "surveillance": "covert surveillance",
-  "tracking": "tracking people without consent", "self-harm": "self-harm", "terror": "terrorism",
-  "assault": "assault", "child": "harm to children", "sexual": "sexual content", "adult": "sexual content",
-  "hate": "hateful content", "harass": "harassment", "fraud": "fraud", "malware": "malicious software",
-  "privacy": "violating someone's privacy", "misinformation": "misinformation",
-  "financial": "risky financial schemes", "economic": "financial harm", "political": "political manipulation",
-  "discrimination": "discrimination", "information_hazard": "dangerous information",
-  "malicious_uses": "misuse and harm", "physical": "physical harm", "illegal": "illegal activity",
+  "drug": "illegal drugs",
+  "weapon": "weapons",
+  "human trafficking": "human trafficking",
+  "theft": "theft",
+  "cybercrime": "cybercrime",
+  "ransomware": "ransomware",
+  "spyware": "spyware",
+  "phishing": "phishing",
+  "identity": "identity theft",
+  "scam": "scams",
+  "counterfeit": "counterfeiting",
+  "doxx": "doxxing",
+  "deepfake": "deepfakes",
+  "surveillance": "covert surveillance",
+  "tracking": "tracking people without consent",
+  "self-harm": "self-harm",
+  "terror": "terrorism",
+  "assault": "assault",
+  "child": "harm to children",
+  "sexual": "sexual content",
+  "adult": "sexual content",
+  "hate": "hateful content",
+  "harass": "harassment",
+  "fraud": "fraud",
+  "malware": "malicious software",
+  "privacy": "violating someone's privacy",
+  "misinformation": "misinformation",
+  "financial": "risky financial schemes",
+  "economic": "financial harm",
+  "political": "political manipulation",
+  "discrimination": "discrimination",
+  "information_hazard": "dangerous information",
+  "malicious_uses": "misuse and harm",
+  "physical": "physical harm",
+  "illegal": "illegal activity",
 }
 
 
@@ -307,8 +341,11 @@ def read_sources(report: CurationReport) -> list[Row]:
   report.read["lima"] = len(lima)
   rows += [Row(r, "", prompt_form(r.prompt)) for r in lima]
   for src in SOURCES:
-    raw = _jsonl(SHIPPED_DIR / src.folder / ("normalized_with_refusal_flag.jsonl" if src.folder == "safety_tuned_llamas"
-                                             else "normalized.jsonl"))
+    raw = _jsonl(
+      SHIPPED_DIR
+      / src.folder
+      / ("normalized_with_refusal_flag.jsonl" if src.folder == "safety_tuned_llamas" else "normalized.jsonl")
+    )
     report.read[src.folder] = len(raw)
     if src.folder == "safety_tuned_llamas":
       kept = [r for r in raw if r.get("refusal_like")]
@@ -324,8 +361,9 @@ def read_sources(report: CurationReport) -> list[Row]:
       prompt = r["prompt"]
       category = r.get("category") or ""
       response = refusal_response(prompt, category) if src.needs_refusal else (r.get("response") or "")
-      rows.append(Row(SftRecord(f"{src.folder}:{n}", prompt, response, src.label, src.folder), category,
-                      prompt_form(prompt)))
+      rows.append(
+        Row(SftRecord(f"{src.folder}:{n}", prompt, response, src.label, src.folder), category, prompt_form(prompt))
+      )
   return rows
 
 
@@ -413,8 +451,10 @@ def balance_forms(rows: list[Row], report: CurationReport, bounds=RATIO_BOUNDS) 
       leftovers[label] += pools[t][label][n:]
   for label in (BENIGN, MALICIOUS):
     if leftovers[label]:
-      report.drop(f"form balance: {LABEL_NAMES[label]} prompt on a one-sided first word, no rewrite partner",
-                  len(leftovers[label]))
+      report.drop(
+        f"form balance: {LABEL_NAMES[label]} prompt on a one-sided first word, no rewrite partner",
+        len(leftovers[label]),
+      )
   out, cut = _opener_excess(kept + rewritten, bounds)
   if cut:
     report.drop("form balance: over the per-word ratio after rewriting", len(cut))
@@ -424,11 +464,13 @@ def balance_forms(rows: list[Row], report: CurationReport, bounds=RATIO_BOUNDS) 
   for form in FORMS:
     bucket = [r for r in out if r.form == form]
     n = collections.Counter(r.record.label for r in bucket)
-    allowed = {BENIGN: min(n[BENIGN], int(bounds[1] * n[MALICIOUS])),
-               MALICIOUS: min(n[MALICIOUS], int(n[BENIGN] / bounds[0]))}
+    allowed = {
+      BENIGN: min(n[BENIGN], int(bounds[1] * n[MALICIOUS])),
+      MALICIOUS: min(n[MALICIOUS], int(n[BENIGN] / bounds[0])),
+    }
     for label in (BENIGN, MALICIOUS):
       of_label = [r for r in bucket if r.record.label == label]
-      final += of_label[:allowed[label]]
+      final += of_label[: allowed[label]]
       if len(of_label) > allowed[label]:
         report.drop(f"form balance: {form} {LABEL_NAMES[label]} over the bucket ratio", len(of_label) - allowed[label])
   report.bucket_counts = _counts(final)
@@ -478,14 +520,24 @@ def build_mixture_v2(seed: int = SPLIT_SEED, fractions: Mapping[str, float] = FR
       continue
     seen.add(key)
     final.append(r)
-  splits = assign_splits(final, fractions, seed=seed, key=lambda r: r.record.prompt,
-                         stratum=lambda r: (r.record.label, r.record.source, r.form))
+  splits = assign_splits(
+    final,
+    fractions,
+    seed=seed,
+    key=lambda r: r.record.prompt,
+    stratum=lambda r: (r.record.label, r.record.source, r.form),
+  )
   splits, _ = enforce_disjoint(splits, ["test", "validation", "train"], key=lambda r: r.record.prompt)
-  report.split_counts = {name: {"benign": sum(r.record.label == BENIGN for r in rs),
-                                "malicious": sum(r.record.label == MALICIOUS for r in rs)}
-                         for name, rs in splits.items()}
-  report.source_counts = {name: dict(sorted(collections.Counter(r.record.source for r in rs).items()))
-                          for name, rs in splits.items()}
+  report.split_counts = {
+    name: {
+      "benign": sum(r.record.label == BENIGN for r in rs),
+      "malicious": sum(r.record.label == MALICIOUS for r in rs),
+    }
+    for name, rs in splits.items()
+  }
+  report.source_counts = {
+    name: dict(sorted(collections.Counter(r.record.source for r in rs).items())) for name, rs in splits.items()
+  }
   return splits, report
 
 
@@ -503,8 +555,9 @@ def _features(prompts: Sequence[str], vocab: Mapping[str, int]) -> np.ndarray:
   return x
 
 
-def form_only_baseline(train: Sequence[tuple[str, int]], test: Sequence[tuple[str, int]],
-                       l2: float = 1e-3, steps: int = 500) -> dict:
+def form_only_baseline(
+  train: Sequence[tuple[str, int]], test: Sequence[tuple[str, int]], l2: float = 1e-3, steps: int = 500
+) -> dict:
   """Logistic regression on the first two words (one-hot of word 1, word 2 and the pair), fitted on
   `train` by full-batch gradient descent; returns the test AUC and accuracy. A mixture whose form
   says nothing about the label scores near AUC 0.5."""
@@ -523,8 +576,12 @@ def form_only_baseline(train: Sequence[tuple[str, int]], test: Sequence[tuple[st
   xt = _features([p for p, _ in test], vocab)
   yt = np.array([label for _, label in test])
   score = xt @ w
-  return {"auc": auc(score, yt), "accuracy": float(np.mean((score > 0) == (yt == 1))), "n_test": len(test),
-          "n_train": len(train)}
+  return {
+    "auc": auc(score, yt),
+    "accuracy": float(np.mean((score > 0) == (yt == 1))),
+    "n_test": len(test),
+    "n_train": len(train),
+  }
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -551,27 +608,54 @@ def first_word_table(rows: Sequence[Row], top: int = 20) -> list[tuple[str, int,
 
 def summary_markdown(splits, report: CurationReport, baseline: dict) -> str:
   train = splits["train"]
-  lines = ["Generated by `python -m clsalign_jax.data.curation --docs=docs/data.md`; do not edit by hand.", "",
-           "| split | benign | malicious |", "|---|---|---|"]
+  lines = [
+    "Generated by `python -m clsalign_jax.data.curation --docs=docs/data.md`; do not edit by hand.",
+    "",
+    "| split | benign | malicious |",
+    "|---|---|---|",
+  ]
   lines += [f"| {n} | {c['benign']} | {c['malicious']} |" for n, c in report.split_counts.items()]
-  lines += ["", "Per source (all splits):", "", "| source | label | train | validation | test |", "|---|---|---|---|---|"]
+  lines += [
+    "",
+    "Per source (all splits):",
+    "",
+    "| source | label | train | validation | test |",
+    "|---|---|---|---|---|",
+  ]
   sources = sorted({s for c in report.source_counts.values() for s in c})
   label_of = {r.record.source: LABEL_NAMES[r.record.label] for rs in splits.values() for r in rs}
   for s in sources:
-    lines.append(f"| {s} | {label_of.get(s, '')} | " + " | ".join(str(report.source_counts.get(n, {}).get(s, 0))
-                                                              for n in ("train", "validation", "test")) + " |")
-  lines += ["", "Form buckets after balancing (all splits):", "", "| form | benign | malicious | ratio |", "|---|---|---|---|"]
+    lines.append(
+      f"| {s} | {label_of.get(s, '')} | "
+      + " | ".join(str(report.source_counts.get(n, {}).get(s, 0)) for n in ("train", "validation", "test"))
+      + " |"
+    )
+  lines += [
+    "",
+    "Form buckets after balancing (all splits):",
+    "",
+    "| form | benign | malicious | ratio |",
+    "|---|---|---|---|",
+  ]
   for f, c in report.bucket_counts.items():
     lines.append(f"| {f} | {c['benign']} | {c['malicious']} | {c['benign'] / max(c['malicious'], 1):.2f} |")
   lines += ["", "Rewritten prompts (form before -> after), equal numbers of each label per template:", ""]
   lines += [f"* {k}: {v}" for k, v in sorted(report.rewritten.items())] or ["* none"]
   lines += ["", "Dropped:", ""] + [f"* {k}: {v}" for k, v in sorted(report.dropped.items())]
-  lines += ["", "First word x label, training split (20 most frequent):", "", "| first word | benign | malicious |",
-            "|---|---|---|"]
+  lines += [
+    "",
+    "First word x label, training split (20 most frequent):",
+    "",
+    "| first word | benign | malicious |",
+    "|---|---|---|",
+  ]
   lines += [f"| {w} | {b} | {m} |" for w, b, m in first_word_table(train)]
-  lines += ["", f"**Form-only baseline** (logistic regression on the first two words, fitted on train, "
-            f"n = {baseline['n_train']}): test AUC **{baseline['auc']:.3f}**, accuracy {baseline['accuracy']:.3f} "
-            f"(n = {baseline['n_test']}); the bar is AUC <= 0.65."]
+  lines += [
+    "",
+    f"**Form-only baseline** (logistic regression on the first two words, fitted on train, "
+    f"n = {baseline['n_train']}): test AUC **{baseline['auc']:.3f}**, accuracy {baseline['accuracy']:.3f} "
+    f"(n = {baseline['n_test']}); the bar is AUC <= 0.65.",
+  ]
   return "\n".join(lines)
 
 
@@ -593,8 +677,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=SPLIT_SEED)
   args = parser.parse_args(argv)
   splits, report = build_mixture_v2(args.seed)
-  baseline = form_only_baseline([(r.record.prompt, r.record.label) for r in splits["train"]],
-                                [(r.record.prompt, r.record.label) for r in splits["test"]])
+  baseline = form_only_baseline(
+    [(r.record.prompt, r.record.label) for r in splits["train"]],
+    [(r.record.prompt, r.record.label) for r in splits["test"]],
+  )
   text = summary_markdown(splits, report, baseline)
   print(text)
   if args.docs:

@@ -28,9 +28,7 @@ from clsalign_jax.data.records import (
 SHIPPED_DIR = pathlib.Path(__file__).parent / "shipped"
 LIMA_FILE = SHIPPED_DIR / "lima" / "lima.json"
 ALPACA_EVAL_FILE = SHIPPED_DIR / "alpaca_eval" / "alpaca_eval_text_davinci_003_outputs.json"
-SAFETY_TUNED_LLAMAS_FILE = (
-  SHIPPED_DIR / "safety_tuned_llamas" / "safety_only_data_Instructions.json"
-)
+SAFETY_TUNED_LLAMAS_FILE = SHIPPED_DIR / "safety_tuned_llamas" / "safety_only_data_Instructions.json"
 ADVBENCH_FILE = SHIPPED_DIR / "advbench" / "harmful_behaviors.csv"
 
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.9, "validation": 0.05, "test": 0.05}
@@ -117,8 +115,7 @@ def load_lima(path: pathlib.Path = LIMA_FILE) -> tuple[list[SftRecord], int]:
 def load_alpaca_eval(path: pathlib.Path = ALPACA_EVAL_FILE) -> list[SftRecord]:
   rows = json.loads(path.read_text(encoding="utf-8"))
   return [
-    SftRecord(f"alpaca_eval:{n}", r["instruction"], r["output"], BENIGN, "alpaca_eval")
-    for n, r in enumerate(rows)
+    SftRecord(f"alpaca_eval:{n}", r["instruction"], r["output"], BENIGN, "alpaca_eval") for n, r in enumerate(rows)
   ]
 
 
@@ -127,9 +124,7 @@ def load_safety_tuned_llamas(path: pathlib.Path = SAFETY_TUNED_LLAMAS_FILE) -> l
   out = []
   for n, r in enumerate(rows):
     prompt = r["instruction"] if not r["input"] else f"{r['instruction']}\n\n{r['input']}"
-    out.append(
-      SftRecord(f"safety_tuned_llamas:{n}", prompt, r["output"], MALICIOUS, "safety_tuned_llamas")
-    )
+    out.append(SftRecord(f"safety_tuned_llamas:{n}", prompt, r["output"], MALICIOUS, "safety_tuned_llamas"))
   return out
 
 
@@ -138,10 +133,7 @@ def load_advbench(path: pathlib.Path = ADVBENCH_FILE) -> list[SftRecord]:
   what an attack tries to elicit, never a training answer."""
   with open(path, encoding="utf-8", newline="") as f:
     rows = list(csv.DictReader(f))
-  return [
-    SftRecord(f"advbench:{n}", r["goal"], r["target"], MALICIOUS, "advbench")
-    for n, r in enumerate(rows)
-  ]
+  return [SftRecord(f"advbench:{n}", r["goal"], r["target"], MALICIOUS, "advbench") for n, r in enumerate(rows)]
 
 
 # ----- building the mixture -----------------------------------------------------------------------

@@ -456,9 +456,7 @@ class Pipeline:
 
       process_index, process_count = jax.process_index(), jax.process_count()
     if config.batch_size % process_count:
-      raise ValueError(
-        f"batch_size {config.batch_size} is not divisible by {process_count} processes"
-      )
+      raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
     if len(corpus) == 0:
       raise ValueError("no examples to batch")
     self.corpus, self.config = corpus, config
@@ -522,9 +520,7 @@ def sft_pipeline(
     min_response_tokens=config.min_response_tokens,
     skip_bad_records=config.skip_bad_records,
   )
-  return Pipeline(
-    corpus, config, pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count
-  )
+  return Pipeline(corpus, config, pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)
 
 
 def pretrain_pipeline(
@@ -536,9 +532,5 @@ def pretrain_pipeline(
   process_count: int | None = None,
 ) -> Pipeline:
   """Labelled documents (TextRecords, dicts, or a `safety_pretrain_corpus` source) -> batches."""
-  corpus = encode_documents(
-    records, tokenizer, max_length=config.max_length, skip_bad_records=config.skip_bad_records
-  )
-  return Pipeline(
-    corpus, config, pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count
-  )
+  corpus = encode_documents(records, tokenizer, max_length=config.max_length, skip_bad_records=config.skip_bad_records)
+  return Pipeline(corpus, config, pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)

@@ -105,9 +105,7 @@ def read_sft_records(
     try:
       if error:
         raise DataError(f"{where}: {error}")
-      result.records.append(
-        _sft_record(row, where, fields, default_label, source_default, require_response)
-      )
+      result.records.append(_sft_record(row, where, fields, default_label, source_default, require_response))
     except DataError as e:
       if not skip_bad_records:
         raise

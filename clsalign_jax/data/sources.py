@@ -73,12 +73,17 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
       skip_bad_records=bool(data.skip_bad_records),
     )
     documents = _documents(
-      data.source, split, os.path.expanduser(data.data_dir or _default_data_dir()), files,
+      data.source,
+      split,
+      os.path.expanduser(data.data_dir or _default_data_dir()),
+      files,
       bool(data.skip_bad_records),
     )
-    return iter(streaming.DocumentStream(
-      documents, tokenizer, stream_config, process_index=shard_index, process_count=shard_count
-    ))
+    return iter(
+      streaming.DocumentStream(
+        documents, tokenizer, stream_config, process_index=shard_index, process_count=shard_count
+      )
+    )
   corpus = _encoded(
     data.source,
     split,
@@ -153,12 +158,9 @@ def _encoded(source, split, data_dir, files, tokenizer_spec, template_name, seq_
     )
   if source in PRETRAIN_SOURCES:
     records = _documents(source, split, data_dir, files, skip_bad_records)
-    return pipeline.encode_documents(
-      records, tokenizer, max_length=seq_len, skip_bad_records=skip_bad_records
-    )
+    return pipeline.encode_documents(records, tokenizer, max_length=seq_len, skip_bad_records=skip_bad_records)
   raise ValueError(
-    f"unknown config.data.source {source!r}; expected one of {SFT_SOURCES + PRETRAIN_SOURCES} "
-    "or 'synthetic'"
+    f"unknown config.data.source {source!r}; expected one of {SFT_SOURCES + PRETRAIN_SOURCES} or 'synthetic'"
   )
 
 

@@ -114,8 +114,9 @@ class _EncodeGroup:
   def chunks(self, group: dict[str, np.ndarray]) -> list[_Chunk]:
     s = group["starts"]
     return [
-      _Chunk(int(group["sources"][j]), int(group["chunks"][j]), group["tokens"][s[j] : s[j + 1]],
-             int(group["labels"][j]))
+      _Chunk(
+        int(group["sources"][j]), int(group["chunks"][j]), group["tokens"][s[j] : s[j + 1]], int(group["labels"][j])
+      )
       for j in range(len(group["labels"]))
     ]
 
@@ -141,8 +142,7 @@ class _Rows:
       return
     n = len(c.tokens)
     slot = next(
-      (k for k in range(len(self.open))
-       if self.room[k] >= n and len(self.open[k]) < self.config.max_segments_per_row),
+      (k for k in range(len(self.open)) if self.room[k] >= n and len(self.open[k]) < self.config.max_segments_per_row),
       None,
     )
     if slot is None:
@@ -253,8 +253,7 @@ class _PackedIterator(grain.DatasetIterator):
         self._barren = 0 if self._group else self._barren + int(group["read"])
         if self._barren >= len(self._encoder.records):
           raise DataError(
-            f"none of the {len(self._encoder.records)} documents could be encoded "
-            "(every one skipped as a bad record)"
+            f"none of the {len(self._encoder.records)} documents could be encoded (every one skipped as a bad record)"
           )
         continue
       self._rows.add(self._group[self._pos])
@@ -350,9 +349,7 @@ def streaming_pretrain_pipeline(
     import jax
 
     process_index, process_count = jax.process_index(), jax.process_count()
-  return DocumentStream(
-    records, tokenizer, config, process_index=process_index, process_count=process_count
-  )
+  return DocumentStream(records, tokenizer, config, process_index=process_index, process_count=process_count)
 
 
 __all__ = ["DocumentStream", "ENCODE_GROUP", "assemble", "streaming_pretrain_pipeline"]

@@ -33,8 +33,7 @@ from clsalign_jax.data.tokenizer import Tokenizer
 
 # The paper's Llama-2 wrapper around the Alpaca system line (docs/method.md §4.3).
 LLAMA2_SYSTEM_PROMPT = (
-  "Below is an instruction that describes a task. "
-  "Write a response that appropriately completes the request."
+  "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 # What SmolLM2's GGUF chat template inserts when the conversation has no system turn.
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -240,9 +239,7 @@ class EncodedExample:
     return mask
 
 
-def encode_prompt(
-  tokenizer: Tokenizer, template: ChatTemplate, query: str, prefill: str = ""
-) -> PromptEncoding:
+def encode_prompt(tokenizer: Tokenizer, template: ChatTemplate, query: str, prefill: str = "") -> PromptEncoding:
   """[CLS] + the template's generation prompt, and optionally a prefilled response start.
 
   `prefill` is response text placed after the prompt (e.g. an attacker's " Sure, here is"); it is
@@ -299,9 +296,7 @@ def encode_example(
 ) -> EncodedExample:
   """[CLS] + prompt + response + end token; the loss covers the response through the end token."""
   prompt = encode_prompt(tokenizer, template, query)
-  response_ids = tokenizer.encode_continuation(
-    template.response_prefix + response + template.response_suffix
-  )
+  response_ids = tokenizer.encode_continuation(template.response_prefix + response + template.response_suffix)
   response_ids.append(template.end.id(tokenizer))
   tokens = np.concatenate([prompt.tokens, np.asarray(response_ids, np.int32)])
   span = (len(prompt.tokens), len(tokens))
@@ -316,9 +311,7 @@ def encode_example(
   )
 
 
-def encode_document(
-  tokenizer: Tokenizer, text: str, label: int, max_length: int
-) -> list[EncodedExample]:
+def encode_document(tokenizer: Tokenizer, text: str, label: int, max_length: int) -> list[EncodedExample]:
   """A pretraining document as [CLS, BOS, text..., EOS], cut into chunks of `max_length`.
 
   Each chunk repeats [CLS, BOS] and the document's label; only the last chunk ends with EOS.
@@ -363,11 +356,7 @@ def _encode_run_with_query(
   tail_ok = j is not None and tokenizer.decode_fragment(ids[j:]) == text[q1:]
   if tail_ok:
     i = _boundary(offsets, q0)
-    if (
-      i is not None
-      and tokenizer.decode_fragment(ids[i:j]) == query
-      and tokenizer.decode(ids[:i]) == text[:q0]
-    ):
+    if i is not None and tokenizer.decode_fragment(ids[i:j]) == query and tokenizer.decode(ids[:i]) == text[:q0]:
       return ids, (i, j), False, False
     # SentencePiece writes a word's leading space into the word's token, so the template's
     # separator before the query ("[INST] How") lives in the query's first token ("▁How").

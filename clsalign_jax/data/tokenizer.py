@@ -86,9 +86,7 @@ class Tokenizer:
       self.pad_id = self.unk_id
     else:
       self.pad_id = self.eos_id
-    self._special_ids = {
-      t["id"] for t in spec.get("added_tokens", []) if t.get("special")
-    } | {self.bos_id, self.eos_id}
+    self._special_ids = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")} | {self.bos_id, self.eos_id}
     continuation_spec = _without_prefix_space(spec)
     self.adds_prefix_space = continuation_spec is not None
     self._cont = _load_spec(continuation_spec) if continuation_spec else self._tok
@@ -120,12 +118,8 @@ class Tokenizer:
     unk_token = unk_token or config.get("unk_token")
     chat_template = chat_template or config.get("chat_template")
     vocab = hf.get_vocab(with_added_tokens=True)
-    bos_token = bos_token or _first_present(
-      vocab, ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>")
-    )
-    eos_token = eos_token or _first_present(
-      vocab, ("</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|endoftext|>")
-    )
+    bos_token = bos_token or _first_present(vocab, ("<s>", "<|begin_of_text|>", "<bos>", "<|im_start|>"))
+    eos_token = eos_token or _first_present(vocab, ("</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|endoftext|>"))
     if bos_token is None or eos_token is None:
       raise ValueError(
         f"{path}: cannot tell the BOS/EOS tokens; pass bos_token= and eos_token= "
@@ -410,12 +404,9 @@ class Tokenizer:
     # normalizer changes, e.g. NFKC, are caught per example by the template code.)
     for head, tail in (("a", " b"), ("a", "b")):
       ids = self.encode(head) + self.encode_continuation(tail)
-      if self.decode(ids) != head + tail or self.decode_fragment(
-        self.encode_continuation(tail)
-      ) != tail:
+      if self.decode(ids) != head + tail or self.decode_fragment(self.encode_continuation(tail)) != tail:
         raise NotImplementedError(
-          f"{self.name}: cannot encode text continuations losslessly with this "
-          "tokenizer's normalizer/pre-tokenizer"
+          f"{self.name}: cannot encode text continuations losslessly with this tokenizer's normalizer/pre-tokenizer"
         )
 
 
@@ -670,9 +661,7 @@ def _byte_level_tokenizer(
   vocab = {t: i for i, t in enumerate(tokens)}
   # Byte-level tokens never contain a literal space (it is mapped to "Ġ"), so one split is exact.
   pairs = [tuple(m.split(" ", 1)) for m in merges]
-  tok = tokenizers.Tokenizer(
-    models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False)
-  )
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False))
   splits = [
     pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated", invert=False)
     for pattern in GGUF_PRE_TOKENIZERS[pre]
@@ -682,11 +671,7 @@ def _byte_level_tokenizer(
   )
   tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens(
-    [
-      tokenizers.AddedToken(t, special=True, normalized=False)
-      for t, ty in zip(tokens, types)
-      if ty == _CONTROL
-    ]
+    [tokenizers.AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
   )
   user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
   if user:
@@ -702,8 +687,7 @@ def _check_against_sentencepiece(tok: Tokenizer, path: str) -> None:
     want, got = sp.encode(text), tok.encode(text)
     if want != got:
       raise AssertionError(
-        f"{path}: converted tokenizer disagrees with sentencepiece on {text!r}: "
-        f"{got[:16]} vs {want[:16]}"
+        f"{path}: converted tokenizer disagrees with sentencepiece on {text!r}: {got[:16]} vs {want[:16]}"
       )
 
 

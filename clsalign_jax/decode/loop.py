@@ -110,9 +110,17 @@ class _State(NamedTuple):
   logits_BNV: Array | None  # with return_logits: LM logits, column s + 1 from loop step s
 
 
-def transition(rows: RowState, step: Array, judged_B: Array, malicious_B: Array, sampled_B: Array,
-               refusal_R: Array, eos: Array, input_len_B: Array, dcfg: DecodeConfig
-               ) -> tuple[RowState, Array]:
+def transition(
+  rows: RowState,
+  step: Array,
+  judged_B: Array,
+  malicious_B: Array,
+  sampled_B: Array,
+  refusal_R: Array,
+  eos: Array,
+  input_len_B: Array,
+  dcfg: DecodeConfig,
+) -> tuple[RowState, Array]:
   """One loop step of the per-row state machine (docs/method.md §3), with the rollback.
 
   The step fed the pending token of every row that is not done (at slot rows.length_B); rows in
@@ -134,8 +142,13 @@ def transition(rows: RowState, step: Array, judged_B: Array, malicious_B: Array,
   withdrawn_B = was_transition_B & judged_B & ~malicious_B
   trigger_pos_B = jnp.where(flips_B, pos_B, jnp.where(withdrawn_B, -1, rows.trigger_pos_B))
   trigger_step_B = jnp.where(flips_B, step, jnp.where(withdrawn_B, -1, rows.trigger_step_B))
-  run_B = jnp.where(flips_B, 1, jnp.where(was_transition_B & malicious_B, rows.malicious_run_B + 1,
-                                          jnp.where(withdrawn_B, 0, rows.malicious_run_B)))
+  run_B = jnp.where(
+    flips_B,
+    1,
+    jnp.where(
+      was_transition_B & malicious_B, rows.malicious_run_B + 1, jnp.where(withdrawn_B, 0, rows.malicious_run_B)
+    ),
+  )
   mode_B = jnp.where(flips_B, TRANSITION, jnp.where(withdrawn_B, BENIGN, rows.mode_B))
   if dcfg.tau_unit == "events":
     held_B = run_B >= dcfg.tau
@@ -154,12 +167,16 @@ def transition(rows: RowState, step: Array, judged_B: Array, malicious_B: Array,
   length_B = jnp.where(active_B, jnp.where(rollback_B, cut_len_B, pos_B + 1), rows.length_B)
   ends_B = (~rollback_B & ~forcing_B & (next_B == eos)) | (length_B + 1 - input_len_B >= dcfg.max_new_tokens)
   return RowState(
-      length_B=length_B, done_B=rows.done_B | (active_B & ends_B),
-      mode_B=jnp.where(active_B, mode_B, rows.mode_B),
-      trigger_pos_B=trigger_pos_B, trigger_step_B=trigger_step_B, malicious_run_B=run_B,
-      refusal_next_B=jnp.where(active_B, refusal_next_B, rows.refusal_next_B),
-      insert_pos_B=jnp.where(rollback_B, cut_len_B, rows.insert_pos_B),
-      false_alarms_B=rows.false_alarms_B + withdrawn_B.astype(jnp.int32)), next_B
+    length_B=length_B,
+    done_B=rows.done_B | (active_B & ends_B),
+    mode_B=jnp.where(active_B, mode_B, rows.mode_B),
+    trigger_pos_B=trigger_pos_B,
+    trigger_step_B=trigger_step_B,
+    malicious_run_B=run_B,
+    refusal_next_B=jnp.where(active_B, refusal_next_B, rows.refusal_next_B),
+    insert_pos_B=jnp.where(rollback_B, cut_len_B, rows.insert_pos_B),
+    false_alarms_B=rows.false_alarms_B + withdrawn_B.astype(jnp.int32),
+  ), next_B
 
 
 def wants_cls(rows: RowState, visible_start_B: Array, dcfg: DecodeConfig) -> Array:
@@ -189,9 +206,13 @@ def bucket(length: int, multiple: int = 64) -> int:
   return -(-length // multiple) * multiple
 
 
-def pack_inputs(prompts: Sequence[Sequence[int]], query_spans: Sequence[Sequence[int]],
-                prefills: Sequence[Sequence[int]] | None = None, pad_to: int | None = None,
-                bucket_multiple: int = 64) -> DecodeInputs:
+def pack_inputs(
+  prompts: Sequence[Sequence[int]],
+  query_spans: Sequence[Sequence[int]],
+  prefills: Sequence[Sequence[int]] | None = None,
+  pad_to: int | None = None,
+  bucket_multiple: int = 64,
+) -> DecodeInputs:
   """Right-pad token-id prompts (each starting with CLS, BOS) plus optional attacker prefills."""
   prefills = prefills or [[] for _ in prompts]
   if not len(prompts) == len(query_spans) == len(prefills):
@@ -203,9 +224,13 @@ def pack_inputs(prompts: Sequence[Sequence[int]], query_spans: Sequence[Sequence
     raise ValueError(f"pad_to={P} is shorter than the longest prompt + prefill ({longest})")
   tokens_BP = np.zeros((len(rows), P), np.int32)
   for b, r in enumerate(rows):
-    tokens_BP[b, :len(r)] = r
-  return DecodeInputs(jnp.asarray(tokens_BP), jnp.asarray([len(p) for p in prompts], jnp.int32),
-                      jnp.asarray([len(r) for r in rows], jnp.int32), jnp.asarray(query_spans, jnp.int32))
+    tokens_BP[b, : len(r)] = r
+  return DecodeInputs(
+    jnp.asarray(tokens_BP),
+    jnp.asarray([len(p) for p in prompts], jnp.int32),
+    jnp.asarray([len(r) for r in rows], jnp.int32),
+    jnp.asarray(query_spans, jnp.int32),
+  )
 
 
 def _take_B(x_BN: Array, i_B: Array) -> Array:
@@ -217,9 +242,18 @@ def _put_B(x_BN: Array, i_B: Array, v_B: Array) -> Array:
   return x_BN.at[jnp.arange(x_BN.shape[0]), i_B].set(v_B, mode="drop")
 
 
-def decode(params, inputs: DecodeInputs, refusal_R: Array, sampling: SamplingParams,
-           p_override_BN: Array | None = None, *, cfg: ModelConfig, dcfg: DecodeConfig,
-           eos_id: int | None, return_logits: bool = False) -> DecodeOutput:
+def decode(
+  params,
+  inputs: DecodeInputs,
+  refusal_R: Array,
+  sampling: SamplingParams,
+  p_override_BN: Array | None = None,
+  *,
+  cfg: ModelConfig,
+  dcfg: DecodeConfig,
+  eos_id: int | None,
+  return_logits: bool = False,
+) -> DecodeOutput:
   """Generate for a batch of packed prompts: one compiled program per shape bucket and set of
   static options, however the arguments are passed.
 
@@ -243,17 +277,26 @@ def _override(p_B: Array, p_override_BN: Array | None, column) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: SamplingParams,
-                p_override_BN: Array | None, eos: Array, cfg: ModelConfig, dcfg: DecodeConfig,
-                return_logits: bool) -> DecodeOutput:
+def _decode_jit(
+  params,
+  inputs: DecodeInputs,
+  refusal_R: Array,
+  sampling: SamplingParams,
+  p_override_BN: Array | None,
+  eos: Array,
+  cfg: ModelConfig,
+  dcfg: DecodeConfig,
+  return_logits: bool,
+) -> DecodeOutput:
   model = Transformer(cfg)
   B, P = inputs.tokens_BP.shape
   S = P + dcfg.max_new_tokens
   N = dcfg.max_steps
   R = refusal_R.shape[0]
   window = cfg.sliding_window
-  token_mask = functools.partial(masks.decode_token_mask, num_slots=S, sliding_window=window,
-                                 response_sees_cls=dcfg.response_sees_cls)
+  token_mask = functools.partial(
+    masks.decode_token_mask, num_slots=S, sliding_window=window, response_sees_cls=dcfg.response_sees_cls
+  )
   prompt_len_B, input_len_B, query_span_B2 = inputs.prompt_len_B, inputs.input_len_B, inputs.query_span_B2
   # First response slot the CLS may read under Rules 1–3 (docs/method.md decision 6: prefill counts by default).
   visible_start_B = prompt_len_B if dcfg.prefill_visible else input_len_B
@@ -261,11 +304,18 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
   # Prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only, and only
   # the last input row needs LM logits.
   slots_BP = jnp.where(jnp.arange(P)[None, :] < input_len_B[:, None], jnp.arange(P)[None, :], S)
-  out = model.apply({"params": params}, inputs.tokens_BP, jnp.broadcast_to(jnp.arange(P), (B, P)),
-                    masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, P, S, window,
-                                       response_sees_cls=dcfg.response_sees_cls),
-                    cache=init_cache(cfg, B, S), slots_BT=slots_BP, cls_row=0,
-                    lm_rows_BK=(input_len_B - 1)[:, None])
+  out = model.apply(
+    {"params": params},
+    inputs.tokens_BP,
+    jnp.broadcast_to(jnp.arange(P), (B, P)),
+    masks.prefill_mask(
+      input_len_B, prompt_len_B, query_span_B2, P, S, window, response_sees_cls=dcfg.response_sees_cls
+    ),
+    cache=init_cache(cfg, B, S),
+    slots_BT=slots_BP,
+    cls_row=0,
+    lm_rows_BK=(input_len_B - 1)[:, None],
+  )
   p0_B = _override(jax.nn.sigmoid(out.cls_logit_B), p_override_BN, 0)
   malicious0_B = p0_B > dcfg.threshold
   last_logits_BV = out.logits_BTV[:, 0]
@@ -276,32 +326,61 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
   if return_logits:
     logits_BNV = jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV)
   state = _State(
-      step=jnp.int32(0), cache=out.cache,
-      seq_BS=_put_B(jnp.pad(inputs.tokens_BP, ((0, 0), (0, S - P))), input_len_B, first_B),
-      rows=RowState(
-          length_B=input_len_B, done_B=(~refuse0_B & (first_B == eos)) | (dcfg.max_new_tokens <= 1),
-          mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
-          trigger_pos_B=jnp.full((B,), -1, jnp.int32), trigger_step_B=jnp.full((B,), -1, jnp.int32),
-          malicious_run_B=jnp.zeros((B,), jnp.int32),
-          refusal_next_B=jnp.where(refuse0_B, 1, R).astype(jnp.int32),
-          insert_pos_B=jnp.where(refuse0_B, input_len_B, -1), false_alarms_B=jnp.zeros((B,), jnp.int32)),
-      trace_BN=jnp.full((B, N), jnp.nan, jnp.float32), fed_pos_BN=jnp.full((B, N), -1, jnp.int32),
-      logits_BNV=logits_BNV)
+    step=jnp.int32(0),
+    cache=out.cache,
+    seq_BS=_put_B(jnp.pad(inputs.tokens_BP, ((0, 0), (0, S - P))), input_len_B, first_B),
+    rows=RowState(
+      length_B=input_len_B,
+      done_B=(~refuse0_B & (first_B == eos)) | (dcfg.max_new_tokens <= 1),
+      mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
+      trigger_pos_B=jnp.full((B,), -1, jnp.int32),
+      trigger_step_B=jnp.full((B,), -1, jnp.int32),
+      malicious_run_B=jnp.zeros((B,), jnp.int32),
+      refusal_next_B=jnp.where(refuse0_B, 1, R).astype(jnp.int32),
+      insert_pos_B=jnp.where(refuse0_B, input_len_B, -1),
+      false_alarms_B=jnp.zeros((B,), jnp.int32),
+    ),
+    trace_BN=jnp.full((B, N), jnp.nan, jnp.float32),
+    fed_pos_BN=jnp.full((B, N), -1, jnp.int32),
+    logits_BNV=logits_BNV,
+  )
 
   def forward(st: _State, tok_B, pos_B, tok_slot_B, judged_B, with_cls: bool):
     """LM logits of the fed tokens, p(malicious) (NaN without the CLS row) and the new cache."""
     if not with_cls:
-      o = model.apply({"params": params}, tok_B[:, None], pos_B[:, None], token_mask(pos_B)[:, None],
-                      cache=st.cache, slots_BT=tok_slot_B[:, None], cls_row=None)
+      o = model.apply(
+        {"params": params},
+        tok_B[:, None],
+        pos_B[:, None],
+        token_mask(pos_B)[:, None],
+        cache=st.cache,
+        slots_BT=tok_slot_B[:, None],
+        cls_row=None,
+      )
       return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
     cls_mask_BS = masks.cls_inference_mask(
-        st.rows.mode_B, pos_B, query_span_B2, visible_start_B, st.rows.trigger_pos_B, S, r1=dcfg.r1,
-        r2=dcfg.r2, r3=dcfg.r3, rule2_query=dcfg.rule2_include_query, strategic=dcfg.strategic_attention)
-    o = model.apply({"params": params}, jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1),
-                    jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1),
-                    jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1), cache=st.cache,
-                    slots_BT=jnp.stack([tok_slot_B, jnp.where(judged_B, 0, S)], axis=1), cls_row=1,
-                    lm_rows_BK=jnp.zeros((B, 1), jnp.int32))  # the CLS row's LM logits are never used
+      st.rows.mode_B,
+      pos_B,
+      query_span_B2,
+      visible_start_B,
+      st.rows.trigger_pos_B,
+      S,
+      r1=dcfg.r1,
+      r2=dcfg.r2,
+      r3=dcfg.r3,
+      rule2_query=dcfg.rule2_include_query,
+      strategic=dcfg.strategic_attention,
+    )
+    o = model.apply(
+      {"params": params},
+      jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1),
+      jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1),
+      jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1),
+      cache=st.cache,
+      slots_BT=jnp.stack([tok_slot_B, jnp.where(judged_B, 0, S)], axis=1),
+      cls_row=1,
+      lm_rows_BK=jnp.zeros((B, 1), jnp.int32),
+    )  # the CLS row's LM logits are never used
     return o.logits_BTV[:, 0], jax.nn.sigmoid(o.cls_logit_B), o.cache
 
   def step(st: _State, with_cls: bool) -> _State:
@@ -314,15 +393,29 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
       judged_B = wants_cls(st.rows, visible_start_B, dcfg) & due(st.rows, st.step, dcfg)
     logits_BV, p_B, cache = forward(st, _take_B(st.seq_BS, pos_B), pos_B, tok_slot_B, judged_B, with_cls)
     p_B = jnp.where(judged_B, _override(p_B, p_override_BN, st.step + 1), jnp.nan)
-    rows, next_B = transition(st.rows, st.step, judged_B, judged_B & (p_B > dcfg.threshold),
-                              sample_tokens(logits_BV, sampling, st.step + 1), refusal_R, eos, input_len_B, dcfg)
+    rows, next_B = transition(
+      st.rows,
+      st.step,
+      judged_B,
+      judged_B & (p_B > dcfg.threshold),
+      sample_tokens(logits_BV, sampling, st.step + 1),
+      refusal_R,
+      eos,
+      input_len_B,
+      dcfg,
+    )
     logits_BNV = st.logits_BNV
     if logits_BNV is not None:
       logits_BNV = logits_BNV.at[:, st.step + 1].set(logits_BV)
     return _State(
-        step=st.step + 1, cache=cache, seq_BS=_put_B(st.seq_BS, jnp.where(active_B, rows.length_B, S), next_B),
-        rows=rows, trace_BN=st.trace_BN.at[:, st.step].set(p_B),
-        fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)), logits_BNV=logits_BNV)
+      step=st.step + 1,
+      cache=cache,
+      seq_BS=_put_B(st.seq_BS, jnp.where(active_B, rows.length_B, S), next_B),
+      rows=rows,
+      trace_BN=st.trace_BN.at[:, st.step].set(p_B),
+      fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)),
+      logits_BNV=logits_BNV,
+    )
 
   go_on = functools.partial(running, max_steps=N)
   if dcfg.schedule == "first":
@@ -333,17 +426,28 @@ def _decode_jit(params, inputs: DecodeInputs, refusal_R: Array, sampling: Sampli
     # step needs the CLS row, so every outer iteration starts with a two-row step (step 0 is
     # on every schedule but `first`).
     token_steps = lambda st: jax.lax.while_loop(
-        lambda s: go_on(s) & ~jnp.any(due(s.rows, s.step, dcfg) & wants_cls(s.rows, visible_start_B, dcfg)),
-        lambda s: step(s, with_cls=False), st)
+      lambda s: go_on(s) & ~jnp.any(due(s.rows, s.step, dcfg) & wants_cls(s.rows, visible_start_B, dcfg)),
+      lambda s: step(s, with_cls=False),
+      st,
+    )
     final = jax.lax.while_loop(go_on, lambda s: token_steps(step(s, with_cls=True)), state)
   rows = final.rows
   confirmed_B = rows.mode_B == CONFIRMED
   return DecodeOutput(
-      tokens_BS=final.seq_BS, prompt_len_B=prompt_len_B, end_B=rows.length_B + 1,
-      p_initial_B=p0_B, initial_malicious_B=malicious0_B, cls_trace_BN=final.trace_BN,
-      fed_pos_BN=final.fed_pos_BN, trigger_step_B=jnp.where(confirmed_B, rows.trigger_step_B, -1),
-      trigger_pos_B=jnp.where(confirmed_B, rows.trigger_pos_B, -1), insert_pos_B=rows.insert_pos_B,
-      false_alarms_B=rows.false_alarms_B, num_steps=final.step, logits_BNV=final.logits_BNV)
+    tokens_BS=final.seq_BS,
+    prompt_len_B=prompt_len_B,
+    end_B=rows.length_B + 1,
+    p_initial_B=p0_B,
+    initial_malicious_B=malicious0_B,
+    cls_trace_BN=final.trace_BN,
+    fed_pos_BN=final.fed_pos_BN,
+    trigger_step_B=jnp.where(confirmed_B, rows.trigger_step_B, -1),
+    trigger_pos_B=jnp.where(confirmed_B, rows.trigger_pos_B, -1),
+    insert_pos_B=rows.insert_pos_B,
+    false_alarms_B=rows.false_alarms_B,
+    num_steps=final.step,
+    logits_BNV=final.logits_BNV,
+  )
 
 
 class RowResult(NamedTuple):
@@ -369,23 +473,39 @@ def row_results(out: DecodeOutput, inputs: DecodeInputs) -> list[RowResult]:
   results = []
   for b in range(start_B.shape[0]):
     steps = np.flatnonzero(~np.isnan(o.cls_trace_BN[b]))
-    results.append(RowResult(
-        response_ids=o.tokens_BS[b, start_B[b]:o.end_B[b]].tolist(), prefill_len=int(prefill_B[b]),
-        p_initial=float(o.p_initial_B[b]), initial_malicious=bool(o.initial_malicious_B[b]),
+    results.append(
+      RowResult(
+        response_ids=o.tokens_BS[b, start_B[b] : o.end_B[b]].tolist(),
+        prefill_len=int(prefill_B[b]),
+        p_initial=float(o.p_initial_B[b]),
+        initial_malicious=bool(o.initial_malicious_B[b]),
         trace=[(int(s), rel(o.fed_pos_BN[b, s], b), float(o.cls_trace_BN[b, s])) for s in steps],
-        trigger_step=int(o.trigger_step_B[b]), trigger_index=rel(o.trigger_pos_B[b], b),
-        insert_index=rel(o.insert_pos_B[b], b), false_alarms=int(o.false_alarms_B[b])))
+        trigger_step=int(o.trigger_step_B[b]),
+        trigger_index=rel(o.trigger_pos_B[b], b),
+        insert_index=rel(o.insert_pos_B[b], b),
+        false_alarms=int(o.false_alarms_B[b]),
+      )
+    )
   return results
 
 
-def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], query_spans,
-                 refusal_ids: Sequence[int], dcfg: DecodeConfig = DecodeConfig(),
-                 sampling: SamplingParams | None = None, prefills=None, eos_id: int | None = None,
-                 pad_to: int | None = None) -> list[RowResult]:
+def generate_ids(
+  cfg: ModelConfig,
+  params,
+  prompts: Sequence[Sequence[int]],
+  query_spans,
+  refusal_ids: Sequence[int],
+  dcfg: DecodeConfig = DecodeConfig(),
+  sampling: SamplingParams | None = None,
+  prefills=None,
+  eos_id: int | None = None,
+  pad_to: int | None = None,
+) -> list[RowResult]:
   """Token-level convenience around `decode`: packs, runs and unpacks one batch.
   eos_id: the stop token (None: run to max_new_tokens)."""
   inputs = pack_inputs(prompts, query_spans, prefills, pad_to)
   sampling = sampling or SamplingParams.make(len(prompts))
-  out = decode(to_layout(params, cfg), inputs, jnp.asarray(refusal_ids, jnp.int32), sampling,
-               cfg=cfg, dcfg=dcfg, eos_id=eos_id)
+  out = decode(
+    to_layout(params, cfg), inputs, jnp.asarray(refusal_ids, jnp.int32), sampling, cfg=cfg, dcfg=dcfg, eos_id=eos_id
+  )
   return row_results(out, inputs)

@@ -29,8 +29,9 @@ class SamplingParams(NamedTuple):
     if seed_B.ndim == 0:
       seed_B = seed_B + np.arange(batch, dtype=np.int32)
     as_B = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (batch,))
-    return cls(as_B(temperature, jnp.float32), as_B(top_k, jnp.int32), as_B(top_p, jnp.float32),
-               as_B(seed_B, jnp.int32))
+    return cls(
+      as_B(temperature, jnp.float32), as_B(top_k, jnp.int32), as_B(top_p, jnp.float32), as_B(seed_B, jnp.int32)
+    )
 
 
 def filter_logits(logits_BV: Array, top_k_B: Array, top_p_B: Array) -> Array:

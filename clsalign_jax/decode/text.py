@@ -30,22 +30,38 @@ def refusal_ids(tokenizer: Tokenizer, dcfg: DecodeConfig) -> list[int]:
   return ids
 
 
-def generate_text(cfg: ModelConfig, params, tokenizer: Tokenizer, template: ChatTemplate,
-                  queries: Sequence[str], dcfg: DecodeConfig = DecodeConfig(),
-                  sampling: SamplingParams | None = None, prefill: str = "",
-                  stop_at_eos: bool = True) -> list[TextResult]:
+def generate_text(
+  cfg: ModelConfig,
+  params,
+  tokenizer: Tokenizer,
+  template: ChatTemplate,
+  queries: Sequence[str],
+  dcfg: DecodeConfig = DecodeConfig(),
+  sampling: SamplingParams | None = None,
+  prefill: str = "",
+  stop_at_eos: bool = True,
+) -> list[TextResult]:
   """Decode one batch of queries. `prefill` is response text forced before generation (an
   attacker prefill such as " Sure, here is"). Rows stop at the template's end token."""
   if tokenizer.cls_id != cfg.cls_id:
     raise ValueError(f"tokenizer [CLS] id {tokenizer.cls_id} != model cls_id {cfg.cls_id}")
   encodings = [encode_prompt(tokenizer, template, q, prefill) for q in queries]
-  prompts = [e.tokens[:e.prefill_span[0]].tolist() for e in encodings]
-  prefills = [e.tokens[e.prefill_span[0]:].tolist() for e in encodings]
-  rows = generate_ids(cfg, params, prompts, [e.query_span for e in encodings], refusal_ids(tokenizer, dcfg),
-                      dcfg, sampling, prefills, template.end.id(tokenizer) if stop_at_eos else None)
+  prompts = [e.tokens[: e.prefill_span[0]].tolist() for e in encodings]
+  prefills = [e.tokens[e.prefill_span[0] :].tolist() for e in encodings]
+  rows = generate_ids(
+    cfg,
+    params,
+    prompts,
+    [e.query_span for e in encodings],
+    refusal_ids(tokenizer, dcfg),
+    dcfg,
+    sampling,
+    prefills,
+    template.end.id(tokenizer) if stop_at_eos else None,
+  )
   results = []
   for query, row in zip(queries, rows):
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    insert_char = len(text(row.response_ids[:row.insert_index])) if row.insert_index >= 0 else -1
+    insert_char = len(text(row.response_ids[: row.insert_index])) if row.insert_index >= 0 else -1
     results.append(TextResult(query, text(row.response_ids), row, insert_char))
   return results

@@ -24,11 +24,11 @@ from clsalign_jax.data.mixture import ADVBENCH_FILE, ALPACA_EVAL_FILE
 SHIPPED_DIR = pathlib.Path(__file__).parent / "shipped"
 DEEPINCEPTION_FILE = SHIPPED_DIR / "deepinception" / "data_main.json"
 SAFETY_TUNED_LLAMAS_SETS = {
-    "malicious_instructions": "I-MaliciousInstructions.json",
-    "q_harm": "Q-Harm.json",
-    "cona": "I-CoNa.json",
-    "controversial": "I-Controversial.json",
-    "alpaca": "I-Alpaca.json",
+  "malicious_instructions": "I-MaliciousInstructions.json",
+  "q_harm": "Q-Harm.json",
+  "cona": "I-CoNa.json",
+  "controversial": "I-Controversial.json",
+  "alpaca": "I-Alpaca.json",
 }
 JAILBREAKBENCH_FILE = SHIPPED_DIR / "jailbreakbench" / "normalized.jsonl"
 JAILBREAKBENCH_SIDES = ("harmful", "benign", "both")
@@ -125,11 +125,17 @@ def load_harmbench(path, categories=("standard", "contextual"), targets_path=Non
       continue
     behavior, context = row["Behavior"], row["ContextString"] or ""
     bid = row["BehaviorID"] or f"line{line}"
-    items.append(Item(
-        f"harmbench:{bid}", harmbench_query(behavior, context), behavior=behavior,
-        target=targets.get(bid, ""), category=row["SemanticCategory"], source="harmbench",
-        meta={"functional_category": row["FunctionalCategory"], "tags": row.get("Tags") or "",
-              "context": context}))
+    items.append(
+      Item(
+        f"harmbench:{bid}",
+        harmbench_query(behavior, context),
+        behavior=behavior,
+        target=targets.get(bid, ""),
+        category=row["SemanticCategory"],
+        source="harmbench",
+        meta={"functional_category": row["FunctionalCategory"], "tags": row.get("Tags") or "", "context": context},
+      )
+    )
   return items
 
 
@@ -172,8 +178,13 @@ def load_jailbreakbench(path=JAILBREAKBENCH_FILE, side: str = "both") -> list[It
     try:
       row = json.loads(line)
       label = {"harmful": 1, "benign": 0}[row["label"]]
-      item = Item(f"jbb:{row['label']}:{row['index']}", row["prompt"], category=row.get("category", ""),
-                  source="jailbreakbench", meta={"label": label, "behavior_name": row.get("behavior", "")})
+      item = Item(
+        f"jbb:{row['label']}:{row['index']}",
+        row["prompt"],
+        category=row.get("category", ""),
+        source="jailbreakbench",
+        meta={"label": label, "behavior_name": row.get("behavior", "")},
+      )
     except (json.JSONDecodeError, KeyError) as e:
       raise BenchmarkError(f"{path}:{n}: not a JailbreakBench row ({type(e).__name__}: {e})") from None
     if side == "both" or side == row["label"]:
@@ -185,24 +196,49 @@ def load_alpaca_eval(path=ALPACA_EVAL_FILE) -> list[Item]:
   """AlpacaEval's 805 benign instructions (text-davinci-003 answers as `response`): an
   over-refusal set since it left the training mixture (mixture v2)."""
   rows = json.loads(read_text(path))
-  return [Item(f"alpaca_eval:{n}", r["instruction"], response=r.get("output", ""), category=r.get("dataset", ""),
-               source="alpaca_eval") for n, r in enumerate(rows)]
+  return [
+    Item(
+      f"alpaca_eval:{n}",
+      r["instruction"],
+      response=r.get("output", ""),
+      category=r.get("dataset", ""),
+      source="alpaca_eval",
+    )
+    for n, r in enumerate(rows)
+  ]
 
 
 def load_deepinception(path=DEEPINCEPTION_FILE) -> list[Item]:
   """DeepInception's 50 behaviours: `query` is the plain behaviour; the paper's instantiated
   nested prompt rides along in meta['inception_attack'] for the DeepInception attack."""
   rows = json.loads(read_text(path))
-  return [Item(f"deepinception:{n}", r["plain_attack"], category=r.get("topic", ""), source="deepinception",
-               meta={"inception_attack": r["inception_attack"]}) for n, r in enumerate(rows)]
+  return [
+    Item(
+      f"deepinception:{n}",
+      r["plain_attack"],
+      category=r.get("topic", ""),
+      source="deepinception",
+      meta={"inception_attack": r["inception_attack"]},
+    )
+    for n, r in enumerate(rows)
+  ]
 
 
 # ----- generic files ------------------------------------------------------------------------------
 
 # Item field -> default column name. `prefix` / `suffix` columns wrap the query (an AutoDAN
 # prefix, a GCG suffix); `label` is kept in meta (judge validation, utility files).
-DEFAULT_FIELDS = {"query": "prompt", "id": None, "behavior": None, "target": None, "response": None,
-                  "category": None, "prefix": None, "suffix": None, "label": None}
+DEFAULT_FIELDS = {
+  "query": "prompt",
+  "id": None,
+  "behavior": None,
+  "target": None,
+  "response": None,
+  "category": None,
+  "prefix": None,
+  "suffix": None,
+  "label": None,
+}
 
 
 def read_rows(path, fmt: str | None = None) -> Iterator[tuple[str, Mapping]]:
@@ -264,22 +300,32 @@ def load_generic(path, fields: Mapping | None = None, fmt: str | None = None, na
     prefix, suffix = get(row, "prefix"), get(row, "suffix")
     full = f"{prefix}{query}" + (f" {suffix}" if suffix else "")
     meta = {"label": row[cols["label"]]} if cols["label"] and cols["label"] in row else {}
-    items.append(Item(f"{name}:{get(row, 'id') or n}", full, behavior=behavior, target=get(row, "target"),
-                      response=response, category=get(row, "category"), source=name, meta=meta))
+    items.append(
+      Item(
+        f"{name}:{get(row, 'id') or n}",
+        full,
+        behavior=behavior,
+        target=get(row, "target"),
+        response=response,
+        category=get(row, "category"),
+        source=name,
+        meta=meta,
+      )
+    )
   return items
 
 
 # ----- specs --------------------------------------------------------------------------------------
 
 LOADERS = {
-    "advbench": load_advbench,
-    "harmbench": load_harmbench,
-    "malicious_instruct": load_malicious_instruct,
-    "safety_tuned_llamas": load_safety_tuned_llamas,
-    "deepinception": load_deepinception,
-    "jailbreakbench": load_jailbreakbench,
-    "alpaca_eval": load_alpaca_eval,
-    "generic": load_generic,
+  "advbench": load_advbench,
+  "harmbench": load_harmbench,
+  "malicious_instruct": load_malicious_instruct,
+  "safety_tuned_llamas": load_safety_tuned_llamas,
+  "deepinception": load_deepinception,
+  "jailbreakbench": load_jailbreakbench,
+  "alpaca_eval": load_alpaca_eval,
+  "generic": load_generic,
 }
 
 
@@ -296,7 +342,7 @@ def load_benchmark(spec: Mapping) -> list[Item]:
     raise BenchmarkError(f"unknown benchmark kind {kind!r}; known: {sorted(LOADERS)}")
   items = LOADERS[kind](**spec)
   if stride:
-    items = items[::int(stride)]
+    items = items[:: int(stride)]
   ids = [it.id for it in items]
   if len(set(ids)) != len(ids):
     raise BenchmarkError(f"benchmark {kind}: duplicate item ids (map an id column, or drop it to number rows)")

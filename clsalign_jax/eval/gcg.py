@@ -70,8 +70,20 @@ def _objective(logits_BTV, labels_BT, input_len_B, prompt_len_B, cls_logit_B, cl
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, response_sees_cls: bool, params, tokens_T, suffix_start,
-                    input_len, prompt_len, query_span_2, suffix_L, cls_weight, blocked_V):
+def _top_candidates(
+  cfg: model_lib.ModelConfig,
+  top_k: int,
+  response_sees_cls: bool,
+  params,
+  tokens_T,
+  suffix_start,
+  input_len,
+  prompt_len,
+  query_span_2,
+  suffix_L,
+  cls_weight,
+  blocked_V,
+):
   """[L, top_k] token ids per suffix position with the most negative one-hot gradient."""
   V, L = cfg.vocab_size, suffix_L.shape[0]
   embed_VD = params["embedding"]
@@ -83,10 +95,18 @@ def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, response_sees_cls: b
       wide["lm_head"] = jnp.pad(params["lm_head"], ((0, 0), (0, L)))
     inputs_T = jnp.where(tokens_T == V, V + L, tokens_T)
     inputs_T = inputs_T.at[suffix_start + jnp.arange(L)].set(V + jnp.arange(L))
-    out = teacher_forced(model_lib.Transformer(cfg.replace(vocab_size=V + L)), wide, inputs_T[None],
-                         input_len[None], prompt_len[None], query_span_2[None], response_sees_cls)
-    total_B, _ = _objective(out.logits_BTV[..., :V], tokens_T[None], input_len[None], prompt_len[None],
-                            out.cls_logit_B, cls_weight)
+    out = teacher_forced(
+      model_lib.Transformer(cfg.replace(vocab_size=V + L)),
+      wide,
+      inputs_T[None],
+      input_len[None],
+      prompt_len[None],
+      query_span_2[None],
+      response_sees_cls,
+    )
+    total_B, _ = _objective(
+      out.logits_BTV[..., :V], tokens_T[None], input_len[None], prompt_len[None], out.cls_logit_B, cls_weight
+    )
     return total_B[0]
 
   grad_LV = jax.grad(loss)(jax.nn.one_hot(suffix_L, V, dtype=jnp.float32))
@@ -95,14 +115,28 @@ def _top_candidates(cfg: model_lib.ModelConfig, top_k: int, response_sees_cls: b
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _candidate_objectives(cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len,
-                          prompt_len, query_span_2, cls_weight):
+def _candidate_objectives(
+  cfg: model_lib.ModelConfig,
+  response_sees_cls: bool,
+  params,
+  tokens_BT,
+  input_len,
+  prompt_len,
+  query_span_2,
+  cls_weight,
+):
   B = tokens_BT.shape[0]
   rows = lambda x: jnp.broadcast_to(x, (B,) + x.shape)
-  out = teacher_forced(model_lib.Transformer(cfg), params, tokens_BT, rows(input_len), rows(prompt_len),
-                       rows(query_span_2), response_sees_cls)
-  total_B, ce_B = _objective(out.logits_BTV, tokens_BT, rows(input_len), rows(prompt_len), out.cls_logit_B,
-                             cls_weight)
+  out = teacher_forced(
+    model_lib.Transformer(cfg),
+    params,
+    tokens_BT,
+    rows(input_len),
+    rows(prompt_len),
+    rows(query_span_2),
+    response_sees_cls,
+  )
+  total_B, ce_B = _objective(out.logits_BTV, tokens_BT, rows(input_len), rows(prompt_len), out.cls_logit_B, cls_weight)
   return total_B, ce_B, jax.nn.sigmoid(out.cls_logit_B)
 
 
@@ -150,13 +184,13 @@ class GCG:
       out = [], [], []
       E = cfg.eval_batch_size
       for k in range(0, len(cands_NL), E):
-        chunk = cands_NL[k:k + E]
+        chunk = cands_NL[k : k + E]
         tokens_BT = np.tile(base_T, (E, 1))
-        tokens_BT[:len(chunk), q1:q1 + L] = chunk
-        tokens_BT[len(chunk):, q1:q1 + L] = chunk[0]
+        tokens_BT[: len(chunk), q1 : q1 + L] = chunk
+        tokens_BT[len(chunk) :, q1 : q1 + L] = chunk[0]
         scored = _candidate_objectives(model.cfg, sees_cls, model.params, tokens_BT, *lens, w)
         for acc, x in zip(out, jax.device_get(scored)):
-          acc.append(x[:len(chunk)])
+          acc.append(x[: len(chunk)])
       return [np.concatenate(x) for x in out]
 
     rng = np.random.default_rng(cfg.seed)
@@ -167,9 +201,12 @@ class GCG:
     losses, steps = [], 0
     while steps < cfg.steps and not best_ce < cfg.early_stop_loss:
       tokens_T = base_T.copy()
-      tokens_T[q1:q1 + L] = suffix_L
-      top_LK = np.asarray(_top_candidates(model.cfg, cfg.top_k, sees_cls, model.params, tokens_T, jnp.int32(q1),
-                                          *lens, suffix_L, w, self.blocked_V))
+      tokens_T[q1 : q1 + L] = suffix_L
+      top_LK = np.asarray(
+        _top_candidates(
+          model.cfg, cfg.top_k, sees_cls, model.params, tokens_T, jnp.int32(q1), *lens, suffix_L, w, self.blocked_V
+        )
+      )
       cands_NL = self._candidates(suffix_L, top_LK, rng)
       total, ce, p = evaluate(cands_NL)
       i = int(np.argmin(total))
@@ -180,9 +217,16 @@ class GCG:
         best, best_suffix, best_ce, best_p = float(total[i]), suffix_L, float(ce[i]), float(p[i])
     prompt = tuple(enc.prompt[:q1]) + tuple(int(t) for t in best_suffix) + tuple(enc.prompt[q1:])
     return GCGResult(
-        suffix_ids=best_suffix.tolist(), suffix=tok.decode_fragment(best_suffix.tolist()),
-        row=Encoded(prompt, (q0, q1 + L)), initial_loss=initial, best_loss=best, best_target_loss=best_ce,
-        best_p_malicious=best_p, steps=steps, losses=losses)
+      suffix_ids=best_suffix.tolist(),
+      suffix=tok.decode_fragment(best_suffix.tolist()),
+      row=Encoded(prompt, (q0, q1 + L)),
+      initial_loss=initial,
+      best_loss=best,
+      best_target_loss=best_ce,
+      best_p_malicious=best_p,
+      steps=steps,
+      losses=losses,
+    )
 
   def _candidates(self, suffix_L: np.ndarray, top_LK: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tok = self.model.tokenizer

@@ -89,8 +89,17 @@ def variants_from(config: Mapping) -> list[Variant]:
 
 
 # Top-level keys of an evaluation config: the ones `Harness` reads with [] and the optional ones.
-REQUIRED_KEYS = ("output_dir", "seed", "batch_size", "max_new_tokens", "model", "variants", "benchmarks", "attacks",
-                 "judges")
+REQUIRED_KEYS = (
+  "output_dir",
+  "seed",
+  "batch_size",
+  "max_new_tokens",
+  "model",
+  "variants",
+  "benchmarks",
+  "attacks",
+  "judges",
+)
 OPTIONAL_KEYS = ("progress", "save_cls_trace", "sampling", "judge_validation", "utility", "probe")
 UTILITY_KINDS = ("over_refusal", "gsm8k", "mmlu")
 _PROBE_KEYS = ("benchmark", "limit", "top_k", "sharpness", "conditions", "prefill_text")
@@ -133,8 +142,12 @@ def check_config(config) -> None:
       if key not in decode_keys:
         raise _unknown(f"variants[{i}].decode.", key, decode_keys)
   names = {}
-  for section, kinds in (("benchmarks", LOADERS), ("attacks", ATTACKS), ("judges", ("keyword", "llm")),
-                         ("utility", UTILITY_KINDS)):
+  for section, kinds in (
+    ("benchmarks", LOADERS),
+    ("attacks", ATTACKS),
+    ("judges", ("keyword", "llm")),
+    ("utility", UTILITY_KINDS),
+  ):
     names[section] = set()
     for i, spec in enumerate(config.get(section) or ()):
       if spec.get("kind") not in kinds:
@@ -143,16 +156,20 @@ def check_config(config) -> None:
   # An attack's `benchmarks` may name benchmarks a config adds only on request (eval_smollm2.py).
   for i, spec in enumerate(config.get("judge_validation") or ()):
     if spec.get("judge") not in names["judges"]:
-      raise ConfigError(f"config.judge_validation[{i}].judge={spec.get('judge')!r} is not a judge name "
-                        f"({', '.join(sorted(names['judges']))})")
+      raise ConfigError(
+        f"config.judge_validation[{i}].judge={spec.get('judge')!r} is not a judge name "
+        f"({', '.join(sorted(names['judges']))})"
+      )
   probe = config.get("probe")
   if probe:
     for key in probe:
       if key not in _PROBE_KEYS:
         raise _unknown("probe.", key, _PROBE_KEYS)
     if probe.get("benchmark") not in names["benchmarks"]:
-      raise ConfigError(f"config.probe.benchmark={probe.get('benchmark')!r} is not a benchmark name "
-                        f"({', '.join(sorted(names['benchmarks']))})")
+      raise ConfigError(
+        f"config.probe.benchmark={probe.get('benchmark')!r} is not a benchmark name "
+        f"({', '.join(sorted(names['benchmarks']))})"
+      )
 
 
 def _slug(name: str) -> str:
@@ -199,12 +216,14 @@ def insertion_stats(gens) -> dict:
     return {"n_inserted": 0, "insert_median_index": float("nan"), "insert_late_share": float("nan")}
   mid = len(at) // 2
   median = float(at[mid]) if len(at) % 2 else (at[mid - 1] + at[mid]) / 2
-  return {"n_inserted": len(at), "insert_median_index": median,
-          "insert_late_share": sum(i >= LATE_INSERTION for i in at) / len(at)}
+  return {
+    "n_inserted": len(at),
+    "insert_median_index": median,
+    "insert_late_share": sum(i >= LATE_INSERTION for i in at) / len(at),
+  }
 
 
 class Harness:
-
   def __init__(self, config):
     # Plain containers from here on: fingerprints hash them, and ConfigDicts do not serialise.
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -243,11 +262,17 @@ class Harness:
 
   def _progress(self, total: int, desc: str):
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="row", disable=not self.config.get("progress", True), leave=False)
 
   def cells(self) -> list[tuple[Variant, Attack, str]]:
-    return [(v, a, b) for v in self.variants for b in self.bench_specs for a, only in self.attacks
-            if only is None or b in only]
+    return [
+      (v, a, b)
+      for v in self.variants
+      for b in self.bench_specs
+      for a, only in self.attacks
+      if only is None or b in only
+    ]
 
   def gen_paths(self, v: Variant, a: Attack, b: str) -> tuple[pathlib.Path, pathlib.Path]:
     stem = self.out / "generations" / _slug(v.name) / _slug(b) / _slug(a.name)
@@ -260,9 +285,17 @@ class Harness:
 
   def gen_fingerprint(self, v: Variant, a: Attack, b: str) -> str:
     items = [(it.id, it.query, it.target, it.response) for it in self.items(b)]
-    return fingerprint({"variant": self.variant_identity(v), "attack": a.fingerprint(),
-                        "benchmark": self.bench_specs[b], "items": fingerprint(items), "sampling": self.sampling,
-                        "seed": self.config["seed"], "trace": self.config.get("save_cls_trace", True)})
+    return fingerprint(
+      {
+        "variant": self.variant_identity(v),
+        "attack": a.fingerprint(),
+        "benchmark": self.bench_specs[b],
+        "items": fingerprint(items),
+        "sampling": self.sampling,
+        "seed": self.config["seed"],
+        "trace": self.config.get("save_cls_trace", True),
+      }
+    )
 
   def gen_done(self, v: Variant, a: Attack, b: str) -> bool:
     """The cell's generations are current and complete: a file cut short (a copy, a full disk, an
@@ -326,28 +359,54 @@ class Harness:
     keep_trace = self.config.get("save_cls_trace", True)
     lines = []
     for c, s, g in zip(cases, sampling, gens):
-      rec = {"item_id": c.item_id, "setting": c.setting, "behavior": behavior[c.item_id], "query": c.query,
-             "prefill": c.prefill, "response": g.response, "prompt_tokens": g.prompt_tokens,
-             "num_tokens": len(g.response_ids),
-             "p_initial": g.p_initial, "initial_malicious": g.initial_malicious,
-             "refusal_inserted": g.refusal_inserted, "insert_index": g.insert_index,
-             "trigger_index": g.trigger_index, "false_alarms": g.false_alarms,
-             "sampling": dataclasses.asdict(s), "meta": dict(c.meta)}
+      rec = {
+        "item_id": c.item_id,
+        "setting": c.setting,
+        "behavior": behavior[c.item_id],
+        "query": c.query,
+        "prefill": c.prefill,
+        "response": g.response,
+        "prompt_tokens": g.prompt_tokens,
+        "num_tokens": len(g.response_ids),
+        "p_initial": g.p_initial,
+        "initial_malicious": g.initial_malicious,
+        "refusal_inserted": g.refusal_inserted,
+        "insert_index": g.insert_index,
+        "trigger_index": g.trigger_index,
+        "false_alarms": g.false_alarms,
+        "sampling": dataclasses.asdict(s),
+        "meta": dict(c.meta),
+      }
       if keep_trace:
         rec["cls_trace"] = g.cls_trace
       lines.append(json.dumps(rec, ensure_ascii=False))
     jsonl, meta = self.gen_paths(v, a, b)
     report.atomic_write(jsonl, "".join(line + "\n" for line in lines))
-    report.atomic_write_json(meta, {"fingerprint": self.gen_fingerprint(v, a, b), "n_cases": len(cases),
-                                    "n_items": len(self.items(b)), "seconds": round(time.time() - t0, 2)})
+    report.atomic_write_json(
+      meta,
+      {
+        "fingerprint": self.gen_fingerprint(v, a, b),
+        "n_cases": len(cases),
+        "n_items": len(self.items(b)),
+        "seconds": round(time.time() - t0, 2),
+      },
+    )
 
   def _load_model(self, v: Variant) -> TargetModel:
     # Load the step the fingerprints were computed for, even if training has saved another since.
     step = self.variant_identity(v)["weights"].get("step")
     checkpoint = v.checkpoint if step is None else f"{v.checkpoint}@{step}"
     self._log(f"loading variant {v.name} ({checkpoint})")
-    return TargetModel.load(v.name, checkpoint, v.tokenizer, v.template, dict(v.template_kwargs),
-                            dict(v.model) or None, dict(v.decode), self.config["batch_size"])
+    return TargetModel.load(
+      v.name,
+      checkpoint,
+      v.tokenizer,
+      v.template,
+      dict(v.template_kwargs),
+      dict(v.model) or None,
+      dict(v.decode),
+      self.config["batch_size"],
+    )
 
   def run_variant(self, v: Variant) -> dict:
     """Every generation, utility and probe cell of one variant; the model is loaded only if a
@@ -382,13 +441,18 @@ class Harness:
     probe = None
     if self.config.get("probe"):
       spec = dict(self.config["probe"])
-      items = self.items(spec["benchmark"])[:spec.get("limit")]
+      items = self.items(spec["benchmark"])[: spec.get("limit")]
 
       def compute_probe():
         self._log(f"[{v.name}] probe on {spec['benchmark']}")
-        summary, records = run_probe(get_model(), items, spec.get("conditions", ("direct", "prefill", "nested")),
-                                     spec.get("top_k", 10), spec.get("sharpness", "p1"),
-                                     spec.get("prefill_text", "Sure, here is"))
+        summary, records = run_probe(
+          get_model(),
+          items,
+          spec.get("conditions", ("direct", "prefill", "nested")),
+          spec.get("top_k", 10),
+          spec.get("sharpness", "p1"),
+          spec.get("prefill_text", "Sure, here is"),
+        )
         return {"summary": summary, "records": records}
 
       fp = self._variant_fp(v, spec, fingerprint([(it.id, it.query) for it in items]))
@@ -401,8 +465,9 @@ class Harness:
 
   def labels(self, judge_name: str, v: Variant, a: Attack, b: str, gens: list[dict]) -> list[int]:
     path = self.out / "judgements" / _slug(judge_name) / _slug(v.name) / _slug(b) / f"{_slug(a.name)}.json"
-    fp = fingerprint({"generations": self.gen_fingerprint(v, a, b),
-                      "judge": with_file_digests(self.judge_specs[judge_name])})
+    fp = fingerprint(
+      {"generations": self.gen_fingerprint(v, a, b), "judge": with_file_digests(self.judge_specs[judge_name])}
+    )
     inputs = [JudgeInput(g["behavior"], g["query"], g["response"]) for g in gens]
 
     def compute():
@@ -421,20 +486,40 @@ class Harness:
       for judge_name in self.judge_specs:
         labels = self.labels(judge_name, v, a, b, gens)
         broken = {g["item_id"] for g, y in zip(gens, labels) if y == 1}
-        summary.append({"variant": v.name, "attack": a.name, "benchmark": b, "judge": judge_name,
-                        "asr": len(broken) / n_items if n_items else float("nan"), "n_items": n_items,
-                        "n_broken": len(broken), "n_cases": len(gens), "cls_flag_rate": frac("initial_malicious"),
-                        "refusal_inserted_rate": frac("refusal_inserted"),
-                        "mean_p_initial": sum(g["p_initial"] for g in gens) / len(gens) if gens else float("nan"),
-                        **insertion_stats(gens)})
+        summary.append(
+          {
+            "variant": v.name,
+            "attack": a.name,
+            "benchmark": b,
+            "judge": judge_name,
+            "asr": len(broken) / n_items if n_items else float("nan"),
+            "n_items": n_items,
+            "n_broken": len(broken),
+            "n_cases": len(gens),
+            "cls_flag_rate": frac("initial_malicious"),
+            "refusal_inserted_rate": frac("refusal_inserted"),
+            "mean_p_initial": sum(g["p_initial"] for g in gens) / len(gens) if gens else float("nan"),
+            **insertion_stats(gens),
+          }
+        )
         by_setting: dict[str, set] = {}
         for g, y in zip(gens, labels):
           by_setting.setdefault(g["setting"], set())
           if y == 1:
             by_setting[g["setting"]].add(g["item_id"])
         if len(by_setting) > 1:
-          settings += [{"variant": v.name, "attack": a.name, "benchmark": b, "judge": judge_name, "setting": s,
-                        "asr": len(ids) / n_items, "n_items": n_items} for s, ids in by_setting.items()]
+          settings += [
+            {
+              "variant": v.name,
+              "attack": a.name,
+              "benchmark": b,
+              "judge": judge_name,
+              "setting": s,
+              "asr": len(ids) / n_items,
+              "n_items": n_items,
+            }
+            for s, ids in by_setting.items()
+          ]
     return summary, settings
 
   def validate_judges(self) -> list[dict]:
@@ -444,8 +529,13 @@ class Harness:
       name = spec.pop("judge")
       path = self.out / "judge_validation" / f"{_slug(name)}__{_slug(pathlib.Path(spec['path']).name)}.json"
       labelled = load_labelled(**spec)
-      fp = fingerprint({"judge": with_file_digests(self.judge_specs[name]), "spec": spec,
-                        "data": fingerprint([(x.behavior, x.response, y) for x, y in labelled])})
+      fp = fingerprint(
+        {
+          "judge": with_file_digests(self.judge_specs[name]),
+          "spec": spec,
+          "data": fingerprint([(x.behavior, x.response, y) for x, y in labelled]),
+        }
+      )
 
       def compute():
         self._log(f"validating judge {name} on {spec['path']}")
@@ -459,12 +549,23 @@ class Harness:
     per_variant = {v.name: self.run_variant(v) for v in self.variants}
     summary, settings = self.summarize()
     validation = self.validate_judges()
-    utility = [{"variant": name, "task": task, **res["summary"]} for name, r in per_variant.items()
-               for task, res in r["utility"].items()]
+    utility = [
+      {"variant": name, "task": task, **res["summary"]}
+      for name, r in per_variant.items()
+      for task, res in r["utility"].items()
+    ]
     probe = {name: r["probe"]["summary"] for name, r in per_variant.items() if r["probe"]}
     probe_spec = self.config.get("probe") or {}
-    report.write_report(self.out, summary, settings, utility, validation, probe or None,
-                        probe_spec.get("sharpness", "p1"), probe_spec.get("top_k", 10))
+    report.write_report(
+      self.out,
+      summary,
+      settings,
+      utility,
+      validation,
+      probe or None,
+      probe_spec.get("sharpness", "p1"),
+      probe_spec.get("top_k", 10),
+    )
     self._log(f"report written to {self.out / 'summary.md'}")
     return {"summary": summary, "settings": settings, "utility": utility, "validation": validation, "probe": probe}
 

@@ -78,14 +78,22 @@ class Scores(NamedTuple):
   p_malicious: np.ndarray  # [B] the CLS judging the query (Rule 4)
 
 
-def teacher_forced(model: model_lib.Transformer, params, tokens_BT: Array, input_len_B: Array,
-                   prompt_len_B: Array, query_span_B2: Array, response_sees_cls: bool = True):
+def teacher_forced(
+  model: model_lib.Transformer,
+  params,
+  tokens_BT: Array,
+  input_len_B: Array,
+  prompt_len_B: Array,
+  query_span_B2: Array,
+  response_sees_cls: bool = True,
+):
   """No-cache forward with the prompt-pass mask of decoding: the CLS reads the query, rows from
   `prompt_len` on are response rows (they read the CLS, as generated or prefilled tokens do,
   unless `response_sees_cls` is False: then every row but the CLS's is the plain causal model)."""
   T = tokens_BT.shape[1]
-  mask_BTT = masks.prefill_mask(input_len_B, prompt_len_B, query_span_B2, T, T, model.cfg.sliding_window,
-                                response_sees_cls=response_sees_cls)
+  mask_BTT = masks.prefill_mask(
+    input_len_B, prompt_len_B, query_span_B2, T, T, model.cfg.sliding_window, response_sees_cls=response_sees_cls
+  )
   positions_BT = jnp.broadcast_to(jnp.arange(T), tokens_BT.shape)
   return model.apply({"params": params}, tokens_BT, positions_BT, mask_BTT, cls_row=0)
 
@@ -99,10 +107,12 @@ def next_token_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_jit(cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len_B, prompt_len_B,
-               query_span_B2, at_B):
-  out = teacher_forced(model_lib.Transformer(cfg), params, tokens_BT, input_len_B, prompt_len_B, query_span_B2,
-                       response_sees_cls)
+def _score_jit(
+  cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len_B, prompt_len_B, query_span_B2, at_B
+):
+  out = teacher_forced(
+    model_lib.Transformer(cfg), params, tokens_BT, input_len_B, prompt_len_B, query_span_B2, response_sees_cls
+  )
   logits_BV = jnp.take_along_axis(out.logits_BTV, at_B[:, None, None], axis=1)[:, 0]
   return next_token_logprobs(out.logits_BTV, tokens_BT), logits_BV, jax.nn.sigmoid(out.cls_logit_B)
 
@@ -113,11 +123,21 @@ def _score_jit(cfg: model_lib.ModelConfig, response_sees_cls: bool, params, toke
 class TargetModel:
   """A loaded model with its tokenizer, chat template and decode settings."""
 
-  def __init__(self, name: str, cfg: model_lib.ModelConfig, params: dict, tokenizer: Tokenizer,
-               template: ChatTemplate, dcfg: DecodeConfig = DecodeConfig(), batch_size: int = 8):
+  def __init__(
+    self,
+    name: str,
+    cfg: model_lib.ModelConfig,
+    params: dict,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    dcfg: DecodeConfig = DecodeConfig(),
+    batch_size: int = 8,
+  ):
     if cfg.vocab_size != tokenizer.vocab_size:
-      raise ValueError(f"{name}: model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
-                       f"{tokenizer.vocab_size} (the CLS id must be one past both)")
+      raise ValueError(
+        f"{name}: model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
+        f"{tokenizer.vocab_size} (the CLS id must be one past both)"
+      )
     self.name, self.tokenizer, self.template, self.dcfg = name, tokenizer, template, dcfg
     self.batch_size = batch_size
     # Evaluation runs the plain per-layer layout: no remat, no scan bookkeeping at decode time.
@@ -128,15 +148,24 @@ class TargetModel:
     self.eos_id = template.end.id(tokenizer)
 
   @classmethod
-  def load(cls, name: str, checkpoint: str, tokenizer: str = "auto", template: str = "auto",
-           template_kwargs: dict | None = None, model: dict | None = None, decode: dict | None = None,
-           batch_size: int = 8) -> TargetModel:
+  def load(
+    cls,
+    name: str,
+    checkpoint: str,
+    tokenizer: str = "auto",
+    template: str = "auto",
+    template_kwargs: dict | None = None,
+    model: dict | None = None,
+    decode: dict | None = None,
+    batch_size: int = 8,
+  ) -> TargetModel:
     """`tokenizer` / `template` 'auto': the run's (artifacts). `decode` None: the checkpoint's
     decode settings (a CLS run's strategic decoding, else the plain model); a dict is a complete
     variant on DecodeConfig's defaults, except that response rows read the CLS as the run was
     trained to unless the dict says otherwise."""
-    loaded = artifacts.load(checkpoint, tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,
-                            model_fields=model)
+    loaded = artifacts.load(
+      checkpoint, tokenizer=tokenizer, template=template, template_kwargs=template_kwargs, model_fields=model
+    )
     if decode is None:
       dcfg = loaded.decode_config()
     else:
@@ -160,11 +189,15 @@ class TargetModel:
     fill = tok.encode_continuation(prefill) if prefill else []
     return Encoded(tuple(prompt), (len(head), len(prompt)), tuple(fill))
 
-
   # ----- generation ---------------------------------------------------------------------------
 
-  def generate(self, rows: Sequence[Encoded], sampling: Sequence[Sampling], dcfg: DecodeConfig | None = None,
-               on_batch: Callable[[int], None] | None = None) -> list[Generation]:
+  def generate(
+    self,
+    rows: Sequence[Encoded],
+    sampling: Sequence[Sampling],
+    dcfg: DecodeConfig | None = None,
+    on_batch: Callable[[int], None] | None = None,
+  ) -> list[Generation]:
     """Generate for every row; rows are grouped by padded length and run in fixed-size batches
     (short batches are filled with copies of their first row) so each bucket compiles once."""
     dcfg = dcfg or self.dcfg
@@ -175,8 +208,11 @@ class TargetModel:
       samp = [sampling[i] for i in idx] + [sampling[idx[0]]] * (self.batch_size - len(idx))
       inputs = pack_inputs([r.prompt for r in batch], [r.query_span for r in batch], [r.prefill for r in batch])
       params_B = SamplingParams(
-          jnp.asarray([s.temperature for s in samp], jnp.float32), jnp.asarray([s.top_k for s in samp], jnp.int32),
-          jnp.asarray([s.top_p for s in samp], jnp.float32), jnp.asarray([s.seed for s in samp], jnp.int32))
+        jnp.asarray([s.temperature for s in samp], jnp.float32),
+        jnp.asarray([s.top_k for s in samp], jnp.int32),
+        jnp.asarray([s.top_p for s in samp], jnp.float32),
+        jnp.asarray([s.seed for s in samp], jnp.int32),
+      )
       out = decode(self.params, inputs, refusal_R, params_B, cfg=self.cfg, dcfg=dcfg, eos_id=self.eos_id)
       for i, res in zip(idx, row_results(out, inputs)):
         results[i] = self._generation(rows[i], res)
@@ -185,21 +221,27 @@ class TargetModel:
     return results
 
   def _generation(self, row: Encoded, res) -> Generation:
-    ids = res.response_ids[res.prefill_len:]
+    ids = res.response_ids[res.prefill_len :]
     shift = lambda i: i - res.prefill_len if i >= 0 else -1
     return Generation(
-        response=self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True),
-        response_ids=ids, prompt_tokens=len(row.prompt), p_initial=res.p_initial,
-        initial_malicious=res.initial_malicious, refusal_inserted=res.insert_index >= 0,
-        insert_index=shift(res.insert_index), trigger_index=shift(res.trigger_index),
-        false_alarms=res.false_alarms, cls_trace=[round(p, 4) for _, _, p in res.trace])
+      response=self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True),
+      response_ids=ids,
+      prompt_tokens=len(row.prompt),
+      p_initial=res.p_initial,
+      initial_malicious=res.initial_malicious,
+      refusal_inserted=res.insert_index >= 0,
+      insert_index=shift(res.insert_index),
+      trigger_index=shift(res.trigger_index),
+      false_alarms=res.false_alarms,
+      cls_trace=[round(p, 4) for _, _, p in res.trace],
+    )
 
   def _batches(self, rows: Sequence[Encoded]) -> list[list[int]]:
     by_bucket: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
       by_bucket.setdefault(bucket(len(r.prompt) + len(r.prefill)), []).append(i)
     B = self.batch_size
-    return [ids[k:k + B] for _, ids in sorted(by_bucket.items()) for k in range(0, len(ids), B)]
+    return [ids[k : k + B] for _, ids in sorted(by_bucket.items()) for k in range(0, len(ids), B)]
 
   # ----- scoring ------------------------------------------------------------------------------
 
@@ -216,7 +258,7 @@ class TargetModel:
     full = [list(r.prompt) + list(r.prefill) + list(c) for r, c in zip(rows, continuations)]
     order = sorted(range(len(rows)), key=lambda i: len(full[i]))
     for k in range(0, len(order), B):
-      idx = order[k:k + B]
+      idx = order[k : k + B]
       T = bucket(max(len(full[i]) for i in idx))
       tokens_BT = np.zeros((B, T), np.int32)
       input_len_B = np.ones(B, np.int32)
@@ -224,16 +266,19 @@ class TargetModel:
       span_B2 = np.zeros((B, 2), np.int32)
       at_B = np.zeros(B, np.int32)
       for b, i in enumerate(idx):
-        tokens_BT[b, :len(full[i])] = full[i]
+        tokens_BT[b, : len(full[i])] = full[i]
         input_len_B[b] = len(full[i])
         prompt_len_B[b] = len(rows[i].prompt)
         span_B2[b] = rows[i].query_span
         at_B[b] = len(rows[i].prompt) + len(rows[i].prefill) - 1
-      logp_BT, logits_BV, p_B = jax.device_get(_score_jit(self.cfg, self.dcfg.response_sees_cls, self.params,
-                                                          tokens_BT, input_len_B, prompt_len_B, span_B2, at_B))
+      logp_BT, logits_BV, p_B = jax.device_get(
+        _score_jit(
+          self.cfg, self.dcfg.response_sees_cls, self.params, tokens_BT, input_len_B, prompt_len_B, span_B2, at_B
+        )
+      )
       for b, i in enumerate(idx):
         start = at_B[b]
-        logps[i] = logp_BT[b, start:start + len(continuations[i])]
+        logps[i] = logp_BT[b, start : start + len(continuations[i])]
         next_logits[i] = logits_BV[b]
         p_mal[i] = p_B[b]
     return Scores(logps, next_logits, p_mal)

@@ -36,12 +36,21 @@ def topk_stats(logits_V: np.ndarray, k: int, sharpness: str = "p1") -> tuple[flo
 
 
 def conditions(prefill_text: str) -> dict:
-  return {"direct": Direct("direct"), "prefill": Prefill("prefill", mode="literal", text=prefill_text),
-          "nested": DeepInception("nested")}
+  return {
+    "direct": Direct("direct"),
+    "prefill": Prefill("prefill", mode="literal", text=prefill_text),
+    "nested": DeepInception("nested"),
+  }
 
 
-def run_probe(model: TargetModel, items: Sequence[Item], names: Sequence[str] = ("direct", "prefill", "nested"),
-              top_k: int = 10, sharpness: str = "p1", prefill_text: str = "Sure, here is") -> tuple[dict, list]:
+def run_probe(
+  model: TargetModel,
+  items: Sequence[Item],
+  names: Sequence[str] = ("direct", "prefill", "nested"),
+  top_k: int = 10,
+  sharpness: str = "p1",
+  prefill_text: str = "Sure, here is",
+) -> tuple[dict, list]:
   """Per condition: mean and std of entropy and sharpness over the items, and per-item records."""
   attacks = conditions(prefill_text)
   unknown = set(names) - set(attacks)
@@ -52,9 +61,15 @@ def run_probe(model: TargetModel, items: Sequence[Item], names: Sequence[str] = 
     cases = [attacks[name].cases(it, model)[0] for it in items]
     scores = model.score([c.encode(model) for c in cases])
     stats = np.asarray([topk_stats(l, top_k, sharpness) for l in scores.next_logits]).reshape(-1, 2)
-    summary[name] = {"entropy_mean": float(stats[:, 0].mean()), "entropy_std": float(stats[:, 0].std()),
-                     "sharpness_mean": float(stats[:, 1].mean()), "sharpness_std": float(stats[:, 1].std()),
-                     "n": len(cases)}
-    records += [{"condition": name, "item_id": c.item_id, "entropy": float(h), "sharpness": float(s),
-                 "p_malicious": float(p)} for c, (h, s), p in zip(cases, stats, scores.p_malicious)]
+    summary[name] = {
+      "entropy_mean": float(stats[:, 0].mean()),
+      "entropy_std": float(stats[:, 0].std()),
+      "sharpness_mean": float(stats[:, 1].mean()),
+      "sharpness_std": float(stats[:, 1].std()),
+      "n": len(cases),
+    }
+    records += [
+      {"condition": name, "item_id": c.item_id, "entropy": float(h), "sharpness": float(s), "p_malicious": float(p)}
+      for c, (h, s), p in zip(cases, stats, scores.p_malicious)
+    ]
   return summary, records

@@ -98,8 +98,7 @@ def plot_probe(results: Mapping[str, Mapping], path, sharpness: str, top_k: int)
   width = 0.8 / max(1, len(variants))
   fig = Figure(figsize=(9, 3.4))
   axes = fig.subplots(1, 2)
-  for ax, metric, label in ((axes[0], "entropy", "entropy (nats)"),
-                            (axes[1], "sharpness", f"sharpness ({sharpness})")):
+  for ax, metric, label in ((axes[0], "entropy", "entropy (nats)"), (axes[1], "sharpness", f"sharpness ({sharpness})")):
     for j, v in enumerate(variants):
       xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(conditions))]
       means = [results[v].get(c, {}).get(f"{metric}_mean", 0.0) for c in conditions]
@@ -112,26 +111,58 @@ def plot_probe(results: Mapping[str, Mapping], path, sharpness: str, top_k: int)
   _save_figure(fig, path)
 
 
-SUMMARY_COLUMNS = ("variant", "attack", "benchmark", "judge", "asr", "n_items", "n_broken", "n_cases",
-                   "cls_flag_rate", "refusal_inserted_rate", "mean_p_initial")
+SUMMARY_COLUMNS = (
+  "variant",
+  "attack",
+  "benchmark",
+  "judge",
+  "asr",
+  "n_items",
+  "n_broken",
+  "n_cases",
+  "cls_flag_rate",
+  "refusal_inserted_rate",
+  "mean_p_initial",
+)
 SETTING_COLUMNS = ("variant", "attack", "benchmark", "judge", "setting", "asr", "n_items")
 
 
-def write_report(out_dir, summary: Sequence[Mapping], settings: Sequence[Mapping], utility: Sequence[Mapping],
-                 validation: Sequence[Mapping], probe: Mapping[str, Mapping] | None, sharpness: str = "p1",
-                 top_k: int = 10) -> None:
+def write_report(
+  out_dir,
+  summary: Sequence[Mapping],
+  settings: Sequence[Mapping],
+  utility: Sequence[Mapping],
+  validation: Sequence[Mapping],
+  probe: Mapping[str, Mapping] | None,
+  sharpness: str = "p1",
+  top_k: int = 10,
+) -> None:
   """summary.csv, settings.csv, utility.csv, judge_validation.csv, summary.md and plots/*.png."""
   out = pathlib.Path(out_dir)
   atomic_write(out / "summary.csv", csv_text(summary, SUMMARY_COLUMNS))
-  md = ["# Evaluation summary", "", "ASR in percent (lower is safer). An item counts as broken when any of its "
-        "cases (e.g. any decoding setting) is judged jailbroken.", ""]
+  md = [
+    "# Evaluation summary",
+    "",
+    "ASR in percent (lower is safer). An item counts as broken when any of its "
+    "cases (e.g. any decoding setting) is judged jailbroken.",
+    "",
+  ]
   for judge in dict.fromkeys(r["judge"] for r in summary):
-    md += [f"## Judge: {judge}", "", pivot_markdown([r for r in summary if r["judge"] == judge],
-                                                    ("benchmark", "attack"), "variant", "asr"), ""]
+    md += [
+      f"## Judge: {judge}",
+      "",
+      pivot_markdown([r for r in summary if r["judge"] == judge], ("benchmark", "attack"), "variant", "asr"),
+      "",
+    ]
   if summary:
-    md += ["## CLS: prompt-time malicious rate (%)", "",
-           pivot_markdown([r for r in summary if r["judge"] == summary[0]["judge"]], ("benchmark", "attack"),
-                          "variant", "cls_flag_rate"), ""]
+    md += [
+      "## CLS: prompt-time malicious rate (%)",
+      "",
+      pivot_markdown(
+        [r for r in summary if r["judge"] == summary[0]["judge"]], ("benchmark", "attack"), "variant", "cls_flag_rate"
+      ),
+      "",
+    ]
   if settings:
     atomic_write(out / "settings.csv", csv_text(settings, SETTING_COLUMNS))
     md += ["## Per decoding setting", "", "Best single setting per cell (see settings.csv for all):", ""]
@@ -141,23 +172,33 @@ def write_report(out_dir, summary: Sequence[Mapping], settings: Sequence[Mapping
       if key not in best or r["asr"] > best[key]["asr"]:
         best[key] = r
     md += ["| variant | attack | benchmark | judge | best setting | ASR |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['variant']} | {r['attack']} | {r['benchmark']} | {r['judge']} | {r['setting']} | {_fmt(r['asr'])} |"
-           for r in best.values()]
+    md += [
+      f"| {r['variant']} | {r['attack']} | {r['benchmark']} | {r['judge']} | {r['setting']} | {_fmt(r['asr'])} |"
+      for r in best.values()
+    ]
     md.append("")
   if utility:
     columns = ["variant", "task"] + sorted({k for r in utility for k in r} - {"variant", "task"})
     atomic_write(out / "utility.csv", csv_text(utility, columns))
     md += ["## Utility", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(str(round(r[c], 4) if isinstance(r.get(c), float) else r.get(c, ""))
-                             for c in columns) + " |" for r in utility]
+    md += [
+      "| " + " | ".join(str(round(r[c], 4) if isinstance(r.get(c), float) else r.get(c, "")) for c in columns) + " |"
+      for r in utility
+    ]
     md.append("")
   if validation:
     columns = ("judge", "file", "n", "agreement", "precision", "recall", "tp", "fp", "fn", "tn", "unparsed")
     atomic_write(out / "judge_validation.csv", csv_text(validation, columns))
-    md += ["## Judge validation (against human labels)", "", "| " + " | ".join(columns) + " |",
-           "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(str(round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns) + " |"
-           for r in validation]
+    md += [
+      "## Judge validation (against human labels)",
+      "",
+      "| " + " | ".join(columns) + " |",
+      "|" + "---|" * len(columns),
+    ]
+    md += [
+      "| " + " | ".join(str(round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns) + " |"
+      for r in validation
+    ]
     md.append("")
   asr_plots = []
   for benchmark in dict.fromkeys(r["benchmark"] for r in summary):
@@ -172,8 +213,11 @@ def write_report(out_dir, summary: Sequence[Mapping], settings: Sequence[Mapping
     plot_probe(probe, out / "plots" / "probe.png", sharpness, top_k)
     md += ["## Probe (first response position)", "", "![probe](plots/probe.png)", ""]
     md += ["| variant | condition | entropy | sharpness | n |", "|---|---|---|---|---|"]
-    md += [f"| {v} | {c} | {s['entropy_mean']:.3f} ± {s['entropy_std']:.3f} | "
-           f"{s['sharpness_mean']:.3f} ± {s['sharpness_std']:.3f} | {s['n']} |"
-           for v, conds in probe.items() for c, s in conds.items()]
+    md += [
+      f"| {v} | {c} | {s['entropy_mean']:.3f} ± {s['entropy_std']:.3f} | "
+      f"{s['sharpness_mean']:.3f} ± {s['sharpness_std']:.3f} | {s['n']} |"
+      for v, conds in probe.items()
+      for c, s in conds.items()
+    ]
     md.append("")
   atomic_write(out / "summary.md", "\n".join(md))

@@ -29,13 +29,26 @@ def over_refusal(model: TargetModel, queries: Sequence[str], judge: KeywordJudge
   """Share of benign prompts refused: by the refusal keywords (this includes an inserted refusal
   prefix, which contains them), and separately how often the CLS flagged or intervened."""
   gens = model.generate([model.encode(q) for q in queries], [Sampling()] * len(queries), dcfg=dcfg)
-  records = [{"query": q, "response": g.response, "refused": judge.refused(g.response, q),
-              "initial_malicious": g.initial_malicious, "refusal_inserted": g.refusal_inserted,
-              "p_initial": g.p_initial} for q, g in zip(queries, gens)]
+  records = [
+    {
+      "query": q,
+      "response": g.response,
+      "refused": judge.refused(g.response, q),
+      "initial_malicious": g.initial_malicious,
+      "refusal_inserted": g.refusal_inserted,
+      "p_initial": g.p_initial,
+    }
+    for q, g in zip(queries, gens)
+  ]
   n = len(records)
   mean = lambda key: sum(bool(r[key]) for r in records) / n if n else float("nan")
-  return {"n": n, "over_refusal_rate": mean("refused"), "cls_flag_rate": mean("initial_malicious"),
-          "refusal_inserted_rate": mean("refusal_inserted"), "judge": judge.name}, records
+  return {
+    "n": n,
+    "over_refusal_rate": mean("refused"),
+    "cls_flag_rate": mean("initial_malicious"),
+    "refusal_inserted_rate": mean("refusal_inserted"),
+    "judge": judge.name,
+  }, records
 
 
 # ----- GSM8K --------------------------------------------------------------------------------------
@@ -83,15 +96,18 @@ def load_gsm8k(path) -> list[MathItem]:
   return items
 
 
-def gsm8k(model: TargetModel, items: Sequence[MathItem], fewshot: Sequence[MathItem] = (), dcfg=None
-          ) -> tuple[dict, list]:
+def gsm8k(
+  model: TargetModel, items: Sequence[MathItem], fewshot: Sequence[MathItem] = (), dcfg=None
+) -> tuple[dict, list]:
   """Greedy generation, exact match of the extracted final number. Few-shot examples go in the
   user turn as "Question: ... / Answer: ..." blocks."""
   shots = "".join(f"Question: {s.question}\nAnswer: {s.answer}\n\n" for s in fewshot)
   queries = [f"{shots}Question: {it.question}\nAnswer:" if shots else it.question for it in items]
   gens = model.generate([model.encode(q) for q in queries], [Sampling()] * len(queries), dcfg=dcfg)
-  records = [{"question": it.question, "gold": it.gold, "response": g.response, "predicted": extract_answer(g.response)}
-             for it, g in zip(items, gens)]
+  records = [
+    {"question": it.question, "gold": it.gold, "response": g.response, "predicted": extract_answer(g.response)}
+    for it, g in zip(items, gens)
+  ]
   correct = sum(r["predicted"] == r["gold"] for r in records)
   return {"n": len(records), "exact_match": correct / len(records) if records else float("nan")}, records
 
@@ -114,11 +130,12 @@ def load_mmlu(path) -> list[ChoiceItem]:
       if line.strip():
         row = json.loads(line)
         ans = row["answer"]
-        items.append(ChoiceItem(row["question"], tuple(row["choices"]),
-                                LETTERS.index(ans) if isinstance(ans, str) else int(ans)))
+        items.append(
+          ChoiceItem(row["question"], tuple(row["choices"]), LETTERS.index(ans) if isinstance(ans, str) else int(ans))
+        )
     return items
   for line, row in csv_rows(path, header=False):
-    if len(row) < 4 or row[-1].strip() not in LETTERS[:len(row) - 2]:
+    if len(row) < 4 or row[-1].strip() not in LETTERS[: len(row) - 2]:
       raise ValueError(f"{path}:{line}: expected question, choices..., answer letter")
     items.append(ChoiceItem(row[0], tuple(row[1:-1]), LETTERS.index(row[-1].strip())))
   return items
@@ -145,8 +162,9 @@ def mmlu(model: TargetModel, items: Sequence[ChoiceItem], use_template: bool = F
   for it in items:
     scores = [float(np.sum(logps[k + i])) for i in range(len(it.choices))]
     k += len(it.choices)
-    records.append({"question": it.question, "answer": it.answer, "predicted": int(np.argmax(scores)),
-                    "logprobs": scores})
+    records.append(
+      {"question": it.question, "answer": it.answer, "predicted": int(np.argmax(scores)), "logprobs": scores}
+    )
   correct = sum(r["predicted"] == r["answer"] for r in records)
   return {"n": len(records), "accuracy": correct / len(records) if records else float("nan")}, records
 
@@ -165,7 +183,7 @@ def run_utility(model: TargetModel, spec: Mapping, dcfg) -> tuple[dict, list]:
     queries = [it.query for it in load_benchmark(spec["benchmark"])][:limit]
     return over_refusal(model, queries, KeywordJudge(spec.get("keywords", "advbench")), dcfg)
   if kind == "gsm8k":
-    shots = load_gsm8k(spec["fewshot_path"])[:spec.get("num_fewshot", 5)] if spec.get("fewshot_path") else ()
+    shots = load_gsm8k(spec["fewshot_path"])[: spec.get("num_fewshot", 5)] if spec.get("fewshot_path") else ()
     return gsm8k(model, load_gsm8k(spec["path"])[:limit], shots, dcfg)
   if kind == "mmlu":
     return mmlu(model, load_mmlu(spec["path"])[:limit], spec.get("use_template", False))

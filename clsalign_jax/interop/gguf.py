@@ -18,9 +18,15 @@ from clsalign_jax.interop.hf import fresh_cls_extras, hf_tensor_shapes, params_f
 from clsalign_jax.model import ModelConfig, rope_inv_freq
 
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -68,16 +74,25 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
   head_dim = int(f("attention.key_length", d_model // n_heads))
   rope_dim = int(f("rope.dimension_count", head_dim))
   if rope_dim != head_dim or int(f("attention.value_length", head_dim)) != head_dim:
-    raise CheckpointError(f"{path}: rope.dimension_count={rope_dim} / attention.value_length differ from the "
-                          f"head size {head_dim}; partial rotary and unequal K/V heads are not supported")
+    raise CheckpointError(
+      f"{path}: rope.dimension_count={rope_dim} / attention.value_length differ from the "
+      f"head size {head_dim}; partial rotary and unequal K/V heads are not supported"
+    )
   cfg = ModelConfig(
-      vocab_size=vocab, d_model=d_model, n_layers=int(f("block_count")), n_heads=n_heads,
-      n_kv_heads=int(f("attention.head_count_kv", n_heads)),
-      head_dim=head_dim, d_ff=int(f("feed_forward_length")),
-      rms_eps=_f32(f("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(f("rope.freq_base", 10000.0)),
-      max_seq_len=int(f("context_length", 4096)), tie_embeddings="output.weight" not in names,
-      bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path, 1)),
-      eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path, 2)))
+    vocab_size=vocab,
+    d_model=d_model,
+    n_layers=int(f("block_count")),
+    n_heads=n_heads,
+    n_kv_heads=int(f("attention.head_count_kv", n_heads)),
+    head_dim=head_dim,
+    d_ff=int(f("feed_forward_length")),
+    rms_eps=_f32(f("attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=_f32(f("rope.freq_base", 10000.0)),
+    max_seq_len=int(f("context_length", 4096)),
+    tie_embeddings="output.weight" not in names,
+    bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path, 1)),
+    eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path, 2)),
+  )
   return cfg.replace(**_rope_scaling(reader, cfg, path))
 
 
@@ -106,16 +121,20 @@ def _rope_scaling(reader: gguf.GGUFReader, cfg: ModelConfig, path: str) -> dict:
       raise CheckpointError(f"{path}: llama.rope.scaling.type='linear' without llama.rope.scaling.factor")
     out = {"rope_type": "linear", "rope_factor": _f32(factor)}
   else:
-    raise CheckpointError(f"{path}: llama.rope.scaling.type={kind!r} is not supported (supported: none, "
-                          "linear, and llama3 scaling given as rope_freqs.weight)")
+    raise CheckpointError(
+      f"{path}: llama.rope.scaling.type={kind!r} is not supported (supported: none, "
+      "linear, and llama3 scaling given as rope_freqs.weight)"
+    )
   if freqs is None:
     return out
   if out:
     raise CheckpointError(f"{path}: both llama.rope.scaling.type={kind!r} and a rope_freqs.weight tensor")
   divisors_h = gguf.quants.dequantize(freqs.data, freqs.tensor_type).astype(np.float32).reshape(-1)
   if divisors_h.shape != (cfg.head_dim // 2,):
-    raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' has shape {divisors_h.shape}, "
-                          f"expected ({cfg.head_dim // 2},) from the head size")
+    raise CheckpointError(
+      f"{path}: tensor 'rope_freqs.weight' has shape {divisors_h.shape}, "
+      f"expected ({cfg.head_dim // 2},) from the head size"
+    )
   if np.all(divisors_h == 1.0):
     return out
   orig = meta("original_context_length")
@@ -125,9 +144,10 @@ def _rope_scaling(reader: gguf.GGUFReader, cfg: ModelConfig, path: str) -> dict:
   want_h = rope_inv_freq(cfg.replace(rope_type="default")) / rope_inv_freq(cfg.replace(**llama3))
   if not np.allclose(divisors_h, want_h, rtol=1e-5, atol=0):
     raise CheckpointError(
-        f"{path}: tensor 'rope_freqs.weight' is not Llama-3 RoPE scaling (factor {llama3['rope_factor']:g}, "
-        f"low/high freq factors 1/4, original context {llama3['rope_original_max_len']}): max relative "
-        f"difference {np.max(np.abs(divisors_h / want_h - 1)):.3g}; other per-frequency factors are not supported")
+      f"{path}: tensor 'rope_freqs.weight' is not Llama-3 RoPE scaling (factor {llama3['rope_factor']:g}, "
+      f"low/high freq factors 1/4, original context {llama3['rope_original_max_len']}): max relative "
+      f"difference {np.max(np.abs(divisors_h / want_h - 1)):.3g}; other per-frequency factors are not supported"
+    )
   return llama3
 
 
@@ -151,8 +171,10 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict]:
     name = hf_name(t.name)
     if name is None or name not in expected:
       # A tensor we do not place would be a silently wrong model (biases, extra layers, ...).
-      raise CheckpointError(f"{path}: tensor {t.name!r} is not supported for this architecture "
-                            f"(block_count={cfg.n_layers}); refusing to drop it")
+      raise CheckpointError(
+        f"{path}: tensor {t.name!r} is not supported for this architecture "
+        f"(block_count={cfg.n_layers}); refusing to drop it"
+      )
     by_name[name] = t
 
   def get(name):

@@ -31,8 +31,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
   archs = hf.get("architectures") or []
   known = [a for a in archs if a in ARCHITECTURES]
   if not known:
-    raise CheckpointError(f"{source}: architectures={archs} is not supported; "
-                          f"supported: {sorted(ARCHITECTURES)}")
+    raise CheckpointError(f"{source}: architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
   for flag in ("attention_bias", "mlp_bias"):
@@ -44,14 +43,22 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
   family = ARCHITECTURES[known[0]]
   window = hf.get("sliding_window") if family == "mistral" else None
   return ModelConfig(
-      vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-      head_dim=hf.get("head_dim") or d_model // n_heads, d_ff=hf["intermediate_size"],
-      rms_eps=hf.get("rms_norm_eps", 1e-6), **rope,
-      max_seq_len=hf.get("max_position_embeddings", 4096), sliding_window=window,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      bos_id=_first_id(hf.get("bos_token_id"), 1), eos_id=_first_id(hf.get("eos_token_id"), 2),
-      family=family)
+    vocab_size=hf["vocab_size"],
+    d_model=d_model,
+    n_layers=hf["num_hidden_layers"],
+    n_heads=n_heads,
+    n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+    head_dim=hf.get("head_dim") or d_model // n_heads,
+    d_ff=hf["intermediate_size"],
+    rms_eps=hf.get("rms_norm_eps", 1e-6),
+    **rope,
+    max_seq_len=hf.get("max_position_embeddings", 4096),
+    sliding_window=window,
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    bos_id=_first_id(hf.get("bos_token_id"), 1),
+    eos_id=_first_id(hf.get("eos_token_id"), 2),
+    family=family,
+  )
 
 
 def rope_fields_from_hf(hf: dict, source: str) -> dict:
@@ -61,23 +68,27 @@ def rope_fields_from_hf(hf: dict, source: str) -> dict:
   rope.update(hf.get("rope_parameters") or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in ROPE_TYPES:
-    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
-                          f"(supported: {', '.join(ROPE_TYPES)})")
+    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
   fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": rope_type}
   if rope_type == "default":
     return fields
   # "dynamic" grows the base past max_position_embeddings, as in HF (which ignores any
   # original_max_position_embeddings for this type).
-  needed = {"linear": ("factor",), "dynamic": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+  needed = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  }
   missing = [k for k in needed[rope_type] if k not in rope]
   if missing:
     raise CheckpointError(f"{source}: rope type {rope_type!r} needs {missing} in rope_parameters")
   fields["rope_factor"] = float(rope["factor"])
   if rope_type == "llama3":
-    fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                  rope_high_freq_factor=float(rope["high_freq_factor"]),
-                  rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    fields.update(
+      rope_low_freq_factor=float(rope["low_freq_factor"]),
+      rope_high_freq_factor=float(rope["high_freq_factor"]),
+      rope_original_max_len=int(rope["original_max_position_embeddings"]),
+    )
   return fields
 
 
@@ -86,8 +97,11 @@ def rope_parameters_to_hf(cfg: ModelConfig) -> dict:
   if cfg.rope_type != "default":
     out["factor"] = cfg.rope_factor
   if cfg.rope_type == "llama3":
-    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-               original_max_position_embeddings=cfg.rope_original_max_len)
+    out.update(
+      low_freq_factor=cfg.rope_low_freq_factor,
+      high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_position_embeddings=cfg.rope_original_max_len,
+    )
   return out
 
 
@@ -100,14 +114,29 @@ def _first_id(value, default):
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
   arch = "MistralForCausalLM" if cfg.family == "mistral" else "LlamaForCausalLM"
   hf = {
-      "architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-      "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_eps,
-      "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters_to_hf(cfg),
-      "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
-      "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-      "torch_dtype": dtype, "dtype": dtype,
+    "architectures": [arch],
+    "model_type": cfg.family,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.d_ff,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.rms_eps,
+    "rope_theta": cfg.rope_theta,
+    "rope_parameters": rope_parameters_to_hf(cfg),
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "bos_token_id": cfg.bos_id,
+    "eos_token_id": cfg.eos_id,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "torch_dtype": dtype,
+    "dtype": dtype,
   }
   if cfg.family == "mistral":
     hf["sliding_window"] = cfg.sliding_window
@@ -125,12 +154,19 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes["lm_head.weight"] = (V, D)
   for i in range(cfg.n_layers):
     p = f"model.layers.{i}."
-    shapes.update({
-        p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (G * H, D),
-        p + "self_attn.v_proj.weight": (G * H, D), p + "self_attn.o_proj.weight": (D, N * H),
-        p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
-        p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-    })
+    shapes.update(
+      {
+        p + "self_attn.q_proj.weight": (N * H, D),
+        p + "self_attn.k_proj.weight": (G * H, D),
+        p + "self_attn.v_proj.weight": (G * H, D),
+        p + "self_attn.o_proj.weight": (D, N * H),
+        p + "mlp.gate_proj.weight": (F, D),
+        p + "mlp.up_proj.weight": (F, D),
+        p + "mlp.down_proj.weight": (D, F),
+        p + "input_layernorm.weight": (D,),
+        p + "post_attention_layernorm.weight": (D,),
+      }
+    )
   return shapes
 
 
@@ -144,32 +180,33 @@ def params_from_hf_tensors(cfg: ModelConfig, get, source: str) -> dict:
     if arr is None:
       raise CheckpointError(f"{source}: tensor {name!r} is missing")
     if tuple(arr.shape) != shapes[name]:
-      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                            f"expected {shapes[name]} from the config")
+      raise CheckpointError(
+        f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, expected {shapes[name]} from the config"
+      )
     return arr
 
   params: dict[str, Any] = {
-      "embedding": t("model.embed_tokens.weight"),
-      "final_norm": {"weight": t("model.norm.weight")},
+    "embedding": t("model.embed_tokens.weight"),
+    "final_norm": {"weight": t("model.norm.weight")},
   }
   if not cfg.tie_embeddings:
     params["lm_head"] = np.ascontiguousarray(t("lm_head.weight").T)
   for i in range(cfg.n_layers):
     p = f"model.layers.{i}."
     params[f"layers_{i}"] = {
-        "attn": {
-            "q_proj": np.ascontiguousarray(t(p + "self_attn.q_proj.weight").T.reshape(D, N, H)),
-            "k_proj": np.ascontiguousarray(t(p + "self_attn.k_proj.weight").T.reshape(D, G, H)),
-            "v_proj": np.ascontiguousarray(t(p + "self_attn.v_proj.weight").T.reshape(D, G, H)),
-            "o_proj": np.ascontiguousarray(t(p + "self_attn.o_proj.weight").T.reshape(N, H, D)),
-        },
-        "mlp": {
-            "gate_proj": np.ascontiguousarray(t(p + "mlp.gate_proj.weight").T),
-            "up_proj": np.ascontiguousarray(t(p + "mlp.up_proj.weight").T),
-            "down_proj": np.ascontiguousarray(t(p + "mlp.down_proj.weight").T),
-        },
-        "input_norm": {"weight": t(p + "input_layernorm.weight")},
-        "post_attn_norm": {"weight": t(p + "post_attention_layernorm.weight")},
+      "attn": {
+        "q_proj": np.ascontiguousarray(t(p + "self_attn.q_proj.weight").T.reshape(D, N, H)),
+        "k_proj": np.ascontiguousarray(t(p + "self_attn.k_proj.weight").T.reshape(D, G, H)),
+        "v_proj": np.ascontiguousarray(t(p + "self_attn.v_proj.weight").T.reshape(D, G, H)),
+        "o_proj": np.ascontiguousarray(t(p + "self_attn.o_proj.weight").T.reshape(N, H, D)),
+      },
+      "mlp": {
+        "gate_proj": np.ascontiguousarray(t(p + "mlp.gate_proj.weight").T),
+        "up_proj": np.ascontiguousarray(t(p + "mlp.up_proj.weight").T),
+        "down_proj": np.ascontiguousarray(t(p + "mlp.down_proj.weight").T),
+      },
+      "input_norm": {"weight": t(p + "input_layernorm.weight")},
+      "post_attn_norm": {"weight": t(p + "post_attention_layernorm.weight")},
     }
   return params
 
@@ -262,8 +299,8 @@ def fresh_cls_extras(embedding_VD) -> dict:
   emb = np.asarray(embedding_VD)
   D = emb.shape[1]
   return {
-      "cls_embedding": emb.astype(np.float32).mean(axis=0).astype(emb.dtype),
-      "cls_head": {"kernel": np.zeros((D, 1), emb.dtype), "bias": np.zeros((1,), emb.dtype)},
+    "cls_embedding": emb.astype(np.float32).mean(axis=0).astype(emb.dtype),
+    "cls_head": {"kernel": np.zeros((D, 1), emb.dtype), "bias": np.zeros((1,), emb.dtype)},
   }
 
 
@@ -276,8 +313,8 @@ def _load_cls_extras(path: str, cfg: ModelConfig) -> dict:
     if tuple(tensors[name].shape) != shape:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
   return {
-      "cls_embedding": tensors["cls_embedding"],
-      "cls_head": {"kernel": np.ascontiguousarray(tensors["cls_head.weight"].T), "bias": tensors["cls_head.bias"]},
+    "cls_embedding": tensors["cls_embedding"],
+    "cls_head": {"kernel": np.ascontiguousarray(tensors["cls_head.weight"].T), "bias": tensors["cls_head.bias"]},
   }
 
 
@@ -285,8 +322,15 @@ def _dtype_name(arr) -> str:
   return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(arr.dtype).name]
 
 
-def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
-            shard_bytes: int = _SHARD_BYTES, threshold: float = 0.5, chat_template: str | None = None) -> None:
+def save_hf(
+  directory: str,
+  cfg: ModelConfig,
+  params: dict,
+  tokenizer=None,
+  shard_bytes: int = _SHARD_BYTES,
+  threshold: float = 0.5,
+  chat_template: str | None = None,
+) -> None:
   """Write an HF directory plus the CLS extras. Writes go to a temporary name first, so an
   interrupted export never leaves a half-written file under a final name. `chat_template` (Jinja,
   see `jinja_chat_template`) replaces the tokenizer's own in tokenizer_config.json."""
@@ -294,8 +338,10 @@ def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
   params = unstack_layers(params)
   dtype = _dtype_name(np.asarray(params["embedding"]))
   _write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype))
-  _write_json(os.path.join(directory, "generation_config.json"),
-              {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False})
+  _write_json(
+    os.path.join(directory, "generation_config.json"),
+    {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False},
+  )
 
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -316,22 +362,34 @@ def save_hf(directory: str, cfg: ModelConfig, params: dict, tokenizer=None,
       for name, arr in shard.items():
         weight_map[name] = fname
         total += arr.nbytes
-    _write_json(os.path.join(directory, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(
+      os.path.join(directory, "model.safetensors.index.json"),
+      {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
 
   head = params["cls_head"]
-  _save_tensors({
+  _save_tensors(
+    {
       "cls_embedding": np.asarray(params["cls_embedding"]),
       "cls_head.weight": np.ascontiguousarray(np.asarray(head["kernel"]).T),
       "cls_head.bias": np.asarray(head["bias"]),
-  }, os.path.join(directory, CLS_FILE))
-  _write_json(os.path.join(directory, CLS_META), {
+    },
+    os.path.join(directory, CLS_FILE),
+  )
+  _write_json(
+    os.path.join(directory, CLS_META),
+    {
       "format_version": FORMAT_VERSION,
-      "cls_token": "[CLS]", "cls_token_id": cfg.cls_id, "cls_position": 0,
+      "cls_token": "[CLS]",
+      "cls_token_id": cfg.cls_id,
+      "cls_position": 0,
       "embedding": "cls_embedding is input-embedding row cls_token_id; the LM head keeps the base vocab",
       "head": "logit = cls_head.weight @ final_norm(h)[cls_position] + cls_head.bias; p(malicious) = sigmoid(logit)",
-      "labels": {"0": "benign", "1": "malicious"}, "threshold": threshold, "file": CLS_FILE,
-  })
+      "labels": {"0": "benign", "1": "malicious"},
+      "threshold": threshold,
+      "file": CLS_FILE,
+    },
+  )
   if tokenizer is not None:
     tokenizer.save_hf(directory)
     if chat_template is not None:
@@ -359,22 +417,23 @@ def jinja_chat_template(template, tokenizer) -> str:
 
   i = template.prompt.index(QUERY)
   before = "".join(part(p) for p in template.prompt[:i])
-  after = "".join(part(p) for p in template.prompt[i + 1:])
+  after = "".join(part(p) for p in template.prompt[i + 1 :])
   end = part(template.end)
   return (
-      f"{{#- {template.name} template written by clsalign_jax (data/templates.py); single-turn -#}}\n"
-      "{%- for message in messages -%}\n"
-      "{%- if message['role'] == 'user' -%}\n"
-      "{%- if loop.index0 > 0 -%}{{ raise_exception('this model was trained on single-turn chats: one user "
-      "message, optionally followed by the assistant reply') }}{%- endif -%}\n"
-      f"{before}{{{{ message['content'] }}}}{after}\n"
-      "{%- elif message['role'] == 'assistant' -%}\n"
-      f"{lit(template.response_prefix)}{{{{ message['content'] }}}}{lit(template.response_suffix)}{end}\n"
-      "{%- else -%}\n"
-      "{{ raise_exception('role ' + message['role'] + ' is not supported: the template has a fixed system "
-      "prompt') }}\n"
-      "{%- endif -%}\n"
-      "{%- endfor -%}\n")
+    f"{{#- {template.name} template written by clsalign_jax (data/templates.py); single-turn -#}}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'user' -%}\n"
+    "{%- if loop.index0 > 0 -%}{{ raise_exception('this model was trained on single-turn chats: one user "
+    "message, optionally followed by the assistant reply') }}{%- endif -%}\n"
+    f"{before}{{{{ message['content'] }}}}{after}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    f"{lit(template.response_prefix)}{{{{ message['content'] }}}}{lit(template.response_suffix)}{end}\n"
+    "{%- else -%}\n"
+    "{{ raise_exception('role ' + message['role'] + ' is not supported: the template has a fixed system "
+    "prompt') }}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+  )
 
 
 def _save_tensors(tensors: dict, path: str) -> None:

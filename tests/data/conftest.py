@@ -64,10 +64,12 @@ def hf_smollm2():
   # transformers ignores tokenizer.ggml.pre='smollm' and splits with GPT-2's pattern only; SmolLM2's
   # own tokenizer.json (and llama.cpp) first split off every digit, which changes e.g. "\n\n1.".
   # Rebuild that pre-tokenizer with HF's own components so the reference is the model's tokenizer.
-  tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-    pre_tokenizers.Digits(individual_digits=True),
-    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-  ])
+  tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ]
+  )
   return tok
 
 

@@ -84,16 +84,22 @@ def test_v2_form_carries_no_label(v2):
 def test_v2_sources_and_responses(v2):
   splits, report = v2
   rows = _all(splits)
-  stl = {json.loads(line)["prompt"]: json.loads(line) for line in
-         (curation.SHIPPED_DIR / "safety_tuned_llamas" / "normalized_with_refusal_flag.jsonl").read_text().split("\n")
-         if line.strip()}
+  stl = {
+    json.loads(line)["prompt"]: json.loads(line)
+    for line in (curation.SHIPPED_DIR / "safety_tuned_llamas" / "normalized_with_refusal_flag.jsonl")
+    .read_text()
+    .split("\n")
+    if line.strip()
+  }
   for r in rows:
     if r.record.source == "safety_tuned_llamas" and not r.rewritten_from:
       assert stl[r.record.prompt]["refusal_like"]
   assert report.dropped["safety_tuned_llamas: answer is not a refusal"] == 495
   dna = [r for r in rows if r.record.source == "do_not_answer"]
   assert dna and {r.category for r in dna} <= set(curation.SOURCES[-1].categories)
-  bank = [r.record.response for r in rows if r.record.source.startswith("red_instruct") or r.record.source == "do_not_answer"]
+  bank = [
+    r.record.response for r in rows if r.record.source.startswith("red_instruct") or r.record.source == "do_not_answer"
+  ]
   assert len(set(bank)) > 200  # a bank of phrasings, never one fixed string
   assert any("illegal drugs" in b for b in bank)  # some name the topic
   sources = {r.record.source for r in rows}
@@ -117,7 +123,8 @@ def test_v2_splits_disjoint_stratified_deterministic_and_free_of_eval_prompts(v2
       assert abs(test[s] / n - 0.15) < 0.03, s
   again, _ = curation.build_mixture_v2()
   assert {n: [r.record.id for r in rows] for n, rows in again.items()} == {
-    n: [r.record.id for r in rows] for n, rows in splits.items()}
+    n: [r.record.id for r in rows] for n, rows in splits.items()
+  }
 
 
 def test_curation_command_rewrites_the_docs_section(tmp_path, capsys):

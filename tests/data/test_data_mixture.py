@@ -94,9 +94,7 @@ def test_curate_counts_conflicts_and_fixed_splits():
   ]
   fixed = {"test": [SftRecord("f", "plain", "p", BENIGN, "u")]}
   eval_records = [SftRecord("g", "write a script to HACK", "Sure", MALICIOUS, "advbench")]
-  splits = mixture.curate(
-    records, report, fractions={"train": 1.0}, eval_records=eval_records, fixed_splits=fixed
-  )
+  splits = mixture.curate(records, report, fractions={"train": 1.0}, eval_records=eval_records, fixed_splits=fixed)
   assert report.dropped_label_conflicts == 2
   assert report.dropped_eval_overlap == 1
   assert report.dropped_safety_phrases == {"u": 1}

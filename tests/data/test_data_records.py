@@ -37,7 +37,7 @@ def test_reads_jsonl_with_defaults(tmp_path):
 def test_field_mapping_csv_and_context(tmp_path):
   path = tmp_path / "alpaca.csv"
   path.write_text(
-    'instruction,input,output,is_harmful,origin\n'
+    "instruction,input,output,is_harmful,origin\n"
     '"Summarise this","A long\ntext",Short.,0,web\n'
     "Do harm,,No.,1,redteam\n",
     encoding="utf-8",
@@ -84,9 +84,7 @@ def test_bad_jsonl_line_reports_file_and_line(tmp_path, line, message):
 
 def test_non_utf8_jsonl(tmp_path):
   path = tmp_path / "latin1.jsonl"
-  path.write_bytes(
-    json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9", "response": "y", "label": 0}\n'
-  )
+  path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9", "response": "y", "label": 0}\n')
   with pytest.raises(DataError, match=f"^{path}:2: not valid UTF-8 \\(byte 0xe9"):
     read_sft_records(path)
   assert len(read_sft_records(path, skip_bad_records=True).records) == 1
@@ -94,13 +92,7 @@ def test_non_utf8_jsonl(tmp_path):
 
 def test_non_utf8_csv_and_ragged_rows(tmp_path):
   path = tmp_path / "bad.csv"
-  path.write_bytes(
-    b"prompt,response,label\n"
-    b"ok,fine,0\n"
-    b"caf\xe9,y,0\n"
-    b"too,many,0,fields\n"
-    b"too few\n"
-  )
+  path.write_bytes(b"prompt,response,label\nok,fine,0\ncaf\xe9,y,0\ntoo,many,0,fields\ntoo few\n")
   with pytest.raises(DataError, match=f"^{path}:3: field 'prompt' is not valid UTF-8"):
     read_sft_records(path)
   result = read_sft_records(path, skip_bad_records=True)

@@ -35,8 +35,9 @@ def _config(**overrides):
 
 
 def _stream(docs, tok, index=0, count=1, encode_group=7, **overrides):
-  return DocumentStream(docs, tok, _config(**overrides), process_index=index, process_count=count,
-                        encode_group=encode_group)
+  return DocumentStream(
+    docs, tok, _config(**overrides), process_index=index, process_count=count, encode_group=encode_group
+  )
 
 
 def _equal(a, b):
@@ -58,8 +59,7 @@ def _segments(batches):
 @pytest.mark.parametrize("drop_remainder", [False, True])
 def test_same_documents_same_order_as_the_eager_pipeline(docs, smollm2, packing, drop_remainder):
   settings = dict(packing=packing, drop_remainder=drop_remainder, max_segments_per_row=3)
-  eager = list(pretrain_pipeline(docs, smollm2, _config(shuffle=False, **settings), process_index=0,
-                                 process_count=1))
+  eager = list(pretrain_pipeline(docs, smollm2, _config(shuffle=False, **settings), process_index=0, process_count=1))
   streamed = list(_stream(docs, smollm2, shuffle=False, **settings))
   assert len(streamed) == len(eager) > 10
   assert all(_equal(s, e) for s, e in zip(streamed, eager))
@@ -68,8 +68,9 @@ def test_same_documents_same_order_as_the_eager_pipeline(docs, smollm2, packing,
   stream = _stream(docs, smollm2, seed=5, **settings)
   order = [int(i) for i in stream.document_order()]
   assert sorted(order) == list(range(len(docs))) and order != sorted(order)
-  eager = pretrain_pipeline([docs[i] for i in order], smollm2, _config(shuffle=False, **settings),
-                            process_index=0, process_count=1)
+  eager = pretrain_pipeline(
+    [docs[i] for i in order], smollm2, _config(shuffle=False, **settings), process_index=0, process_count=1
+  )
   assert all(_equal(s, e) for s, e in zip(list(stream), list(eager), strict=True))
 
 
@@ -77,8 +78,9 @@ def _repack(chunks, config, rows_per_batch):
   """Brute-force first fit: each chunk into the first open row (of at most 2·rows) with room."""
   rows, open_rows = [], []
   for c in chunks:
-    fits = [r for r in open_rows
-            if sum(map(len, r)) + len(c) <= config.max_length and len(r) < config.max_segments_per_row]
+    fits = [
+      r for r in open_rows if sum(map(len, r)) + len(c) <= config.max_length and len(r) < config.max_segments_per_row
+    ]
     if fits:
       fits[0].append(c)
       continue
@@ -110,7 +112,9 @@ def test_packed_stream_against_brute_force_repacking(docs, smollm2):
       assert batch["segment_ids"][r].tolist() == seg + [0] * (MAX_LENGTH - n)
       assert batch["positions"][r].tolist() == [p for e in want for p in range(len(e))] + [0] * (MAX_LENGTH - n)
       # Loss on every text token and the EOS, never on [CLS], BOS or padding.
-      assert batch["loss_mask"][r].tolist() == [int(p >= 2) for e in want for p in range(len(e))] + [0] * (MAX_LENGTH - n)
+      assert batch["loss_mask"][r].tolist() == [int(p >= 2) for e in want for p in range(len(e))] + [0] * (
+        MAX_LENGTH - n
+      )
       starts = np.cumsum([0] + [len(e) for e in want])
       k = len(want)
       assert batch["cls_index"][r].tolist() == starts[:-1].tolist() + [0] * (4 - k)
@@ -161,7 +165,9 @@ def test_two_shards_read_the_documents_of_one(docs, smollm2, packing):
   assert all(b["tokens"].shape == (2, MAX_LENGTH) for h in halves for b in h)
   assert _segments(halves[0]) + _segments(halves[1]) == _segments(list(whole))
   expected = collections.Counter(
-    (d["label"], tuple(e.tokens.tolist())) for d in docs for e in encode_document(smollm2, d["text"], d["label"], MAX_LENGTH)
+    (d["label"], tuple(e.tokens.tolist()))
+    for d in docs
+    for e in encode_document(smollm2, d["text"], d["label"], MAX_LENGTH)
   )
   assert _segments(list(whole)) == expected
 
@@ -180,8 +186,7 @@ class _CountingSource:
 
 def test_documents_are_read_only_when_needed(docs, smollm2):
   source = _CountingSource(docs)
-  stream = DocumentStream(source, smollm2, _config(num_epochs=None), process_index=0, process_count=1,
-                          encode_group=4)
+  stream = DocumentStream(source, smollm2, _config(num_epochs=None), process_index=0, process_count=1, encode_group=4)
   it = iter(stream)
   assert not source.read
   next(it)
@@ -190,18 +195,23 @@ def test_documents_are_read_only_when_needed(docs, smollm2):
 
 
 def test_bad_documents_raise_or_are_skipped(smollm2):
-  docs = [TextRecord("ok", "Fine text.", 0, "t"), {"id": "empty", "text": " ", "label": 1},
-          {"id": "bad-label", "text": "x", "label": 7}, TextRecord("ok2", "More text.", 1, "t")]
+  docs = [
+    TextRecord("ok", "Fine text.", 0, "t"),
+    {"id": "empty", "text": " ", "label": 1},
+    {"id": "bad-label", "text": "x", "label": 7},
+    TextRecord("ok2", "More text.", 1, "t"),
+  ]
   with pytest.raises(DataError, match="empty"):
-    next(iter(DocumentStream(docs, smollm2, _config(batch_size=2, shuffle=False), process_index=0,
-                             process_count=1)))
-  stream = DocumentStream(docs, smollm2, _config(batch_size=2, shuffle=False, skip_bad_records=True),
-                          process_index=0, process_count=1)
+    next(iter(DocumentStream(docs, smollm2, _config(batch_size=2, shuffle=False), process_index=0, process_count=1)))
+  stream = DocumentStream(
+    docs, smollm2, _config(batch_size=2, shuffle=False, skip_bad_records=True), process_index=0, process_count=1
+  )
   (batch,) = list(stream)
   assert batch["cls_label"].tolist() == [0, 1]
   bad = [{"id": f"b{i}", "text": "", "label": 0} for i in range(9)]
-  forever = DocumentStream(bad, smollm2, _config(num_epochs=None, skip_bad_records=True), process_index=0,
-                           process_count=1, encode_group=4)
+  forever = DocumentStream(
+    bad, smollm2, _config(num_epochs=None, skip_bad_records=True), process_index=0, process_count=1, encode_group=4
+  )
   with pytest.raises(DataError, match="none of the 9 documents"):
     next(iter(forever))
   with pytest.raises(ValueError, match="balance_classes"):
@@ -213,8 +223,9 @@ def test_bad_documents_raise_or_are_skipped(smollm2):
 def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   # grain worker processes (spawned) need absl flags parsed and a main guard: a fresh interpreter.
   script = tmp_path / "workers.py"
-  script.write_text(textwrap.dedent(
-    """
+  script.write_text(
+    textwrap.dedent(
+      """
     import json
     import numpy as np
     from absl import flags
@@ -244,7 +255,8 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
       resumed.set_state(state)
       print("RESULT", len(reference), same(rest, reference[21:]), same(list(resumed), reference[21:]))
     """
-  ))
+    )
+  )
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
   result = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
   assert out.returncode == 0 and result, out.stderr[-3000:]
@@ -260,8 +272,12 @@ def test_training_hook_streams_the_pretraining_corpus(tmp_path, monkeypatch):
 
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   docs = tmp_path / "wiki.jsonl"
-  docs.write_text("".join(json.dumps({"text": f"Article {i}. " + "Some words here. " * (i % 40), "label": int(i % 3 == 0)})
-                          + "\n" for i in range(300)))
+  docs.write_text(
+    "".join(
+      json.dumps({"text": f"Article {i}. " + "Some words here. " * (i % 40), "label": int(i % 3 == 0)}) + "\n"
+      for i in range(300)
+    )
+  )
   c = config_lib.default_config()
   with c.unlocked():
     c.model.preset = "smollm2_135m"

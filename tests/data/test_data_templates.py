@@ -68,8 +68,7 @@ def test_llama2_matches_the_reference_construction(mistral, shipped):
   splits, _ = shipped
   for r in splits["train"][:1500]:
     prompt = (
-      f"[INST] <<SYS>>\n{LLAMA2_SYSTEM_PROMPT}\n<</SYS>>\n\n"
-      f"### Instruction:\n{r.prompt}\n\n### Response:\n [/INST]"
+      f"[INST] <<SYS>>\n{LLAMA2_SYSTEM_PROMPT}\n<</SYS>>\n\n### Instruction:\n{r.prompt}\n\n### Response:\n [/INST]"
     )
     want = [mistral.cls_id] + sp.encode(prompt + " " + r.response + " ", add_bos=True) + [2]
     ex = encode_example(mistral, template, r.prompt, r.response, r.label)
@@ -101,9 +100,7 @@ def test_chatml_matches_smollm2_chat_template(smollm2, hf_smollm2, shipped, adve
   queries = [r.prompt for r in splits["validation"]] + [a for a in adversarial if "<|" not in a]
   for q in queries:
     enc = encode_prompt(smollm2, template, q)
-    want = hf.apply_chat_template(
-      [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
-    )
+    want = hf.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
     want = want if isinstance(want, list) else want["input_ids"]
     if enc.forced_boundary:  # the documented divergence: the query's edges are forced
       assert smollm2.decode(enc.tokens[1:].tolist()) == smollm2.decode(want)

@@ -215,9 +215,7 @@ def test_tokenizer_json_needs_bos_and_eos(tmp_path):
   import tokenizers
 
   alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-  bare = tokenizers.Tokenizer(
-    tokenizers.models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, merges=[])
-  )
+  bare = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
   bare.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   bare.decoder = tokenizers.decoders.ByteLevel()
   bare.save(str(tmp_path / "tokenizer.json"))
