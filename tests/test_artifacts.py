@@ -2,9 +2,7 @@
 their precedence, and the chains after a (tiny) main job: `generate --checkpoint=RUN_DIR` and
 `convert --src=RUN_DIR` -> an HF directory that transformers loads, chat template included."""
 
-import dataclasses
 import json
-import os
 import shutil
 
 import jax

@@ -7,7 +7,8 @@ import pytest
 from test_eval_lm import tiny_model
 
 from clsalign_jax.eval.gcg import GCG, GCGConfig, blocked_tokens
-from clsalign_jax.eval.lm import TargetModel, random_params, teacher_forced
+from clsalign_jax.artifacts import random_params
+from clsalign_jax.eval.lm import TargetModel, teacher_forced
 from clsalign_jax.model import Transformer
 
 SMALL = GCGConfig(steps=4, suffix_tokens=6, top_k=16, search_width=32, eval_batch_size=32)

@@ -354,7 +354,9 @@ def _tiny_llama3_fields(tok):
 def _judge(tok, fmt, seed=0):
   from clsalign_jax.data.templates import get_template
   from clsalign_jax.eval import judges as J
-  from clsalign_jax.eval.lm import TargetModel, model_config_from, random_params
+  from clsalign_jax.artifacts import random_params
+  from clsalign_jax.eval.lm import TargetModel
+  from clsalign_jax.model import config_from_fields as model_config_from
 
   cfg = model_config_from(_tiny_llama3_fields(tok))
   # As make_judge does: the template only supplies the end token, the tokenizer's EOS.

@@ -1,7 +1,6 @@
 """Both notebooks run top to bottom in a fresh kernel at the small budget (no network: the Colab
 install cell is skipped), and they are stored without outputs."""
 
-import os
 import pathlib
 import time
 

@@ -73,7 +73,7 @@ def test_wheel_installs_and_its_scripts_run(tmp_path):
   # One tiny generation from an exported random model with the test tokenizer.
   from clsalign_jax import model as M
   from clsalign_jax.data.tokenizer import Tokenizer
-  from clsalign_jax.eval.lm import random_params
+  from clsalign_jax.artifacts import random_params
   from clsalign_jax.interop import hf
 
   tok = Tokenizer.from_tokenizer_json(REPO / "tests" / "fixtures" / "eval" / "tiny_tokenizer")
