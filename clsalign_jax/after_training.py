@@ -129,16 +129,7 @@ def cls_test_metrics(config, workdir: str, h: harness_lib.Harness) -> dict:
 
   def compute():
     _log(f"CLS metrics on {len(prompts)} test prompts")
-    step = identity["weights"].get("step")
-    model = TargetModel.load(
-      "cls",
-      f"{variant.checkpoint}@{step}",
-      variant.tokenizer,
-      variant.template,
-      {},
-      dict(variant.model),
-      batch_size=config.after_training.batch_size,
-    )
+    model = _scoring_model(config, variant, identity)
     p = model.score([model.encode(q) for q, _ in prompts]).p_malicious
     y = np.array([label for _, label in prompts])
     pred = p >= config.loss.cls_threshold
@@ -188,16 +179,7 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
 
   def compute():
     _log(f"shortcut probe: CLS on {len(items)} JailbreakBench prompts")
-    step = identity["weights"].get("step")
-    model = TargetModel.load(
-      "cls",
-      f"{variant.checkpoint}@{step}",
-      variant.tokenizer,
-      variant.template,
-      {},
-      dict(variant.model),
-      batch_size=config.after_training.batch_size,
-    )
+    model = _scoring_model(config, variant, identity)
     p = model.score([model.encode(i.query) for i in items]).p_malicious.astype(np.float64)
     y = np.array([int(i.meta["label"]) for i in items])
     cats = np.array([i.category for i in items])
@@ -208,6 +190,20 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
     }
 
   return _cached_json(pathlib.Path(workdir, "eval", "probe.json"), fp, compute)
+
+
+def _scoring_model(config, variant, identity: dict) -> TargetModel:
+  """The run's weights at the step the fingerprint pinned, for prompt-time CLS scores."""
+  step = identity["weights"].get("step")
+  return TargetModel.load(
+    "cls",
+    f"{variant.checkpoint}@{step}",
+    variant.tokenizer,
+    variant.template,
+    {},
+    dict(variant.model),
+    batch_size=config.after_training.batch_size,
+  )
 
 
 def _cached_json(path: pathlib.Path, fp: str, compute):
