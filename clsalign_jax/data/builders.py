@@ -25,6 +25,7 @@ from etils import epath
 from clsalign_jax.data import curation, mixture
 from clsalign_jax.data.records import (
   LABEL_NAMES,
+  DataError,
   FieldMap,
   _apportion,
   iter_text_records,
@@ -263,6 +264,15 @@ class _CorpusSplits:
         group_split[members[start : start + count]] = k
         start += count
     doc_split = group_split[inverse]
+    per_split = np.bincount(doc_split, minlength=2)
+    if len(labels) and per_split.min() == 0:
+      # TFDS would stop on an empty split with an assertion that reads like its own bug.
+      empty = self.names[int(np.argmin(per_split))]
+      raise DataError(
+        f"{', '.join(map(str, config.files))}: {len(labels)} documents leave the {empty!r} split empty "
+        f"(fractions {dict(fractions)}); give more documents (about {int(np.ceil(1 / min(fractions.values())))} "
+        "or more) or a larger validation_fraction"
+      )
     self.rare = int(np.argmin(np.bincount(group_split, minlength=2)))
     self.rare_digests = {g.tobytes() for g in groups[group_split == self.rare]}
     self.metadata = {

@@ -144,3 +144,13 @@ def test_pretrain_corpus_splits_like_assign_splits_without_holding_the_corpus(tm
     name: {"benign": sum(r.label == 0 for r in rs), "malicious": sum(r.label == 1 for r in rs)}
     for name, rs in expected.items()
   }
+
+
+def test_pretrain_corpus_too_small_for_a_validation_split_is_refused_by_name(tmp_path):
+  # 20 documents at the default 1 % leave the validation split empty (rounding per label): one
+  # DataError naming the file, not TFDS's assertion on an empty split.
+  docs = tmp_path / "tiny.jsonl"
+  docs.write_text("".join(json.dumps({"text": f"Note {i} on bread.", "label": i % 2}) + "\n" for i in range(20)))
+  builder = SafetyPretrainCorpus(data_dir=str(tmp_path / "tfds"), config=pretrain_corpus_config([docs]))
+  with pytest.raises(DataError, match=r"tiny\.jsonl: 20 documents leave the 'validation' split empty"):
+    prepare(builder)
