@@ -328,7 +328,7 @@ def write_run_facts(config, workdir: str) -> RunFacts:
   facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS))
   facts = dataclasses.replace(facts, tokenizer=_abs_tokenizer(facts.tokenizer))
   if facts.template is None and facts.tokenizer:
-    facts = dataclasses.replace(facts, template=training_template(load_tokenizer(facts.tokenizer)))
+    facts = dataclasses.replace(facts, template=training_default(load_tokenizer(facts.tokenizer)))
   write_facts(workdir, facts)
   return facts
 
@@ -336,20 +336,7 @@ def write_run_facts(config, workdir: str) -> RunFacts:
 def write_facts(directory: str, facts: RunFacts) -> None:
   """Store `facts` as `directory/run_facts.json` (a run's workdir, an export)."""
   os.makedirs(directory, exist_ok=True)
-  _write_json(os.path.join(directory, RUN_FACTS), facts.to_json())
-
-
-def training_template(tokenizer: Tokenizer) -> str:
-  """The template training uses when `data.template` is unset (the data pipeline's rule)."""
-  return training_default(tokenizer)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  hf_io.write_json(os.path.join(directory, RUN_FACTS), facts.to_json())
 
 
 def _read_json(path: str) -> Any:
@@ -586,7 +573,7 @@ def resolve_template(
   if facts.template:
     return facts.template, {**facts.template_kwargs, **(explicit_kwargs or {})}
   if facts.cls_trained:  # a run from before run facts, trained with the data pipeline's default
-    return training_template(tokenizer), dict(explicit_kwargs or {})
+    return training_default(tokenizer), dict(explicit_kwargs or {})
   return inferred_template(cfg, tokenizer), dict(explicit_kwargs or {})
 
 

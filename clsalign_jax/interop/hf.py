@@ -337,8 +337,8 @@ def save_hf(
   os.makedirs(directory, exist_ok=True)
   params = unstack_layers(params)
   dtype = _dtype_name(np.asarray(params["embedding"]))
-  _write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype))
-  _write_json(
+  write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype))
+  write_json(
     os.path.join(directory, "generation_config.json"),
     {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False},
   )
@@ -362,7 +362,7 @@ def save_hf(
       for name, arr in shard.items():
         weight_map[name] = fname
         total += arr.nbytes
-    _write_json(
+    write_json(
       os.path.join(directory, "model.safetensors.index.json"),
       {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
@@ -376,7 +376,7 @@ def save_hf(
     },
     os.path.join(directory, CLS_FILE),
   )
-  _write_json(
+  write_json(
     os.path.join(directory, CLS_META),
     {
       "format_version": FORMAT_VERSION,
@@ -397,7 +397,7 @@ def save_hf(
       with open(path, encoding="utf-8") as f:
         tok_config = json.load(f)
       tok_config["chat_template"] = chat_template
-      _write_json(path, tok_config)
+      write_json(path, tok_config)
 
 
 def jinja_chat_template(template, tokenizer) -> str:
@@ -442,7 +442,8 @@ def _save_tensors(tensors: dict, path: str) -> None:
   os.replace(tmp, path)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented JSON, replacing `path` only once the whole file is written."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
