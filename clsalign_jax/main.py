@@ -4,18 +4,26 @@ Multi-process: start one process per host (or per local group of devices) with t
 command plus either `--distributed` (clusters jax detects by itself: TPU pods, SLURM, ...)
 or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
+On Linux/glibc the command restarts itself once with 2 MiB huge pages for host allocations
+(clsalign_jax/host_memory.py; CLSALIGN_HUGEPAGES=0 turns it off).
+
 Errors end in one line (`error: ...`; exit code 2 for a wrong flag or config value, 1 for a
 failed run); `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # before the imports below, which the restart would only repeat
+  from clsalign_jax import host_memory
 
-from clsalign_jax import after_training, cli, train
-from clsalign_jax import config as config_lib
+  host_memory.reexec_with_huge_pages()
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from clsalign_jax import after_training, cli, train  # noqa: E402
+from clsalign_jax import config as config_lib  # noqa: E402
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:

@@ -294,6 +294,71 @@ def apply_rope(x_BTnH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   return out.astype(x_BTnH.dtype)
 
 
+# Query/key block of `blocked_attention`, which long cached forwards (the decode loop's prompt
+# pass of more than 2 blocks) use instead of materialising [B, G, R, T, S] scores.
+ATTENTION_BLOCK = 256
+
+
+def blocked_attention(q_BTGRH: Array, k_BGSH: Array, v_BGSH: Array, mask_BTS: Array, block: int):
+  """Attention by blocks of `block` query rows × `block` key slots with an online softmax,
+  visiting for each query block only the key blocks between the first and the last slot its
+  mask allows; returns [B, T, G, R, H].
+
+  Why: for a 2,048-token prompt the dense path writes and rereads fp32 scores and probabilities
+  of [B, G, R, T, S] (151 MB per layer for SmolLM2) and exponentiates every masked cell; here a
+  block's scores stay in cache and a causal mask skips about half of the blocks. Same values as
+  the dense path to float rounding, except rows whose mask allows nothing: they come out as 0
+  (the dense path averages every slot), which no caller reads (padding rows are never stored).
+  The key-block range is data-dependent (a while loop), so this path has no reverse-mode
+  gradient; training never takes it (it has no cache).
+  """
+  B, T, G, R, H = q_BTGRH.shape
+  S = k_BGSH.shape[2]
+  C = block
+  nq, nk = -(-T // C), -(-S // C)
+  dtype = q_BTGRH.dtype
+  q_BTGRH = jnp.pad(q_BTGRH, ((0, 0), (0, nq * C - T), (0, 0), (0, 0), (0, 0)))
+  k_BGSH = jnp.pad(k_BGSH, ((0, 0), (0, 0), (0, nk * C - S), (0, 0)))
+  v_BGSH = jnp.pad(v_BGSH, ((0, 0), (0, 0), (0, nk * C - S), (0, 0)))
+  mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, nq * C - T), (0, nk * C - S)))
+  q_QBGRCH = q_BTGRH.reshape(B, nq, C, G, R, H).transpose(1, 0, 3, 4, 2, 5)
+  mask_QBCS = mask_BTS.reshape(B, nq, C, nk * C).transpose(1, 0, 2, 3)
+  scale = 1.0 / jnp.sqrt(jnp.float32(H))
+
+  def query_block(args):
+    q_BGRCH, mask_BCS = args
+    any_K = jnp.any(mask_BCS.reshape(B, C, nk, C), axis=(0, 1, 3))
+    lo = jnp.argmax(any_K)
+    hi = jnp.where(jnp.any(any_K), nk - jnp.argmax(any_K[::-1]), lo)
+
+    def key_block(j, carry):
+      max_BGRC, sum_BGRC, acc_BGRCH = carry
+      k_BGKH = jax.lax.dynamic_slice_in_dim(k_BGSH, j * C, C, axis=2)
+      v_BGKH = jax.lax.dynamic_slice_in_dim(v_BGSH, j * C, C, axis=2)
+      m_BCK = jax.lax.dynamic_slice_in_dim(mask_BCS, j * C, C, axis=2)
+      s_BGRCK = jnp.einsum("bgrch,bgkh->bgrck", q_BGRCH, k_BGKH, preferred_element_type=jnp.float32) * scale
+      s_BGRCK = jnp.where(m_BCK[:, None, None], s_BGRCK, -jnp.inf)
+      new_max_BGRC = jnp.maximum(max_BGRC, jnp.max(s_BGRCK, axis=-1))
+      # A row with nothing allowed so far keeps max -inf; shifting it by 0 keeps exp() at 0, not NaN.
+      shift_BGRC = jnp.where(jnp.isfinite(new_max_BGRC), new_max_BGRC, 0.0)
+      p_BGRCK = jnp.exp(s_BGRCK - shift_BGRC[..., None])
+      rescale_BGRC = jnp.exp(max_BGRC - shift_BGRC)
+      sum_BGRC = sum_BGRC * rescale_BGRC + jnp.sum(p_BGRCK, axis=-1)
+      pv_BGRCH = jnp.einsum("bgrck,bgkh->bgrch", p_BGRCK.astype(dtype), v_BGKH, preferred_element_type=jnp.float32)
+      return new_max_BGRC, sum_BGRC, acc_BGRCH * rescale_BGRC[..., None] + pv_BGRCH
+
+    init = (
+      jnp.full((B, G, R, C), -jnp.inf, jnp.float32),
+      jnp.zeros((B, G, R, C), jnp.float32),
+      jnp.zeros((B, G, R, C, H), jnp.float32),
+    )
+    _, sum_BGRC, acc_BGRCH = jax.lax.fori_loop(lo, hi, key_block, init)
+    return (acc_BGRCH / jnp.where(sum_BGRC > 0, sum_BGRC, 1.0)[..., None]).astype(dtype)
+
+  out_QBGRCH = jax.lax.map(query_block, (q_QBGRCH, mask_QBCS))
+  return out_QBGRCH.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * C, G, R, H)[:, :T]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   # None: `cache` is this layer's (k, v), [B, G, S, H] each. An int: `cache` is the whole stack,
@@ -315,9 +380,12 @@ class Attention(nn.Module):
     wv_DGH = kernel("v_proj", (D, G, H), ("embed", "kv_heads", "head_dim"))
     wo_NHD = kernel("o_proj", (N, H, D), ("heads", "head_dim", "embed"))
 
-    q_BTNH = checkpoint_name(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), "query_proj")
-    k_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wk_DGH), "key_proj")
-    v_BTGH = checkpoint_name(jnp.einsum("btd,dgh->btgh", x_BTD, wv_DGH), "value_proj")
+    B, T = x_BTD.shape[:2]
+    # matmul.dense on the flattened heads: same values, a backward without transposes of the
+    # projections' output gradients (see MLP).
+    q_BTNH = checkpoint_name(matmul.dense(x_BTD, wq_DNH.reshape(D, N * H)).reshape(B, T, N, H), "query_proj")
+    k_BTGH = checkpoint_name(matmul.dense(x_BTD, wk_DGH.reshape(D, G * H)).reshape(B, T, G, H), "key_proj")
+    v_BTGH = checkpoint_name(matmul.dense(x_BTD, wv_DGH.reshape(D, G * H)).reshape(B, T, G, H), "value_proj")
     q_BTNH = nn.with_logical_constraint(
       q_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim")
     )
@@ -343,11 +411,13 @@ class Attention(nn.Module):
       k_BSGH, v_BSGH = k_BGSH.astype(dtype), v_BGSH.astype(dtype)  # named for the spec below
       kv = "bgsh"
 
-    B, T = x_BTD.shape[:2]
     if cfg.attention_impl == "cudnn":
       if kv == "bgsh":
         k_BSGH, v_BSGH = k_BSGH.transpose(0, 2, 1, 3), v_BSGH.transpose(0, 2, 1, 3)
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSGH, v_BSGH, mask=mask_BTS[:, None], implementation="cudnn")
+    elif kv == "bgsh" and T > 2 * ATTENTION_BLOCK:
+      out_BTNH = blocked_attention(q_BTNH.reshape(B, T, G, N // G, H), k_BSGH, v_BSGH, mask_BTS, ATTENTION_BLOCK)
+      out_BTNH = out_BTNH.reshape(B, T, N, H)
     else:
       q_BTGRH = q_BTNH.reshape(B, T, G, N // G, H)
       scores_BGRTS = jnp.einsum(f"btgrh,{kv}->bgrts", q_BTGRH, k_BSGH, preferred_element_type=jnp.float32) / jnp.sqrt(
@@ -358,7 +428,7 @@ class Attention(nn.Module):
       probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
       out_BTNH = jnp.einsum(f"bgrts,{kv}->btgrh", probs_BGRTS, v_BSGH).reshape(B, T, N, H)
     # Flattened heads: contracting (n, h) as two dims let XLA CPU transpose o_proj every call.
-    out_BTD = jnp.einsum("btk,kd->btd", out_BTNH.reshape(B, T, N * H), wo_NHD.reshape(N * H, D))
+    out_BTD = matmul.dense(out_BTNH.reshape(B, T, N * H), wo_NHD.reshape(N * H, D))
     return checkpoint_name(out_BTD, "attn_out"), new_cache
 
 

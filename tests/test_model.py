@@ -200,6 +200,78 @@ def test_lm_rows_compute_only_the_chosen_rows(tied, scan):
   jax.tree.map(np.testing.assert_array_equal, some.cache, full.cache)
 
 
+def _attention_brute_force(q_BTGRH, k_BGSH, v_BGSH, mask_BTS):
+  """Softmax attention cell by cell in float64 numpy; a row with nothing allowed is 0."""
+  q, k, v, mask = (np.asarray(a, np.float64) for a in (q_BTGRH, k_BGSH, v_BGSH, mask_BTS))
+  B, T, G, R, H = q.shape
+  out = np.zeros_like(q)
+  for b, t, g, r in np.ndindex(B, T, G, R):
+    allowed = np.flatnonzero(mask[b, t])
+    if allowed.size:
+      s = k[b, g, allowed] @ q[b, t, g, r] / np.sqrt(H)
+      p = np.exp(s - s.max())
+      out[b, t, g, r] = (p / p.sum()) @ v[b, g, allowed]
+  return out
+
+
+def test_blocked_attention_matches_brute_force():
+  rng = np.random.default_rng(0)
+  B, T, S, G, R, H = 2, 70, 83, 2, 2, 8
+  q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((B, T, G, R, H), (B, G, S, H), (B, G, S, H)))
+  rows, slots = np.arange(T)[:, None], np.arange(S)[None, :]
+  mask = (slots <= rows + 3) & (rows - slots < 40)  # causal-ish with a sliding window: blocks skipped at both ends
+  mask = np.broadcast_to(mask, (B, T, S)).copy()
+  mask[0, 0, :] = slots[0] < 60  # a CLS-like row reading far ahead of its own block
+  mask[1, 5, :] = False  # a padding row
+  mask[1, 30:34, 16:32] = False  # a whole key block absent from some rows
+  out = M.blocked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), block=16)
+  assert out.shape == (B, T, G, R, H)
+  np.testing.assert_allclose(np.asarray(out), _attention_brute_force(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_long_cached_forward_takes_the_blocked_path_with_the_same_values(monkeypatch, scan):
+  # A cached forward of more than 2 blocks of rows (the decode loop's prompt pass) goes through
+  # blocked_attention; its logits, CLS logit and cache must be the dense path's.
+  cfg = M.ModelConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, scan_layers=scan
+  )
+  params = M.init_params(cfg, jax.random.key(0))
+  B, T, S = 2, 40, 47
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size).at[:, 0].set(cfg.cls_id)
+  span = jnp.asarray([[2, 30], [2, 21]], jnp.int32)
+  input_len = jnp.asarray([T, 33], jnp.int32)
+  mask = masks.prefill_mask(input_len, input_len - 5, span, T, S)
+  slots = jnp.where(jnp.arange(T)[None] < input_len[:, None], jnp.arange(T)[None], S)
+
+  def run():
+    return M.Transformer(cfg).apply(
+      {"params": params},
+      tokens,
+      jnp.broadcast_to(jnp.arange(T), (B, T)),
+      mask,
+      cache=M.init_cache(cfg, B, S),
+      slots_BT=slots,
+      cls_row=0,
+      lm_rows_BK=(input_len - 1)[:, None],
+    )
+
+  calls = []
+  blocked = M.blocked_attention
+  monkeypatch.setattr(M, "blocked_attention", lambda *a: calls.append(a[-1]) or blocked(*a))
+  monkeypatch.setattr(M, "ATTENTION_BLOCK", 8)
+  got = run()
+  assert calls and set(calls) == {8}  # traced once per layer (once in all under scan)
+  n_calls = len(calls)
+  monkeypatch.setattr(M, "ATTENTION_BLOCK", T)  # T <= 2 blocks: the dense path
+  want = run()
+  assert len(calls) == n_calls
+  np.testing.assert_allclose(got.logits_BTV, want.logits_BTV, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.cls_logit_B, want.cls_logit_B, rtol=1e-5, atol=1e-5)
+  for g, w in zip(got.cache, want.cache):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
   m = _tiny_hf("llama_gqa")
   cfg, params = _import(m, tmp_path)
