@@ -39,7 +39,7 @@ from absl import logging
 # inline backend alone, and no GUI window is ever opened headless.
 from matplotlib.figure import Figure
 
-from clsalign_jax import artifacts
+from clsalign_jax import artifacts, files
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
 from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
@@ -47,7 +47,6 @@ from clsalign_jax.data import builders
 from clsalign_jax.data.curation import auc
 from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval.benchmarks import load_benchmark
-from clsalign_jax.eval import report as report_lib
 from clsalign_jax.eval.lm import TargetModel
 
 JUDGE = "advbench"  # ASR on malicious prompts
@@ -213,7 +212,7 @@ def _cached_json(path: pathlib.Path, fp: str, compute):
     if stored["fingerprint"] == fp:
       return stored["value"]
   value = compute()
-  report_lib.atomic_write_json(path, {"fingerprint": fp, "value": value})
+  files.atomic_write_json(path, {"fingerprint": fp, "value": value})
   return value
 
 
@@ -441,7 +440,7 @@ def write_report(
     "",
   ]
   path = out / "report.md"
-  report_lib.atomic_write(path, "\n".join(lines))
+  files.atomic_write(path, "\n".join(lines))
   return path
 
 
@@ -499,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch_size", type=int, default=64)
   args = parser.parse_args(argv)
   value = cls_test(args.workdir, args.examples, args.batch_size)
-  report_lib.atomic_write(args.out, json.dumps(value, indent=2) + "\n")
+  files.atomic_write(args.out, json.dumps(value, indent=2) + "\n")
   print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")
   return 0
 

@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from clsalign_jax import checkpoint as ckpt_lib
+from clsalign_jax import files
 from clsalign_jax import model as model_lib
 from clsalign_jax.assets import smollm2_gguf_path
 from clsalign_jax.data.templates import ChatTemplate, get_template, training_default
@@ -336,7 +337,7 @@ def write_run_facts(config, workdir: str) -> RunFacts:
 def write_facts(directory: str, facts: RunFacts) -> None:
   """Store `facts` as `directory/run_facts.json` (a run's workdir, an export)."""
   os.makedirs(directory, exist_ok=True)
-  hf_io.write_json(os.path.join(directory, RUN_FACTS), facts.to_json())
+  files.atomic_write_json(os.path.join(directory, RUN_FACTS), facts.to_json(), indent=2)
 
 
 def _read_json(path: str) -> Any:

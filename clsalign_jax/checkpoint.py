@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from clsalign_jax import files
 from clsalign_jax.errors import CheckpointError
 
 ITEMS = ("params", "opt_state", "progress", "data", "meta")
@@ -144,10 +145,7 @@ class Checkpointer:
     step, self._pending = self._pending, None
     if jax.process_index() == 0:
       record = {"algorithm": "sha256", "files": file_digests(self.step_dir(step))}
-      tmp = os.path.join(self.step_dir(step), DIGESTS + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-      os.replace(tmp, os.path.join(self.step_dir(step), DIGESTS))
+      files.atomic_write_json(os.path.join(self.step_dir(step), DIGESTS), record)
     if self.keep is not None:
       # `step` was just written and hashed, so it is intact: deleting older ones never leaves none.
       for old in [s for s in self.all_steps() if s < step][: -(self.keep - 1) or None]:

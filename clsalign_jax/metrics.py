@@ -11,6 +11,7 @@ import jax
 import tqdm
 from absl import logging
 
+from clsalign_jax import files
 from clsalign_jax.model import ModelConfig
 
 # bf16 dense matmul peak per device, by a substring of `jax.Device.device_kind`.
@@ -97,10 +98,7 @@ class MetricWriter:
         raise ValueError(f"{self.jsonl_path}:{number}: not a metrics record ({e}); fix or remove that line") from None
       if step <= start_step:
         kept.append(line + "\n")
-    tmp = self.jsonl_path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.jsonl_path)
+    files.atomic_write(self.jsonl_path, "".join(kept))
 
   def write(self, step: int, split: str, scalars: dict) -> None:
     if not self.enabled:

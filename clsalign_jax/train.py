@@ -31,7 +31,7 @@ from absl import logging
 from clsalign_jax import artifacts
 from clsalign_jax import checkpoint as ckpt_lib
 from clsalign_jax import config as config_lib
-from clsalign_jax import errors, losses, masks, metrics as metrics_lib
+from clsalign_jax import errors, files, losses, masks, metrics as metrics_lib
 from clsalign_jax import model as model_lib
 from clsalign_jax import sharding, synthetic
 from clsalign_jax.lock import workdir_lock
@@ -58,13 +58,6 @@ _SUM_KEYS = ("lm_sum", "lm_count", "cls_sum", "tp", "fp", "fn", "tn")
 # went on to a non-finite or diverging loss.
 CORRUPT_DIR = "corrupt_checkpoints"
 REJECTED_DIR = "rejected_checkpoints"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 class NonFiniteLossError(errors.TrainingStopped, FloatingPointError):
@@ -571,7 +564,7 @@ def _train_and_evaluate(config, workdir, cfg, num_steps, mesh, rules, schedule, 
 
     # Everything is checked: from here on the run writes.
     if jax.process_index() == 0:
-      atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+      files.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
       # What generate, convert and evaluation must use this run with (template, tokenizer, CLS facts).
       artifacts.write_run_facts(config, workdir)
     ckpt = ckpt_lib.Checkpointer(directory, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)

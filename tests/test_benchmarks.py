@@ -39,10 +39,14 @@ def test_data_throughput_documents_smoke():
     ("old (encode all, then batch)", "600"),
     ("new (streaming)", "300"),
     ("new (streaming)", "600"),
+    ("floor: texts + batch encoder only", "300"),
+    ("floor: texts + batch encoder only", "600"),
   ]
-  # The same documents give the same real tokens on either path.
+  # The same documents give the same real tokens on either path; the floor encodes the same texts
+  # without the [CLS], BOS and EOS a row adds (at least 3 per document).
   tokens = [int(r[2].replace(",", "")) for r in rows]
   assert tokens[0] == tokens[2] > 0 and tokens[1] == tokens[3] > tokens[0]
+  assert 0 < tokens[4] <= tokens[2] - 3 * 300 and 0 < tokens[5] <= tokens[3] - 3 * 600
 
 
 def test_decode_benchmark_smoke():
@@ -70,3 +74,25 @@ def test_decode_benchmark_smoke():
   prefill = [r.split("|")[3].strip() for r in rows if r.split("|")[3].strip() in ("ours", "transformers")]
   assert prefill == ["transformers", "ours"] * 2
   assert "memory bandwidth" in out.stdout and "of roofline" in out.stdout
+
+
+def test_small_matmul_benchmark_smoke():
+  out = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", "small_matmul.py"), "--smoke"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [l.split("|")[1:-1] for l in out.stdout.splitlines() if l.startswith("| ") and not l.startswith("| rows")]
+  assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+    ("1", "one M-row product"),
+    ("2", "one M-row product"),
+    ("2", "2 one-row products"),
+    ("8", "one M-row product"),
+    ("8", "8 one-row products"),
+    ("16", "one M-row product"),
+    ("16", "16 one-row products"),
+  ]
+  assert float(rows[0][4]) == 1.0

@@ -2,7 +2,6 @@
 
 import csv
 
-import pytest
 
 from clsalign_jax.eval import report
 
@@ -21,24 +20,6 @@ def _row(variant, attack, judge, asr):
     "refusal_inserted_rate": 0.25,
     "mean_p_initial": 0.4,
   }
-
-
-def test_atomic_write_replaces_whole_files_only(tmp_path):
-  path = tmp_path / "sub" / "cell.json"
-  report.atomic_write_json(path, {"a": 1})
-  report.atomic_write(path, "second")
-  assert path.read_text() == "second"
-
-  class Boom(Exception):
-    pass
-
-  class Exploding(str):
-    def encode(self, *args):
-      raise Boom
-
-  with pytest.raises(Boom):
-    report.atomic_write(path, Exploding("third"))
-  assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["cell.json"]
 
 
 def test_pivot_markdown_shows_percent():

@@ -1,6 +1,6 @@
 """The ASR harness: variants × attacks × benchmarks, judges, utility, probe, report.
 
-Output directory layout (every file is written atomically, see `report.atomic_write`):
+Output directory layout (every file is written atomically, see `clsalign_jax.files`):
 
   generations/<variant>/<benchmark>/<attack>.jsonl       one line per case
   generations/<variant>/<benchmark>/<attack>.meta.json   fingerprint + counts, written after the JSONL
@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 
 from absl import logging
 
+from clsalign_jax import files
 from clsalign_jax.artifacts import checkpoint_identity
 from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.errors import ConfigError
@@ -199,7 +200,7 @@ def _cached(path: pathlib.Path, fp: str, compute: Callable[[], object]):
     if stored.get("fingerprint") == fp:
       return stored["value"]
   value = compute()
-  report.atomic_write_json(path, {"fingerprint": fp, "value": value})
+  files.atomic_write_json(path, {"fingerprint": fp, "value": value})
   return value
 
 
@@ -381,8 +382,8 @@ class Harness:
         rec["cls_trace"] = g.cls_trace
       lines.append(json.dumps(rec, ensure_ascii=False))
     jsonl, meta = self.gen_paths(v, a, b)
-    report.atomic_write(jsonl, "".join(line + "\n" for line in lines))
-    report.atomic_write_json(
+    files.atomic_write(jsonl, "".join(line + "\n" for line in lines))
+    files.atomic_write_json(
       meta,
       {
         "fingerprint": self.gen_fingerprint(v, a, b),

@@ -1,42 +1,22 @@
-"""Tables and plots of an evaluation run, and the atomic file writes everything else uses.
+"""Tables and plots of an evaluation run.
 
-Every output file is written to a temporary name in its own directory and renamed into place,
-so a reader (a resumed run, a person) sees either the old file or the new one, never half.
+Every output file is written through `clsalign_jax.files`, so a reader (a resumed run, a person)
+sees either the old file or the new one, never half.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import pathlib
-import tempfile
 import urllib.parse
 from collections.abc import Mapping, Sequence
 
 # Figures are built without pyplot: no global backend state, and no display needed on servers.
 from matplotlib.figure import Figure
 
-
-def atomic_write(path, data: str | bytes) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def atomic_write_json(path, obj) -> None:
-  atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+from clsalign_jax import files
 
 
 def csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
@@ -68,7 +48,7 @@ def pivot_markdown(rows: Sequence[Mapping], row_keys: Sequence[str], col_key: st
 def _save_figure(fig: Figure, path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-  atomic_write(path, buf.getvalue())
+  files.atomic_write(path, buf.getvalue())
 
 
 def plot_asr(rows: Sequence[Mapping], benchmark: str, judge: str, path) -> None:
@@ -139,7 +119,7 @@ def write_report(
 ) -> None:
   """summary.csv, settings.csv, utility.csv, judge_validation.csv, summary.md and plots/*.png."""
   out = pathlib.Path(out_dir)
-  atomic_write(out / "summary.csv", csv_text(summary, SUMMARY_COLUMNS))
+  files.atomic_write(out / "summary.csv", csv_text(summary, SUMMARY_COLUMNS))
   md = [
     "# Evaluation summary",
     "",
@@ -164,7 +144,7 @@ def write_report(
       "",
     ]
   if settings:
-    atomic_write(out / "settings.csv", csv_text(settings, SETTING_COLUMNS))
+    files.atomic_write(out / "settings.csv", csv_text(settings, SETTING_COLUMNS))
     md += ["## Per decoding setting", "", "Best single setting per cell (see settings.csv for all):", ""]
     best: dict[tuple, Mapping] = {}
     for r in settings:
@@ -179,7 +159,7 @@ def write_report(
     md.append("")
   if utility:
     columns = ["variant", "task"] + sorted({k for r in utility for k in r} - {"variant", "task"})
-    atomic_write(out / "utility.csv", csv_text(utility, columns))
+    files.atomic_write(out / "utility.csv", csv_text(utility, columns))
     md += ["## Utility", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += [
       "| " + " | ".join(str(round(r[c], 4) if isinstance(r.get(c), float) else r.get(c, "")) for c in columns) + " |"
@@ -188,7 +168,7 @@ def write_report(
     md.append("")
   if validation:
     columns = ("judge", "file", "n", "agreement", "precision", "recall", "tp", "fp", "fn", "tn", "unparsed")
-    atomic_write(out / "judge_validation.csv", csv_text(validation, columns))
+    files.atomic_write(out / "judge_validation.csv", csv_text(validation, columns))
     md += [
       "## Judge validation (against human labels)",
       "",
@@ -220,4 +200,4 @@ def write_report(
       for c, s in conds.items()
     ]
     md.append("")
-  atomic_write(out / "summary.md", "\n".join(md))
+  files.atomic_write(out / "summary.md", "\n".join(md))

@@ -34,9 +34,9 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from clsalign_jax.files import atomic_write
 from clsalign_jax.eval.harness import LATE_INSERTION, insertion_stats
 from clsalign_jax.eval.judges import KeywordJudge
-from clsalign_jax.eval.report import atomic_write
 
 BEGIN = "<!-- BEGIN GENERATED: python -m clsalign_jax.eval.results_table render (do not edit by hand) -->"
 END = "<!-- END GENERATED -->"

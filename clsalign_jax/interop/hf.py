@@ -16,6 +16,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from clsalign_jax import files
 from clsalign_jax.data.templates import QUERY, Special
 from clsalign_jax.errors import CheckpointError
 from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
@@ -337,10 +338,11 @@ def save_hf(
   os.makedirs(directory, exist_ok=True)
   params = unstack_layers(params)
   dtype = _dtype_name(np.asarray(params["embedding"]))
-  write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype))
-  write_json(
+  files.atomic_write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, dtype), indent=2)
+  files.atomic_write_json(
     os.path.join(directory, "generation_config.json"),
     {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False},
+    indent=2,
   )
 
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -362,9 +364,10 @@ def save_hf(
       for name, arr in shard.items():
         weight_map[name] = fname
         total += arr.nbytes
-    write_json(
+    files.atomic_write_json(
       os.path.join(directory, "model.safetensors.index.json"),
       {"metadata": {"total_size": total}, "weight_map": weight_map},
+      indent=2,
     )
 
   head = params["cls_head"]
@@ -376,7 +379,7 @@ def save_hf(
     },
     os.path.join(directory, CLS_FILE),
   )
-  write_json(
+  files.atomic_write_json(
     os.path.join(directory, CLS_META),
     {
       "format_version": FORMAT_VERSION,
@@ -389,6 +392,7 @@ def save_hf(
       "threshold": threshold,
       "file": CLS_FILE,
     },
+    indent=2,
   )
   if tokenizer is not None:
     tokenizer.save_hf(directory)
@@ -397,7 +401,7 @@ def save_hf(
       with open(path, encoding="utf-8") as f:
         tok_config = json.load(f)
       tok_config["chat_template"] = chat_template
-      write_json(path, tok_config)
+      files.atomic_write_json(path, tok_config, indent=2)
 
 
 def jinja_chat_template(template, tokenizer) -> str:
@@ -437,15 +441,5 @@ def jinja_chat_template(template, tokenizer) -> str:
 
 
 def _save_tensors(tensors: dict, path: str) -> None:
-  tmp = path + ".tmp"
-  safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any) -> None:
-  """`obj` as indented JSON, replacing `path` only once the whole file is written."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from clsalign_jax import files
+
+
+def test_atomic_write_replaces_whole_files_only(tmp_path):
+  path = tmp_path / "sub" / "cell.json"
+  files.atomic_write_json(path, {"a": 1})
+  files.atomic_write(path, "second")
+  assert path.read_text() == "second"
+
+  class Boom(Exception):
+    pass
+
+  class Exploding(str):
+    def encode(self, *args):
+      raise Boom
+
+  with pytest.raises(Boom):
+    files.atomic_write(path, Exploding("third"))
+  assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["cell.json"]
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(b"old")
+  with pytest.raises(OSError):
+    with files.atomic_path(path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(b"half")
+      raise OSError("disk full")
+  assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+  with files.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(b"new")
+  assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_atomic_write_json_is_utf8_with_a_final_newline(tmp_path):
+  path = tmp_path / "facts.json"
+  files.atomic_write_json(path, {"query": "Université", "n": 1}, indent=2)
+  text = path.read_text(encoding="utf-8")
+  assert text.endswith("}\n") and "Université" in text and json.loads(text) == {"query": "Université", "n": 1}
