@@ -25,6 +25,7 @@ on benign prompts "refused" is an over-refusal.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,8 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -42,6 +45,8 @@ from matplotlib.figure import Figure
 from clsalign_jax import artifacts, files
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
+from clsalign_jax import model as model_lib
+from clsalign_jax import train
 from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
 from clsalign_jax.data import builders
 from clsalign_jax.data.curation import auc
@@ -486,6 +491,65 @@ def cls_test(workdir: str, examples: int = -1, batch_size: int = 64) -> dict:
   }
 
 
+# Masks that close the CLS's path from a response row to later response tokens (docs/method.md §2.1,
+# caveat of the response-reading modes), next to the run's own training mask.
+LEAK_MASKS = (
+  ("training mask", {}),
+  ("CLS reads the query only", {"cls_response": "none"}),
+  ("response rows do not read the CLS", {"response_sees_cls": False}),
+)
+
+
+def run_config(workdir: str):
+  """The config a run was trained with: the defaults updated from the workdir's config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: not found (is {workdir} a training run directory?)")
+  with open(path) as f:
+    saved = json.load(f)
+  config = config_lib.default_config()
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}; JSON lists back to the tuples the config holds."""
+  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = as_tuple(v)
+  return out
+
+
+def lm_leak(workdir: str, num_batches: int = -1) -> dict:
+  """The run's LM loss on its eval split under its training mask and under the masks of LEAK_MASKS.
+
+  Under `mask.cls_response` other than "none" the CLS reads response tokens and response rows
+  read the CLS, so a row can see later tokens of its own target through the CLS state; a model
+  that learned to use that path does worse once it is closed. Returns {mask name: {lm_loss,
+  tokens, batches}}; `num_batches` -1 reads the whole split."""
+  config = run_config(workdir)
+  loaded = artifacts.load(f"orbax:{workdir}", need_tokenizer=False)
+  cfg = loaded.cfg.replace(attention_impl="xla")
+  params = jax.tree.map(jnp.asarray, model_lib.to_layout(loaded.params, cfg))
+  out = {}
+  for name, overrides in LEAK_MASKS:
+    c = config.copy_and_resolve_references()
+    c.mask.update(overrides)
+    step = jax.jit(train.make_eval_step(c, cfg))
+    it = train.make_data_iterator(c, c.data.eval_split, 0, 1)
+    lm_sum = lm_count = 0.0
+    batches = 0
+    for batch in it if num_batches < 0 else itertools.islice(it, num_batches):
+      sums = step(params, jax.tree.map(jnp.asarray, batch))
+      lm_sum, lm_count, batches = lm_sum + float(sums["lm_sum"]), lm_count + float(sums["lm_count"]), batches + 1
+    out[name] = {"lm_loss": lm_sum / max(lm_count, 1.0), "tokens": int(lm_count), "batches": batches}
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m clsalign_jax.after_training", description="After-training measurements of a finished run."
@@ -496,7 +560,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--examples", type=int, default=-1, help="per label; -1: the whole split")
   p.add_argument("--batch_size", type=int, default=64)
+  p = sub.add_parser("lm-leak", help="eval-split LM loss under the training mask and with the CLS path closed")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--batches", type=int, default=-1, help="-1: the whole eval split")
   args = parser.parse_args(argv)
+  if args.command == "lm-leak":
+    value = lm_leak(args.workdir, args.batches)
+    files.atomic_write_json(args.out, value, indent=2)
+    for name, v in value.items():
+      print(f"{name}: LM loss {v['lm_loss']:.4f} over {v['tokens']} tokens ({v['batches']} batches)")
+    return 0
   value = cls_test(args.workdir, args.examples, args.batch_size)
   files.atomic_write(args.out, json.dumps(value, indent=2) + "\n")
   print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")

@@ -104,3 +104,35 @@ def test_import_leaves_the_matplotlib_backend_alone():
   )
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_path):
+  c = load_config("tiny")
+  c.train.num_steps = 4
+  c.checkpoint.update(every_steps=4, async_save=False)
+  c.eval.update(every_steps=4, num_batches=2)
+  c.metrics.progress_bar = False
+  c.mask.update(cls_response="window", cls_window=5)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, str(workdir))
+  config = after_training.run_config(str(workdir))
+  assert (config.mask.cls_response, config.mask.cls_window) == ("window", 5)
+  assert config.to_dict() == c.to_dict()
+
+  value = after_training.lm_leak(str(workdir), num_batches=2)
+  assert list(value) == [name for name, _ in after_training.LEAK_MASKS]
+  # The training mask on the eval batches is what the training loop's own eval measured at the end.
+  last_eval = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
+  assert last_eval["step"] == 4
+  assert value["training mask"]["lm_loss"] == pytest.approx(last_eval["lm_loss"], rel=1e-5)
+  assert all(v["batches"] == 2 and v["tokens"] == value["training mask"]["tokens"] > 0 for v in value.values())
+  # Closing the path changes what response rows compute, so the loss moves.
+  assert value["CLS reads the query only"]["lm_loss"] != value["training mask"]["lm_loss"]
+  assert value["response rows do not read the CLS"]["lm_loss"] != value["training mask"]["lm_loss"]
+
+  out = tmp_path / "leak.json"
+  assert after_training.main(["lm-leak", "--workdir", str(workdir), "--out", str(out), "--batches", "2"]) == 0
+  written = json.loads(out.read_text())
+  assert {k: round(v["lm_loss"], 6) for k, v in written.items()} == {
+    k: round(v["lm_loss"], 6) for k, v in value.items()
+  }
