@@ -5,18 +5,25 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _bench(script: str, *args: str, timeout: int = 900, env: dict | None = None) -> str:
+  """Run benchmarks/`script` with `args`; its stdout, after checking it exited 0."""
+  out = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
 
 
 def test_train_benchmark_smoke():
-  out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--smoke"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+  stdout = _bench("train.py", "--smoke", env=CPU)
+  rows = [l for l in stdout.splitlines() if l.startswith("| ")]
   assert rows[0].startswith("| variant |")
   names = [r.split("|")[1].strip() for r in rows[1:]]
   assert names == ["transformers/torch eager (baseline)", "ours, scan, remat=none", "ours, scan, remat=full"]
@@ -26,14 +33,8 @@ def test_train_benchmark_smoke():
 
 
 def test_data_throughput_documents_smoke():
-  out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", "data_throughput.py"), "--documents", "--smoke"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l.split("|")[1:-1] for l in out.stdout.splitlines() if l.startswith("| ") and not l.startswith("| path")]
+  stdout = _bench("data_throughput.py", "--documents", "--smoke")
+  rows = [l.split("|")[1:-1] for l in stdout.splitlines() if l.startswith("| ") and not l.startswith("| path")]
   assert [(r[0].strip(), r[1].strip()) for r in rows] == [
     ("old (encode all, then batch)", "300"),
     ("old (encode all, then batch)", "600"),
@@ -50,16 +51,9 @@ def test_data_throughput_documents_smoke():
 
 
 def test_decode_benchmark_smoke():
-  out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), "--smoke"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
+  stdout = _bench("decode.py", "--smoke", env=CPU)
   # Rows are printed as measured and again as whole tables at the end: read the tables.
-  tables = out.stdout[out.stdout.index("| batch | decoder |") :]
+  tables = stdout[stdout.index("| batch | decoder |") :]
   rows = [l for l in tables.splitlines() if l.startswith("| ")]
   decoders = [r.split("|")[2].strip() for r in rows if r.split("|")[2].strip().startswith(("ours", "transformers"))]
   assert decoders[:6] == [
@@ -73,19 +67,12 @@ def test_decode_benchmark_smoke():
   assert len(decoders) == 12  # batch 1 and 2
   prefill = [r.split("|")[3].strip() for r in rows if r.split("|")[3].strip() in ("ours", "transformers")]
   assert prefill == ["transformers", "ours"] * 2
-  assert "memory bandwidth" in out.stdout and "of roofline" in out.stdout
+  assert "memory bandwidth" in stdout and "of roofline" in stdout
 
 
 def test_small_matmul_benchmark_smoke():
-  out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "benchmarks", "small_matmul.py"), "--smoke"],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [l.split("|")[1:-1] for l in out.stdout.splitlines() if l.startswith("| ") and not l.startswith("| rows")]
+  stdout = _bench("small_matmul.py", "--smoke", timeout=300, env=CPU)
+  rows = [l.split("|")[1:-1] for l in stdout.splitlines() if l.startswith("| ") and not l.startswith("| rows")]
   assert [(r[0].strip(), r[1].strip()) for r in rows] == [
     ("1", "one M-row product"),
     ("2", "one M-row product"),
