@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +23,15 @@ def atomic_path(path) -> Iterator[str]:
   replaces `path`, on an exception it is deleted."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
+  # Not tempfile.mkstemp: its files are 0600, and an export or report must get the permissions
+  # any new file gets (0666 less the umask) so that others can read it.
+  while True:
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+      os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+      break
+    except FileExistsError:
+      continue
   try:
     yield tmp
     with open(tmp, "rb+") as f:

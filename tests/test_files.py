@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -43,3 +44,12 @@ def test_atomic_write_json_is_utf8_with_a_final_newline(tmp_path):
   files.atomic_write_json(path, {"query": "Université", "n": 1}, indent=2)
   text = path.read_text(encoding="utf-8")
   assert text.endswith("}\n") and "Université" in text and json.loads(text) == {"query": "Université", "n": 1}
+
+
+def test_written_files_get_the_default_permissions(tmp_path):
+  old = os.umask(0o022)
+  try:
+    files.atomic_write(tmp_path / "config.json", "{}")
+  finally:
+    os.umask(old)
+  assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
