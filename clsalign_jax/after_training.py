@@ -530,8 +530,11 @@ def lm_leak(workdir: str, num_batches: int = -1) -> dict:
   Under `mask.cls_response` other than "none" the CLS reads response tokens and response rows
   read the CLS, so a row can see later tokens of its own target through the CLS state; a model
   that learned to use that path does worse once it is closed. Returns {mask name: {lm_loss,
-  tokens, batches}}; `num_batches` -1 reads the whole split."""
+  tokens, batches}}; `num_batches` -1 reads the whole split (synthetic data never ends: there it
+  means the run's own `eval.num_batches`)."""
   config = run_config(workdir)
+  if num_batches < 0 and config.data.source == "synthetic":
+    num_batches = int(config.eval.num_batches)
   loaded = artifacts.load(f"orbax:{workdir}", need_tokenizer=False)
   cfg = loaded.cfg.replace(attention_impl="xla")
   params = jax.tree.map(jnp.asarray, model_lib.to_layout(loaded.params, cfg))
@@ -563,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
   p = sub.add_parser("lm-leak", help="eval-split LM loss under the training mask and with the CLS path closed")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
-  p.add_argument("--batches", type=int, default=-1, help="-1: the whole eval split")
+  p.add_argument("--batches", type=int, default=-1, help="-1: the whole eval split (synthetic: eval.num_batches)")
   args = parser.parse_args(argv)
   if args.command == "lm-leak":
     value = lm_leak(args.workdir, args.batches)

@@ -119,7 +119,7 @@ def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_pa
   assert (config.mask.cls_response, config.mask.cls_window) == ("window", 5)
   assert config.to_dict() == c.to_dict()
 
-  value = after_training.lm_leak(str(workdir), num_batches=2)
+  value = after_training.lm_leak(str(workdir))  # synthetic data: the run's eval.num_batches (2)
   assert list(value) == [name for name, _ in after_training.LEAK_MASKS]
   # The training mask on the eval batches is what the training loop's own eval measured at the end.
   last_eval = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
