@@ -42,7 +42,7 @@ from absl import logging
 # inline backend alone, and no GUI window is ever opened headless.
 from matplotlib.figure import Figure
 
-from clsalign_jax import artifacts, files
+from clsalign_jax import artifacts, cli, files
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
 from clsalign_jax import model as model_lib
@@ -50,6 +50,7 @@ from clsalign_jax import train
 from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
 from clsalign_jax.data import builders
 from clsalign_jax.data.curation import auc
+from clsalign_jax.errors import CheckpointError
 from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval.benchmarks import load_benchmark
 from clsalign_jax.eval.lm import TargetModel
@@ -504,9 +505,8 @@ def run_config(workdir: str):
   """The config a run was trained with: the defaults updated from the workdir's config.json."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: not found (is {workdir} a training run directory?)")
-  with open(path) as f:
-    saved = json.load(f)
+    raise CheckpointError(f"{path}: not found (is {workdir} a training run directory?)")
+  saved = files.read_json(path)
   config = config_lib.default_config()
   config.update_from_flattened_dict(_flatten(saved))
   return config
@@ -568,15 +568,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--batches", type=int, default=-1, help="-1: the whole eval split (synthetic: eval.num_batches)")
   args = parser.parse_args(argv)
-  if args.command == "lm-leak":
-    value = lm_leak(args.workdir, args.batches)
+  try:
+    if args.command == "lm-leak":
+      value = lm_leak(args.workdir, args.batches)
+      lines = [
+        f"{k}: LM loss {v['lm_loss']:.4f} over {v['tokens']} tokens ({v['batches']} batches)" for k, v in value.items()
+      ]
+    else:
+      value = cls_test(args.workdir, args.examples, args.batch_size)
+      lines = [f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}"]
     files.atomic_write_json(args.out, value, indent=2)
-    for name, v in value.items():
-      print(f"{name}: LM loss {v['lm_loss']:.4f} over {v['tokens']} tokens ({v['batches']} batches)")
-    return 0
-  value = cls_test(args.workdir, args.examples, args.batch_size)
-  files.atomic_write(args.out, json.dumps(value, indent=2) + "\n")
-  print(f"CLS on {value['n']} test prompts: F1 {value['cls_f1']:.4f}, accuracy {value['cls_accuracy']:.4f}")
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every error ends in one line, as in cli.run
+    code, message = cli.exit_code_and_message(e)
+    return cli.report(message, code)
+  print("\n".join(lines))
   return 0
 
 

@@ -45,7 +45,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -340,33 +340,23 @@ def write_facts(directory: str, facts: RunFacts) -> None:
   files.atomic_write_json(os.path.join(directory, RUN_FACTS), facts.to_json(), indent=2)
 
 
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-  except OSError as e:
-    raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
-
-
 def read_facts(spec: Spec, meta_config: dict | None = None) -> RunFacts:
   """The run facts stored with a checkpoint (module docstring), or inferred when there are none."""
   where = spec.root if spec.kind == "run" else spec.path
   if spec.kind in ("run", "hf", "orbax"):
     path = os.path.join(where, RUN_FACTS)
     if os.path.exists(path):
-      return RunFacts.from_json(_read_json(path), path)
+      return RunFacts.from_json(files.read_json(path), path)
   if spec.kind == "run":
     # Written before run facts existed: infer them from the run config, as training resolved them.
     config_json = os.path.join(spec.root, "config.json")
     if os.path.exists(config_json):
-      return facts_from_config(_read_json(config_json), f"inferred from {config_json} (no {RUN_FACTS})")
+      return facts_from_config(files.read_json(config_json), f"inferred from {config_json} (no {RUN_FACTS})")
     if meta_config is not None:
       return facts_from_config(meta_config, f"inferred from the checkpoint's meta (no {RUN_FACTS})")
     return RunFacts(source=f"{spec.root}: no {RUN_FACTS} and no config.json; defaults inferred from the weights")
   if spec.kind == "hf" and os.path.exists(os.path.join(spec.path, "clsalign.json")):
-    threshold = _read_json(os.path.join(spec.path, "clsalign.json")).get("threshold", 0.5)
+    threshold = files.read_json(os.path.join(spec.path, "clsalign.json")).get("threshold", 0.5)
     return RunFacts(cls_threshold=float(threshold))
   return RunFacts()
 
@@ -402,7 +392,7 @@ def _orbax_params(directory: str) -> tuple[model_lib.ModelConfig, dict]:
   directory = os.path.abspath(directory)
   path = os.path.join(directory, ORBAX_CONFIG)
   try:
-    cfg = model_lib.ModelConfig(**_read_json(path))
+    cfg = model_lib.ModelConfig(**files.read_json(path))
   except TypeError as e:  # unknown or missing ModelConfig fields
     raise CheckpointError(f"{path}: not a model config ({e})") from None
   try:

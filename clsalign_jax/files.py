@@ -1,4 +1,5 @@
-"""Writing a file so that no reader, and no crash, ever sees part of it.
+"""Writing a file so that no reader, and no crash, ever sees part of it; reading JSON whose
+failures name the file.
 
 Every writer in the package (run facts, configs, reports, HF exports, metrics, checkpoint
 digests) goes through here: the data goes to a temporary file in the target's directory, is
@@ -15,6 +16,8 @@ import pathlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
+
+from clsalign_jax.errors import CheckpointError
 
 
 @contextlib.contextmanager
@@ -53,3 +56,17 @@ def atomic_write(path, data: str | bytes) -> None:
 def atomic_write_json(path, obj: Any, indent: int = 1) -> None:
   """`obj` as indented UTF-8 JSON with a final newline."""
   atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_json(path) -> Any:
+  """The JSON in `path`; a missing, unreadable or malformed file raises one CheckpointError that
+  names it (with the line, for malformed JSON)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: file not found") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+  except OSError as e:
+    raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None

@@ -106,7 +106,7 @@ def test_import_leaves_the_matplotlib_backend_alone():
   assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_path):
+def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_path, capsys):
   c = load_config("tiny")
   c.train.num_steps = 4
   c.checkpoint.update(every_steps=4, async_save=False)
@@ -136,3 +136,10 @@ def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_pa
   assert {k: round(v["lm_loss"], 6) for k, v in written.items()} == {
     k: round(v["lm_loss"], 6) for k, v in value.items()
   }
+
+  # Not a run directory: one line naming the missing file, nothing written.
+  capsys.readouterr()
+  missing, out2 = tmp_path / "nowhere", tmp_path / "leak2.json"
+  assert after_training.main(["lm-leak", "--workdir", str(missing), "--out", str(out2)]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: {missing}/config.json: not found") and not out2.exists()

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from clsalign_jax import files
+from clsalign_jax.errors import CheckpointError
 
 
 def test_atomic_write_replaces_whole_files_only(tmp_path):
@@ -53,3 +54,16 @@ def test_written_files_get_the_default_permissions(tmp_path):
   finally:
     os.umask(old)
   assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_read_json_names_the_file_and_line(tmp_path):
+  good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+  good.write_text('{"a": [1, 2]}')
+  bad.write_text('{\n  "a": 1,\n}\n')
+  assert files.read_json(good) == {"a": [1, 2]}
+  with pytest.raises(CheckpointError, match=r"bad.json:3: invalid JSON"):
+    files.read_json(bad)
+  with pytest.raises(CheckpointError, match=r"missing.json: file not found"):
+    files.read_json(tmp_path / "missing.json")
+  with pytest.raises(CheckpointError, match=r": unreadable \("):
+    files.read_json(tmp_path)  # a directory

@@ -234,16 +234,6 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> Iterator[tuple[str
     yield "lm_head.weight", a(params["lm_head"]).T
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise CheckpointError(f"{path}: file not found") from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-
-
 class _SafetensorsDir:
   """Lazy tensor lookup across `model.safetensors` or the shards of an index."""
 
@@ -251,7 +241,7 @@ class _SafetensorsDir:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-      weight_map = _read_json(index).get("weight_map")
+      weight_map = files.read_json(index).get("weight_map")
       if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no 'weight_map' object")
       self.where = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
@@ -282,12 +272,12 @@ def load_hf(directory: str) -> tuple[ModelConfig, dict]:
   """Import an HF Llama/Mistral directory. The CLS extras come from our export when present,
   otherwise the CLS row is the mean embedding and the head is zero (p(malicious) = 0.5)."""
   cfg_path = os.path.join(directory, "config.json")
-  cfg = config_from_hf(_read_json(cfg_path), cfg_path)
-  files = _SafetensorsDir(directory)
+  cfg = config_from_hf(files.read_json(cfg_path), cfg_path)
+  tensors = _SafetensorsDir(directory)
   try:
-    params = params_from_hf_tensors(cfg, files.get, directory)
+    params = params_from_hf_tensors(cfg, tensors.get, directory)
   finally:
-    files.close()
+    tensors.close()
   cls_path = os.path.join(directory, CLS_FILE)
   if os.path.exists(cls_path):
     params.update(_load_cls_extras(cls_path, cfg))
