@@ -130,6 +130,21 @@ def default_config() -> config_dict.ConfigDict:
   # model with DecodeConfig(response_sees_cls=False).
   c.mask.response_sees_cls = True
 
+  # CLS views (data/views.py; docs/method.md "CLS views"): train the CLS path alone on every view
+  # decoding shows it (query; query and/or a window of the reference or of the base model's own
+  # response), labelled with the query's intent. Needs mask.response_sees_cls=False (the LM stays
+  # the base model), a CLS-only train.trainable ('^cls_') and data.source='safety_mix'.
+  c.views = config_dict.ConfigDict()
+  c.views.enabled = False
+  # The base model's responses (data/completions.py): a JSONL path, or the name of a shipped file in
+  # clsalign_jax/data/shipped/completions/ ('smollm2_135m'); '' = reference responses only.
+  c.views.completions = ""
+  c.views.response_tokens = 32  # responses are cut to this many tokens (windows end within them)
+  c.views.r2 = 15  # Rule 2's window; match the run's decode r2
+  c.views.r3 = 10  # Rule 3's extra tokens; match the run's decode r3
+  c.views.rule3_share = 0.5  # share of windows drawn with Rule 3's length r2 + r3
+  c.views.max_prompt_tokens = 512  # longer prompts are dropped
+
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.learning_rate = 2e-5
   c.optimizer.b1 = 0.9
@@ -208,6 +223,39 @@ def default_config() -> config_dict.ConfigDict:
   # prompt/label rows to use instead.
   c.after_training.cls_test_examples = -1
   c.after_training.cls_test_prompts = ""
+  # The cheapest baseline, reported beside the CLS (eval/linear_probe.py; eval/linear_probe.json): an
+  # L2 logistic regression on frozen hidden states of the base model (`checkpoint`; '' = the run's
+  # init_from; neither: skipped), fitted on `train_examples` class-balanced prompts of the mixture's
+  # train split (-1: all), layer x pooling x C chosen on `validation_examples` of its validation split
+  # (-1: all), or on the train / validation rows of `prompts` (a JSONL of prompt/label/split rows).
+  # `layers`: candidate depths, 1-based (k = the residual stream after k decoder layers).
+  c.after_training.linear_probe = config_dict.ConfigDict(
+    dict(
+      enabled=True,
+      checkpoint="",
+      train_examples=1024,
+      validation_examples=-1,
+      layers=(6, 9, 12, 15, 18),
+      prompts="",
+      batch_size=16,
+    )
+  )
+  # Adversarial cells on malicious prompts (ASR, like `malicious`), by name: a benchmark spec (a
+  # relative `path` is read from clsalign_jax/eval/shipped/) and the `attack` spec (eval/attacks.py)
+  # it runs under; kind "" skips the cell. gcg_transfer: GCG's transfer behaviours with the authors'
+  # published universal suffix; deepinception: DeepInception's nested-scene prompts.
+  c.after_training.adversarial = config_dict.ConfigDict(
+    dict(
+      gcg_transfer=dict(
+        kind="",
+        path="advbench_gcg_transfer/gcg_transfer.csv",
+        fields=dict(query="goal", suffix="suffix"),
+        limit=50,
+        attack=dict(kind="direct"),
+      ),
+      deepinception=dict(kind="", limit=50, attack=dict(kind="deepinception")),
+    )
+  )
 
   c.metrics = config_dict.ConfigDict()
   # bf16 dense peak of one device, for MFU; 0 = look the device kind up (CPU: no MFU).
@@ -272,6 +320,11 @@ _RANGES = (
   ("eval.every_steps", lambda v: v >= 0, ">= 0 (0: only the last step)"),
   ("eval.num_batches", lambda v: v >= 1, ">= 1"),
   ("mask.cls_window", lambda v: v >= 1, ">= 1"),
+  ("views.response_tokens", lambda v: v >= 1, ">= 1"),
+  ("views.r2", lambda v: v >= 1, ">= 1"),
+  ("views.r3", lambda v: v >= 0, ">= 0"),
+  ("views.rule3_share", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("views.max_prompt_tokens", lambda v: v >= 2, ">= 2"),
   ("loss.malicious_lm_weight", lambda v: v >= 0, ">= 0"),
   ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
   ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),
@@ -344,6 +397,17 @@ def validate(config: config_dict.ConfigDict) -> None:
       f"config.data.source={config.data.source!r} needs config.data.files "
       "(JSONL with text/label rows): --config.data.files=corpus.jsonl"
     )
+  if config.views.enabled:
+    if config.mask.response_sees_cls:
+      raise ConfigError(
+        "config.views.enabled trains the CLS path alone, so no token may read the CLS: "
+        "set config.mask.response_sees_cls=False"
+      )
+    if config.data.source != "safety_mix" or config.train.mode != "sft":
+      raise ConfigError(
+        f"config.views.enabled needs config.data.source='safety_mix' and train.mode='sft' "
+        f"(got {config.data.source!r}, {config.train.mode!r})"
+      )
   if config.data.global_batch_size % config.train.grad_accum_steps:
     raise ConfigError(
       f"config.data.global_batch_size={config.data.global_batch_size} is not a multiple of "

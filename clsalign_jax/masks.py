@@ -127,6 +127,33 @@ def cls_training_mask(
   return mask_BTT & valid_BT[:, :, None] & valid_BT[:, None, :]
 
 
+# CLS views (data/views.py): the tokens of an example run once into a KV cache, laid out as a shared
+# prompt (branch 0) and responses that each continue it (branches 1, 2, ...); the K view rows then
+# read that cache as the CLS row of a decode step does.
+
+
+def branch_mask(branch_BT):
+  """[B, T, T]: a row sees the earlier rows of the prompt (branch 0) and of its own branch; -1 is
+  padding (sees and is seen by nothing)."""
+  T = branch_BT.shape[-1]
+  valid_BT = branch_BT >= 0
+  earlier_1TT = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None]
+  same_BTT = (branch_BT[:, None, :] == 0) | (branch_BT[:, None, :] == branch_BT[:, :, None])
+  return earlier_1TT & same_BTT & valid_BT[:, :, None] & valid_BT[:, None, :]
+
+
+def view_rows_mask(query_span_B2, view_window_BK2, view_query_BK, num_tokens: int):
+  """[B, K, T + K]: view row k (in slot T + k) reads itself, the query where `view_query_BK`, and its
+  half-open response window of slots (Rule 4: never the template)."""
+  K = view_query_BK.shape[1]
+  j_11S = jnp.arange(num_tokens + K)[None, None, :]
+  col = lambda x_BK: x_BK[..., None]
+  in_query_BKS = (j_11S >= col(query_span_B2[:, 0:1])) & (j_11S < col(query_span_B2[:, 1:2])) & col(view_query_BK)
+  in_window_BKS = (j_11S >= col(view_window_BK2[..., 0])) & (j_11S < col(view_window_BK2[..., 1]))
+  self_1KS = j_11S == (num_tokens + jnp.arange(K))[None, :, None]
+  return in_query_BKS | in_window_BKS | self_1KS
+
+
 # Inference rules (docs/method.md §2.2; decisions 5–6 in its §6). At decode time the key axis is the
 # KV-cache slot axis; a row's token at position p lives in slot p and the CLS in slot 0, so
 # spans and positions index slots directly. `pos_B` is the newest filled slot (the token fed

@@ -71,6 +71,16 @@ class ModelConfig:
   # "xla": explicit einsum softmax (any device, exact parity); "cudnn": fused flash attention
   # through jax.nn.dot_product_attention with the same boolean mask (GPU, bf16/fp16 only).
   attention_impl: str = "xla"
+  # The CLS side path (docs/method.md, "The CLS side path"). 0/0 is the paper's model: the CLS row
+  # runs through the shared layers and the head reads final_norm of its last state.
+  # cls_exit_layer = k > 0: the head reads `cls_norm` of the CLS row after layer k - 1 (later layers
+  # still run, for the tokens; the CLS row's output there is unused).
+  # cls_adapter_rank = r > 0: after every layer below the exit, the CLS row (and only it) adds a
+  # residual adapter up(silu(down(norm(x)))) of rank r. Token rows never read the CLS row when it
+  # is trained this way (response_sees_cls=False), so the LM stays exactly the base model while
+  # the CLS has capacity of its own. Needs unscanned layers.
+  cls_exit_layer: int = 0
+  cls_adapter_rank: int = 0
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -92,6 +102,21 @@ class ModelConfig:
       raise ValueError(f"family={self.family!r}; known: llama, mistral")
     for key in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, key))
+    if not 0 <= self.cls_exit_layer <= self.n_layers:
+      raise ValueError(f"cls_exit_layer={self.cls_exit_layer} must lie in [0, n_layers={self.n_layers}]")
+    if self.cls_adapter_rank < 0:
+      raise ValueError(f"cls_adapter_rank={self.cls_adapter_rank} must be >= 0")
+    if self.has_cls_path and self.scan_layers:
+      raise ValueError("the CLS side path (cls_exit_layer / cls_adapter_rank) needs scan_layers=False")
+
+  @property
+  def has_cls_path(self) -> bool:
+    return self.cls_exit_layer > 0 or self.cls_adapter_rank > 0
+
+  @property
+  def cls_layers(self) -> int:
+    """Layers the CLS row's verdict depends on (the others need not run for the CLS alone)."""
+    return self.cls_exit_layer or self.n_layers
 
   @property
   def cls_id(self) -> int:
@@ -453,6 +478,25 @@ class MLP(nn.Module):
     return checkpoint_name(out_BTD, "mlp_out")
 
 
+class CLSAdapter(nn.Module):
+  """Residual adapter of the CLS row: up(silu(down(norm(x)))), `up` zero-initialised so a fresh
+  adapter leaves the model as it was."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    r = cfg.cls_adapter_rank
+    h = RMSNorm(cfg.rms_eps, dtype, pdtype, name="norm")(x_BTD)
+    down = self.param("down", nn.with_logical_partitioning(_dense_init(), ("embed", None)), (cfg.d_model, r), pdtype)
+    up = self.param(
+      "up", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")), (r, cfg.d_model), pdtype
+    )
+    return jnp.einsum("btr,rd->btd", jax.nn.silu(jnp.einsum("btd,dr->btr", h, down.astype(dtype))), up.astype(dtype))
+
+
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   layer: int | None = None  # see Attention.layer
@@ -476,7 +520,10 @@ class Transformer(nn.Module):
   Without a cache, keys are the T rows themselves (mask is [B, T, T]). With a cache
   (per-layer (k, v) of shape [L, B, G, S, H], from `init_cache`), the rows' K/V are first written into
   `slots_BT` and the rows attend over all S slots (mask is [B, T, S]).
-  `cls_row` picks which row feeds the safety head (None: no head output).
+  `cls_row` picks which row feeds the safety head (None: no head output): an int, or [B, K] row
+  indices for K CLS rows per sequence (the head's output is then [B, K]).
+  `cls_only`: run only the layers the CLS verdict depends on (`cfg.cls_layers`) and no LM head
+  (logits None): the CLS training passes, which never read LM logits.
   `lm_rows_BK` ([B, K] row indices, or None for every row) picks the rows that get LM-head
   logits; the output's logits are then [B, K, V]. The head is the largest single matrix of a
   small model (SmolLM2: 49152 x 576), so a decode step that carries the CLS row, or a prefill
@@ -487,7 +534,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens_BT, positions_BT, mask_BTS, cache=None, slots_BT=None, cls_row: int | None = 0, lm_rows_BK=None
+    self,
+    tokens_BT,
+    positions_BT,
+    mask_BTS,
+    cache=None,
+    slots_BT=None,
+    cls_row=0,
+    lm_rows_BK=None,
+    cls_only: bool = False,
   ):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -522,10 +577,23 @@ class Transformer(nn.Module):
       x_BTD, new_cache = stack(cfg, name="layers")(x_BTD, cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
     else:
       new_cache = cache
-      for i in range(cfg.n_layers):
+      cls_x_BTD = None
+      for i in range(cfg.cls_layers if cls_only else cfg.n_layers):
         x_BTD, new_cache = layer_cls(cfg, i, name=f"layers_{i}")(x_BTD, new_cache, cos_BTH, sin_BTH, mask_BTS, slots_BT)
+        if cfg.cls_adapter_rank and i < cfg.cls_layers:
+          x_BTD = jnp.where(is_cls_BT1, x_BTD + CLSAdapter(cfg, name=f"cls_adapter_{i}")(x_BTD), x_BTD)
+        if i + 1 == cfg.cls_exit_layer:
+          cls_x_BTD = x_BTD
 
-    h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")(x_BTD)
+    final_norm = RMSNorm(cfg.rms_eps, dtype, pdtype, name="final_norm")
+    if cfg.cls_exit_layer:
+      cls_h_BTD = RMSNorm(cfg.rms_eps, dtype, pdtype, name="cls_norm")(cls_x_BTD)
+    else:
+      cls_h_BTD = final_norm(x_BTD)
+    if cls_only:
+      return ModelOutput(None, None if cls_row is None else self._cls_head(cls_h_BTD, cls_row), new_cache)
+
+    h_BTD = final_norm(x_BTD) if cfg.cls_exit_layer else cls_h_BTD
     # K = T when every row gets logits; the suffix stays T below for the common case.
     lm_h_BTD = h_BTD if lm_rows_BK is None else jnp.take_along_axis(h_BTD, lm_rows_BK[..., None], axis=1)
     if cfg.tie_embeddings:
@@ -537,17 +605,24 @@ class Transformer(nn.Module):
       logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
     )
 
+    # Always applied (one row, negligible) so every param tree has the head.
+    cls_logit_B = self._cls_head(cls_h_BTD, 0 if cls_row is None else cls_row)
+    return ModelOutput(logits_BTV, None if cls_row is None else cls_logit_B, new_cache)
+
+  def _cls_head(self, h_BTD, cls_row):
+    """Logit of the CLS row(s): `cls_row` an int gives [B], [B, K] row indices give [B, K]."""
     cls_head = nn.Dense(
       1,
       dtype=jnp.float32,
-      param_dtype=pdtype,
+      param_dtype=jnp.dtype(self.cfg.param_dtype),
       name="cls_head",
       kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "cls_out")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("cls_out",)),
     )
-    # Always applied (one row, negligible) so every param tree has the head.
-    cls_logit_B = cls_head(h_BTD[:, cls_row or 0].astype(jnp.float32))[:, 0]
-    return ModelOutput(logits_BTV, None if cls_row is None else cls_logit_B, new_cache)
+    if isinstance(cls_row, int):
+      return cls_head(h_BTD[:, cls_row].astype(jnp.float32))[:, 0]
+    rows_BKD = jnp.take_along_axis(h_BTD, jnp.asarray(cls_row)[..., None], axis=1)
+    return cls_head(rows_BKD.astype(jnp.float32))[..., 0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):

@@ -217,6 +217,13 @@ class ParamPartition:
       raise ValueError(
         f"config.train.trainable={pattern!r} matches no parameter; paths look like {', '.join(paths(cfg)[:4])}"
       )
+    shared = sorted(p for p in self.trainable if not p.startswith("cls_"))
+    if config.get("views", {}).get("enabled") and shared:
+      # The views objective runs the tokens outside the gradient (the LM is the base model).
+      raise errors.ConfigError(
+        f"config.train.trainable={pattern!r} selects {shared[0]} ({len(shared)} shared weights), but "
+        "config.views.enabled trains the CLS path only: use a pattern such as '^cls_'"
+      )
 
   def _select(self, tree, keep: bool, prefix: str = ""):
     out = {}
@@ -245,8 +252,52 @@ class ParamPartition:
 # Forward, step, eval
 
 
+def view_logits(model: model_lib.Transformer, params, batch: dict):
+  """[B, K] CLS logits of a views batch (data/views.py): the tokens run once into a KV cache,
+  outside the gradient, then the K view rows read it as the CLS row of a decode step does."""
+  cfg = model.cfg
+  tokens_BT = batch["tokens"]
+  B, T = tokens_BT.shape
+  K = batch["view_query"].shape[1]
+  tok = model.apply(
+    {"params": params},
+    tokens_BT,
+    batch["positions"],
+    jnp.pad(masks.branch_mask(batch["branch"]), ((0, 0), (0, 0), (0, K))),
+    cache=model_lib.init_cache(cfg, B, T + K),
+    slots_BT=jnp.broadcast_to(jnp.arange(T), (B, T)),
+    cls_row=None,
+    cls_only=True,
+  )
+  rows = model.apply(
+    {"params": params},
+    jnp.full((B, K), cfg.cls_id, jnp.int32),
+    jnp.zeros((B, K), jnp.int32),
+    masks.view_rows_mask(batch["query_span"], batch["view_window"], batch["view_query"], T),
+    cache=jax.lax.stop_gradient(tok.cache),
+    slots_BT=jnp.broadcast_to(T + jnp.arange(K), (B, K)),
+    cls_row=jnp.broadcast_to(jnp.arange(K), (B, K)),
+    cls_only=True,
+  )
+  return rows.cls_logit_B
+
+
+def _views_sums(model, params, batch: dict, config) -> dict:
+  logit_N = view_logits(model, params, batch).reshape(-1)
+  label_N = batch["cls_label"].reshape(-1)
+  zero = jnp.zeros((), jnp.float32)
+  return {
+    "lm_sum": zero,
+    "lm_count": zero,
+    "cls_sum": jnp.sum(losses.cls_bce(logit_N, label_N)),
+    **losses.cls_confusion(logit_N, label_N, config.loss.cls_threshold),
+  }
+
+
 def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng=None) -> dict:
   """Sums over the rows of `batch` (which carries the precomputed `lm_weights`)."""
+  if "view_window" in batch:
+    return _views_sums(model, params, batch, config)
   mask_BTT = masks.cls_training_mask(
     batch["segment_ids"],
     batch.get("query_span"),
@@ -277,6 +328,8 @@ def _forward_sums(model: model_lib.Transformer, params, batch: dict, config, rng
 
 
 def _with_lm_weights(batch: dict, mode: str, malicious_weight: float = 1.0) -> dict:
+  if "view_window" in batch:  # views batches carry no LM targets
+    return dict(batch, lm_weights=jnp.zeros(batch["tokens"].shape[:1] + (1,), jnp.float32))
   return dict(batch, lm_weights=losses.lm_target_weights(batch, mode, malicious_weight))
 
 

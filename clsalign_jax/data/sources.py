@@ -29,7 +29,7 @@ import logging
 import os
 
 from clsalign_jax import model as model_lib
-from clsalign_jax.data import builders, pipeline, streaming, templates
+from clsalign_jax.data import builders, pipeline, streaming, templates, views
 from clsalign_jax.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
         documents, tokenizer, stream_config, process_index=shard_index, process_count=shard_count
       )
     )
+  if sft and config.views.enabled:
+    return iter(_views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_count))
   corpus = _encoded(
     data.source,
     split,
@@ -121,6 +123,63 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
       batches.examples_per_epoch,
     )
   return iter(batches)
+
+
+def _views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_count) -> views.ViewsPipeline:
+  data, v = config.data, config.views
+  settings = views.ViewSettings(
+    r2=int(v.r2), r3=int(v.r3), response_tokens=int(v.response_tokens), rule3_share=float(v.rule3_share)
+  )
+  corpus = _view_corpus(
+    split,
+    os.path.expanduser(data.data_dir or _default_data_dir()),
+    tuple(data.files),
+    tokenizer_spec,
+    data.template or templates.training_default(tokenizer),
+    v.completions,
+    settings,
+    int(v.max_prompt_tokens),
+  )
+  training = split == "train"
+  pipeline_config = pipeline.PipelineConfig(
+    max_length=int(data.seq_len),
+    batch_size=int(data.global_batch_size),
+    balance_classes=training and bool(data.balance_classes),
+    shuffle=training,
+    seed=int(config.seed),
+    num_epochs=None if training else 1,
+    drop_remainder=training,
+  )
+  return views.ViewsPipeline(
+    corpus, pipeline_config, settings, pad_id=tokenizer.pad_id, process_index=shard_index, process_count=shard_count
+  )
+
+
+def completions_path(spec: str) -> str:
+  """A completions file: a path, or the name of a shipped one (data/shipped/completions/NAME.jsonl)."""
+  if not spec or os.path.exists(spec):
+    return spec
+  shipped = os.path.join(os.path.dirname(__file__), "shipped", "completions", f"{spec}.jsonl")
+  if os.sep not in spec and os.path.exists(shipped):
+    return shipped
+  raise ValueError(f"config.views.completions={spec!r}: no such file, and no shipped completions of that name")
+
+
+@functools.lru_cache(maxsize=4)
+def _view_corpus(split, data_dir, files, tokenizer_spec, template_name, completions, settings, max_prompt_tokens):
+  # Cached like _encoded: validation reopens its split at every evaluation.
+  tokenizer = load_tokenizer(tokenizer_spec)
+  config = builders.safety_mix_config([builders.UserFile(f) for f in files]) if files else None
+  records = builders.prepare(builders.SafetyMix(data_dir=data_dir, config=config))[split]
+  path = completions_path(completions)
+  return views.encode_views(
+    records,
+    tokenizer,
+    templates.get_template(template_name),
+    views.read_completions(path) if path else {},
+    settings,
+    max_prompt_tokens,
+  )
 
 
 def _tokenizer_spec(config) -> str:
