@@ -265,7 +265,19 @@ def _cls_trained(config) -> bool:
   return not trainable or re.search(trainable, "cls_head/kernel") is not None
 
 
-def run_decode(config) -> dict:
+OPERATING_POINT = "operating_point.json"  # written by operating_point.py after training
+
+
+def run_threshold(config, workdir: str | None = None) -> float:
+  """The run's CLS threshold: its operating point (chosen on validation) when `workdir` holds one,
+  else `loss.cls_threshold`."""
+  path = os.path.join(workdir, OPERATING_POINT) if workdir else ""
+  if path and os.path.exists(path):
+    return float(files.read_json(path)["threshold"])
+  return float(_get(config, "loss.cls_threshold", 0.5))
+
+
+def run_decode(config, workdir: str | None = None) -> dict:
   """DecodeConfig fields the run's strategic decoding uses: CLS_RUN, the run's CLS threshold and
   `after_training.decode` where they differ from them, and response tokens blind to the CLS when
   the run was trained so. Keys are added only when they differ, so cached evaluations of ordinary
@@ -273,7 +285,7 @@ def run_decode(config) -> dict:
   decode = _get(config, "after_training.decode", {}) or {}
   decode = decode.to_dict() if hasattr(decode, "to_dict") else dict(decode)
   base = DecodeConfig(**CLS_RUN)
-  threshold = float(_get(config, "loss.cls_threshold", base.threshold))
+  threshold = run_threshold(config, workdir)
   if threshold != base.threshold and "threshold" not in decode:
     decode["threshold"] = threshold
   out = {**CLS_RUN, **{k: v for k, v in decode.items() if getattr(base, k) != v}}
@@ -282,9 +294,10 @@ def run_decode(config) -> dict:
   return out
 
 
-def facts_from_config(config, source: str) -> RunFacts:
-  """The facts of a training config (a ConfigDict or its JSON), as training resolves them. The
-  template is left unresolved when the config leaves it to the tokenizer (`resolve_template`)."""
+def facts_from_config(config, source: str, workdir: str | None = None) -> RunFacts:
+  """The facts of a training config (a ConfigDict or its JSON), as training resolves them, with the
+  operating point of `workdir` when it holds one. The template is left unresolved when the config
+  leaves it to the tokenizer (`resolve_template`)."""
   tokenizer = _get(config, "data.tokenizer", "") or None
   if tokenizer is None and _get(config, "data.source", "") != "synthetic":
     tokenizer = tokenizer_spec_of(_get(config, "init_from", "") or "")
@@ -293,9 +306,9 @@ def facts_from_config(config, source: str) -> RunFacts:
     template_kwargs={},
     tokenizer=tokenizer,
     response_sees_cls=bool(_get(config, "mask.response_sees_cls", True)),
-    cls_threshold=float(_get(config, "loss.cls_threshold", 0.5)),
+    cls_threshold=run_threshold(config, workdir),
     cls_trained=_cls_trained(config),
-    decode=run_decode(config),
+    decode=run_decode(config, workdir),
     source=source,
   )
 
@@ -326,7 +339,7 @@ def write_run_facts(config, workdir: str) -> RunFacts:
   """Record the facts of the run `config` describes in `workdir/run_facts.json` (before training:
   a run stopped at any step still carries them). The template is resolved as the data pipeline
   resolves it, so the recorded name is the one the run was trained with."""
-  facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS))
+  facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS), workdir)
   facts = dataclasses.replace(facts, tokenizer=_abs_tokenizer(facts.tokenizer))
   if facts.template is None and facts.tokenizer:
     facts = dataclasses.replace(facts, template=training_default(load_tokenizer(facts.tokenizer)))

@@ -144,6 +144,10 @@ def default_config() -> config_dict.ConfigDict:
   c.views.r3 = 10  # Rule 3's extra tokens; match the run's decode r3
   c.views.rule3_share = 0.5  # share of windows drawn with Rule 3's length r2 + r3
   c.views.max_prompt_tokens = 512  # longer prompts are dropped
+  # The operating point (operating_point.py), chosen on the validation split after training: the
+  # threshold at which at most `target_fpr` of benign prompts, and of benign response windows, read
+  # as malicious; windows drawn `passes` times per response.
+  c.views.operating_point = config_dict.ConfigDict({"target_fpr": 0.025, "passes": 4})
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.learning_rate = 2e-5
@@ -228,7 +232,8 @@ def default_config() -> config_dict.ConfigDict:
   # init_from; neither: skipped), fitted on `train_examples` class-balanced prompts of the mixture's
   # train split (-1: all), layer x pooling x C chosen on `validation_examples` of its validation split
   # (-1: all), or on the train / validation rows of `prompts` (a JSONL of prompt/label/split rows).
-  # `layers`: candidate depths, 1-based (k = the residual stream after k decoder layers).
+  # `layers`: candidate depths, 1-based (k = the residual stream after k decoder layers); only layers
+  # up to the deepest run, and on SmolLM2 the validation AUC is flat from layer 6 to 27 (measured).
   c.after_training.linear_probe = config_dict.ConfigDict(
     dict(
       enabled=True,
@@ -325,6 +330,8 @@ _RANGES = (
   ("views.r3", lambda v: v >= 0, ">= 0"),
   ("views.rule3_share", lambda v: 0 <= v <= 1, "in [0, 1]"),
   ("views.max_prompt_tokens", lambda v: v >= 2, ">= 2"),
+  ("views.operating_point.target_fpr", lambda v: 0 < v < 1, "in (0, 1)"),
+  ("views.operating_point.passes", lambda v: v >= 1, ">= 1"),
   ("loss.malicious_lm_weight", lambda v: v >= 0, ">= 0"),
   ("after_training.batch_size", lambda v: v >= 1, ">= 1"),
   ("after_training.max_new_tokens", lambda v: v >= 1, ">= 1"),

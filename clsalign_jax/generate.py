@@ -44,6 +44,7 @@ _DECODE_FLAGS = (
   "strategic_attention",
   "strategic_decoding",
   "response_sees_cls",
+  "end_after_refusal",
 )
 _RUN = " Default: the run's (run facts), else the plain model's."
 
@@ -97,6 +98,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
   flags.DEFINE_bool(
     "response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)." + _RUN, **d
+  )
+  flags.DEFINE_bool(
+    "end_after_refusal",
+    False,
+    "End a response on the last token of an inserted refusal prefix (off: the model continues after it)." + _RUN,
+    **d,
   )
 
 

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clsalign_jax import after_training, cli, train  # noqa: E402
+from clsalign_jax import after_training, cli, operating_point, train  # noqa: E402
 from clsalign_jax import config as config_lib  # noqa: E402
 
 
@@ -59,6 +59,9 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   # The lock spans training and the after-training stages: both write into the workdir.
   with train.workdir_lock(fv.workdir, enabled=jax.process_index() == 0):
     train.train_and_evaluate(config, fv.workdir)
+    if config.views.enabled and jax.process_index() == 0:
+      point = operating_point.ensure(config, fv.workdir)
+      logging.info("CLS threshold %.4f (validation FPR target %.3f)", point["threshold"], point["target_fpr"])
     if config.after_training.evaluate and jax.process_index() == 0:
       after_training.run(config, fv.workdir)
 

@@ -625,6 +625,18 @@ class Transformer(nn.Module):
     return cls_head(rows_BKD.astype(jnp.float32))[..., 0]
 
 
+def fresh_cls_path(cfg: ModelConfig, rng: Array) -> dict:
+  """Initial params of the CLS side path (adapters: `up` zero, so the CLS starts as the base model's;
+  cls_norm: ones), for weights imported without them (a GGUF or HF base model)."""
+  out = {}
+  x = jnp.zeros((1, 1, cfg.d_model), jnp.dtype(cfg.param_dtype))
+  for i in range(cfg.cls_layers if cfg.cls_adapter_rank else 0):
+    out[f"cls_adapter_{i}"] = nn.meta.unbox(CLSAdapter(cfg).init(jax.random.fold_in(rng, i), x)["params"])
+  if cfg.cls_exit_layer:
+    out["cls_norm"] = {"weight": jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype))}
+  return out
+
+
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
   shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)  # [L, B, G, S, H]: see Attention
   dt = jnp.dtype(dtype or cfg.dtype)

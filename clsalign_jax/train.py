@@ -264,7 +264,8 @@ def view_logits(model: model_lib.Transformer, params, batch: dict):
     tokens_BT,
     batch["positions"],
     jnp.pad(masks.branch_mask(batch["branch"]), ((0, 0), (0, 0), (0, K))),
-    cache=model_lib.init_cache(cfg, B, T + K),
+    # Only the layers the CLS reads get a cache (cls_only stops there).
+    cache=model_lib.init_cache(cfg.replace(n_layers=cfg.cls_layers), B, T + K),
     slots_BT=jnp.broadcast_to(jnp.arange(T), (B, T)),
     cls_row=None,
     cls_only=True,
@@ -466,6 +467,9 @@ def _load_init_params(config, cfg: model_lib.ModelConfig, layout: _Layout):
   # Host-side loads; stacking for scan_layers goes through jnp, so keep it off device 0.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     params = model_lib.to_layout(artifacts.load(config.init_from, tokenizer="none", check=check).params, cfg)
+    # Base weights carry no CLS side path; it starts fresh (as the CLS head of a base model does).
+    side = model_lib.fresh_cls_path(cfg, jax.random.key(config.seed))
+    params = {**{k: v for k, v in side.items() if k not in params}, **params}
   if jax.tree.structure(params) != jax.tree.structure(layout.abstract.params):
     raise ckpt_lib.CheckpointError(f"{config.init_from}: parameter tree does not match the model's")
   # Every process reads the whole file but only materialises its own shards.
@@ -759,7 +763,7 @@ def _train_loop(
   config, cfg, tx, schedule, mesh, rules, layout, ckpt, train_iter, state, start, num_steps, workdir, shard
 ) -> TrainState:
   first = _next_batch(train_iter, start + 1)
-  if np.ndim(first["cls_label"]) != 1:
+  if np.ndim(first["cls_label"]) != 1 and "view_window" not in first:  # views batches: [B, K] labels
     raise ValueError(
       "packed rows (several examples per row) are not supported: the model reads one "
       "[CLS] per row; turn packing off in the data config"

@@ -29,17 +29,21 @@ def get_config():
   c = default_config()
   c.model.update(preset="smollm2_135m", dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
   c.init_from = "gguf:smollm2"
-  c.train.trainable = r"^(cls_head|final_norm|layers_(2[6-9]))/"
-  # num_train_examples: one class-balanced epoch of mixture v2 (the loader oversamples benign).
-  c.data.update(seq_len=160, global_batch_size=8, num_train_examples=6460)
-  c.train.num_steps = 64
-  c.loss.update(cls_weight=0.1, malicious_lm_weight=0.0)
-  c.mask.update(cls_response="window", cls_window=15)
-  c.optimizer.learning_rate = 2e-4
-  c.optimizer.cls_head_lr_scale = 50.0
-  c.schedule.update(name="cosine", warmup_steps=4, final_lr_fraction=0.1)
-  c.checkpoint.update(every_steps=32, keep=1)
-  c.eval.update(every_steps=0, num_batches=4)
+  # The CLS side path: the head reads the CLS row after layer 16 (cls_norm), and the CLS row alone
+  # gets a rank-64 residual adapter after each of those layers. Nothing else trains, no token reads
+  # the CLS: the LM is exactly SmolLM2-135M-Instruct.
+  c.model.update(cls_exit_layer=16, cls_adapter_rank=64)
+  c.train.trainable = r"^cls_"
+  c.mask.response_sees_cls = False
+  # Every view decoding shows the CLS (data/views.py), on the whole mixture: one class-balanced epoch.
+  c.views.update(enabled=True, completions="smollm2_135m", response_tokens=32, r2=15, r3=10)
+  c.data.update(seq_len=640, global_batch_size=32, num_train_examples=6460)
+  c.train.num_steps = 202  # ceil(6460 / 32)
+  c.loss.update(cls_weight=1.0, malicious_lm_weight=0.0)
+  c.optimizer.update(learning_rate=1e-3, weight_decay=0.0, cls_head_lr_scale=5.0)
+  c.schedule.update(name="cosine", warmup_steps=10, final_lr_fraction=0.1)
+  c.checkpoint.update(every_steps=100, keep=1)
+  c.eval.update(every_steps=0, num_batches=13)  # the whole validation split (390 prompts, batches of 32)
   a = c.after_training
   a.evaluate = True
   a.update(batch_size=16, max_new_tokens=48, cls_test_examples=150)
@@ -49,4 +53,8 @@ def get_config():
   # 50 of each over-refusal set, spread over the file (JailbreakBench: 5 twins per category).
   a.over_refusal.alpaca_eval.update(stride=16, limit=50)
   a.over_refusal.jbb_benign.stride = 2
+  # Transfer attacks on malicious prompts (ASR, both variants, 50 each): GCG's published universal
+  # suffix on the behaviours of its transfer experiment, and DeepInception's nested-scene prompts.
+  a.adversarial.gcg_transfer.kind = "generic"
+  a.adversarial.deepinception.kind = "deepinception"
   return c

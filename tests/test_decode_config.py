@@ -24,6 +24,7 @@ def test_defaults_follow_the_project_decisions():
   assert (cfg.r1, cfg.r2, cfg.r3, cfg.tau, cfg.threshold, cfg.schedule) == (10, 10, 10, 3, 0.5, "each")
   assert cfg.tau_unit == "events" and cfg.prefill_visible and not cfg.rule2_include_query
   assert cfg.refusal_text == PAPER_REFUSAL and cfg.strategic_attention and cfg.strategic_decoding
+  assert not cfg.end_after_refusal  # the paper's way: the model continues after an inserted refusal
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,7 @@ def test_defaults_follow_the_project_decisions():
     {"r2": -1},
     {"threshold": 1.5},
     {"max_new_tokens": 0},
+    {"end_after_refusal": "false"},
   ],
 )
 def test_rejects_bad_values(kw):

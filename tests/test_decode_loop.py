@@ -70,14 +70,14 @@ def _reference(params, passes):
   return np.asarray(logits), np.asarray(p)
 
 
-def _run(params, prompts, dcfg, override=None, prefills=None, sampling=None, eos_id=None, spans=None):
+def _run(params, prompts, dcfg, override=None, prefills=None, sampling=None, eos_id=None, spans=None, refusal=REFUSAL):
   B = len(prompts)
   inputs = pack_inputs(prompts, spans or [[2, len(p) - 1] for p in prompts], prefills, pad_to=16)
   override = np.full((B, dcfg.max_steps + 1), np.nan, np.float32) if override is None else override
   out = decode(
     params,
     inputs,
-    jnp.asarray(REFUSAL, jnp.int32),
+    jnp.asarray(refusal, jnp.int32),
     sampling or SamplingParams.make(B),
     jnp.asarray(override, jnp.float32),
     cfg=CFG,
@@ -285,6 +285,39 @@ def test_state_machine_options(variant):
     assert (rows[1].trigger_step, [s for s, *_ in rows[1].trace]) == (3, [0, 1, 2, 3, 4, 5])
 
 
+def test_end_after_refusal_ends_rows_on_the_refusal_prefix():
+  """Both insertion paths end exactly on the prefix's last token; a row that never refuses, and
+  every row with the option off, decode as before."""
+  params, chain = _chain_params()
+  r0, r1, r2 = REFUSAL
+  prompt = PROMPTS[0]
+  t = chain(prompt[-1], 12)
+  dcfg = BASE.replace(end_after_refusal=True)
+  override = np.concatenate(
+    [
+      _override(1, dcfg, prompt=1.0),  # Rule 1 after an attacker prefill
+      _override(1, dcfg, malicious_at=(3, 4, 5)),  # flip at step 3 confirmed at step 5: rollback to 3
+      _override(1, dcfg),  # never refuses
+    ]
+  )
+  prefills = [[50, 51], [], []]
+  out, inputs = _run(params, [prompt] * 3, dcfg, override=override, prefills=prefills)
+  rows = row_results(out, inputs)
+  assert rows[0].response_ids == [50, 51, r0, r1, r2]  # the prefill stays
+  assert (rows[0].prefill_len, rows[0].insert_index) == (2, 2)
+  assert rows[1].response_ids == t[:3] + [r0, r1, r2]
+  assert (rows[1].trigger_step, rows[1].trigger_index, rows[1].insert_index) == (3, 3, 3)
+  assert rows[2].response_ids == t and rows[2].insert_index == -1
+  # The continuation after the prefix is all that changes.
+  off = row_results(*_run(params, [prompt] * 3, BASE, override=override, prefills=prefills))
+  assert off[0].response_ids == rows[0].response_ids + chain(r2, 9)
+  assert off[1].response_ids == rows[1].response_ids + chain(r2, 6)
+  assert off[2].response_ids == rows[2].response_ids
+  # A one-token prefix forced at the prompt is complete before the first loop step.
+  one = row_results(*_run(params, [prompt] * 3, dcfg, override=override, prefills=prefills, refusal=[r0]))
+  assert one[0].response_ids == [50, 51, r0] and one[1].response_ids == t[:3] + [r0]
+
+
 @pytest.mark.parametrize(
   "dcfg,expected",
   [(BASE, set(range(11))), (FIRST, set()), (PERIODIC, {0, 3, 6, 9}), (ANNEALING, {0, 1, 2, 4})],
@@ -396,7 +429,8 @@ def _reference_transition(row, step, judged, malicious, sampled, refusal, eos, i
   else:
     nxt, free = sampled, True
     row["length"] = pos + 1
-  row["done"] = (free and nxt == eos) or row["length"] + 1 - input_len >= dcfg.max_new_tokens
+  refusal_complete = not free and row["refusal_next"] == R and dcfg.end_after_refusal
+  row["done"] = (free and nxt == eos) or refusal_complete or row["length"] + 1 - input_len >= dcfg.max_new_tokens
   return row, nxt
 
 
@@ -483,8 +517,10 @@ def test_transition_hand_worked():
     BASE.replace(keep_trigger_token=True),
     BASE.replace(strategic_decoding=False),
     PERIODIC.replace(tau_unit="steps", tau=4),
+    BASE.replace(end_after_refusal=True),
+    BASE.replace(end_after_refusal=True, keep_trigger_token=True, tau=1),
   ],
-  ids=["tau3", "tau1", "keep_trigger", "no_decoding", "tau_steps"],
+  ids=["tau3", "tau1", "keep_trigger", "no_decoding", "tau_steps", "end_after_refusal", "end_after_refusal_tau1"],
 )
 def test_transition_matches_a_row_by_row_reference(dcfg):
   """Random judgement streams on 16 rows (some initially malicious, some ending on EOS or the

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from absl import flags
 
 from clsalign_jax import model as M
 from clsalign_jax.convert import save_orbax_params
@@ -18,6 +19,7 @@ from clsalign_jax import artifacts, generate
 from clsalign_jax.data.templates import encode_prompt, get_template
 from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
 from clsalign_jax.decode import PAPER_REFUSAL
+from clsalign_jax.decode.config import CLS_RUN
 from clsalign_jax.errors import CheckpointError
 from clsalign_jax.interop.hf import save_hf
 
@@ -146,3 +148,21 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_orbax):
     artifacts.load(str(tmp_path))
   with pytest.raises(CheckpointError, match="no tokenizer recorded with it or stored alongside; give one"):
     artifacts.load(tiny_orbax)
+
+
+@pytest.mark.parametrize(
+  "trained,argv,expected",
+  [
+    (True, [], True),  # the run's facts
+    (True, ["--noend_after_refusal"], False),  # the flag wins
+    (False, [], False),  # the plain model's default
+    (False, ["--end_after_refusal"], True),
+  ],
+)
+def test_end_after_refusal_flag_over_the_run_facts(trained, argv, expected):
+  fv = flags.FlagValues()
+  generate.define_flags(fv, [])
+  fv(["generate", *argv])
+  facts = artifacts.RunFacts(cls_trained=True, decode={**CLS_RUN, "end_after_refusal": True}) if trained else None
+  loaded = artifacts.Loaded(spec=None, cfg=None, params={}, facts=facts or artifacts.RunFacts())
+  assert generate.decode_config(fv, loaded).end_after_refusal is expected

@@ -212,3 +212,23 @@ def test_views_need_a_blind_lm_and_a_cls_only_trainable():
   c.train.trainable = "^(cls_|layers_29)"
   with pytest.raises(ConfigError, match="trains the CLS path only"):
     train.ParamPartition(c, config_lib.model_config(c))
+
+
+def test_side_path_survives_an_hf_export(tmp_path):
+  from clsalign_jax.interop import hf
+
+  params = jax.tree.map(np.asarray, _params(CFG))
+  hf.save_hf(str(tmp_path), CFG, params)
+  cfg, loaded = hf.load_hf(str(tmp_path))
+  assert (cfg.cls_exit_layer, cfg.cls_adapter_rank) == (CFG.cls_exit_layer, CFG.cls_adapter_rank)
+  assert sorted(loaded) == sorted(params)
+  jax.tree.map(np.testing.assert_array_equal, loaded["cls_adapter_1"], params["cls_adapter_1"])
+  np.testing.assert_array_equal(loaded["cls_norm"]["weight"], params["cls_norm"]["weight"])
+  # A CLS file missing a side-path tensor is refused by name.
+  from safetensors.numpy import load_file, save_file
+
+  tensors = load_file(str(tmp_path / hf.CLS_FILE))
+  del tensors["cls_adapter.2.up.weight"]
+  save_file(tensors, str(tmp_path / hf.CLS_FILE))
+  with pytest.raises(Exception, match="cls_adapter.2.up.weight"):
+    hf.load_hf(str(tmp_path))

@@ -67,7 +67,14 @@ class DecodeConfig:
   prefill_visible: bool = True
   # On a confirmed flip the response is cut back to S_t; True keeps the token at S_t itself.
   keep_trigger_token: bool = False
+  # The refusal prefix forced at every insertion (tokenised once as standalone text, decode/text.py).
   refusal_text: str = PAPER_REFUSAL
+  # True: a row ends as soon as its refusal prefix has been forced in full (Rule 1 right after the prompt,
+  # or Rule 3 after the rollback), as if EOS had been sampled after its last token: the response is what
+  # came before the insertion (an attacker prefill included) plus the prefix. False is the paper's middle
+  # course: the model goes on after the prefix and explains the refusal in its own words, but an LM that
+  # never learned to continue a refusal may carry on with the answer it was cut off from instead.
+  end_after_refusal: bool = False
   # Ablations. Without strategic attention the CLS reads the query and every response token
   # so far (Rule 4 still applies). Without strategic decoding no refusal is ever inserted and
   # nothing is rolled back; the CLS state still reaches later tokens through slot 0, unless
@@ -92,6 +99,9 @@ class DecodeConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"threshold={self.threshold} must lie in [0, 1]")
+    # It picks code paths at trace time: a string such as "false" would silently read as True.
+    if not isinstance(self.end_after_refusal, bool):
+      raise ValueError(f"end_after_refusal={self.end_after_refusal!r} must be a bool")
 
   def replace(self, **kw) -> DecodeConfig:
     return dataclasses.replace(self, **kw)

@@ -17,6 +17,8 @@ A benign row whose re-classification crosses the threshold records S_t (the slot
 fed at that step) and follows Rule 3; a benign result before τ malicious events is a false
 alarm (back to Rule 2); τ of them confirm the flip: the row is cut back to S_t (cache and
 tokens), the refusal prefix is teacher-forced from there, and the row stops re-classifying.
+With `end_after_refusal` a row ends on the last token of a refusal prefix it was forced to
+insert, by either rule, instead of continuing after it.
 
 Code map: `RowState` is the per-row machine and `transition` its step (pure, over [B] arrays,
 tested without the model); `wants_cls` and `due` pick the rows a step re-classifies; `running`
@@ -77,8 +79,8 @@ class RowState(NamedTuple):
   # Filled slots: the pending token (fed at the next step) sits in seq_BS[b, length_B[b]], so
   # length_B is also the slot that token's K/V will occupy. A rollback sets it back to S_t.
   length_B: Array
-  # The row has stopped (EOS sampled, or max_new_tokens reached): later steps feed it nothing and
-  # leave every field of it unchanged.
+  # The row has stopped (EOS sampled, max_new_tokens reached, or with end_after_refusal its refusal
+  # prefix forced in full): later steps feed it nothing and leave every field of it unchanged.
   done_B: Array
   # The rule the CLS follows: MALICIOUS (Rule 1), BENIGN (Rule 2), TRANSITION (Rule 3: a flip
   # awaits confirmation), or CONFIRMED (no more re-classification).
@@ -132,6 +134,7 @@ def transition(
   benign one withdraws the flip (back to Rule 2, a false alarm). Once τ holds the row is
   CONFIRMED and, with strategic decoding, cut back to S_t (+1 with keep_trigger_token) where
   the refusal prefix is forced one token per step. Rules 1 and CONFIRMED ignore judgements.
+  With end_after_refusal the row is done once the last refusal token is the pending one.
   """
   R = refusal_R.shape[0]
   active_B = ~rows.done_B
@@ -165,7 +168,11 @@ def transition(
   next_B = jnp.where(rollback_B, refusal_R[0], jnp.where(forcing_B, forced_B, sampled_B))
   refusal_next_B = jnp.where(rollback_B, 1, jnp.where(forcing_B, rows.refusal_next_B + 1, rows.refusal_next_B))
   length_B = jnp.where(active_B, jnp.where(rollback_B, cut_len_B, pos_B + 1), rows.length_B)
-  ends_B = (~rollback_B & ~forcing_B & (next_B == eos)) | (length_B + 1 - input_len_B >= dcfg.max_new_tokens)
+  # The pending token is the prefix's last: the row ends with it in the response, as with a sampled EOS.
+  refusal_ends_B = (rollback_B | forcing_B) & (refusal_next_B == R) & dcfg.end_after_refusal
+  ends_B = (
+    (~rollback_B & ~forcing_B & (next_B == eos)) | refusal_ends_B | (length_B + 1 - input_len_B >= dcfg.max_new_tokens)
+  )
   return RowState(
     length_B=length_B,
     done_B=rows.done_B | (active_B & ends_B),
@@ -331,7 +338,10 @@ def _decode_jit(
     seq_BS=_put_B(jnp.pad(inputs.tokens_BP, ((0, 0), (0, S - P))), input_len_B, first_B),
     rows=RowState(
       length_B=input_len_B,
-      done_B=(~refuse0_B & (first_B == eos)) | (dcfg.max_new_tokens <= 1),
+      # A one-token refusal prefix forced at the prompt is already complete: the row ends on it.
+      done_B=(~refuse0_B & (first_B == eos))
+      | (refuse0_B & (R == 1) & dcfg.end_after_refusal)
+      | (dcfg.max_new_tokens <= 1),
       mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
       trigger_pos_B=jnp.full((B,), -1, jnp.int32),
       trigger_step_B=jnp.full((B,), -1, jnp.int32),

@@ -103,6 +103,10 @@ SUMMARY_COLUMNS = (
   "cls_flag_rate",
   "refusal_inserted_rate",
   "mean_p_initial",
+  # Appended, so readers of the columns above are unaffected (harness.refusal_hold_stats).
+  "refusals_inserted",
+  "inserted_then_complied",
+  "inserted_then_complied_share",
 )
 SETTING_COLUMNS = ("variant", "attack", "benchmark", "judge", "setting", "asr", "n_items")
 
@@ -143,6 +147,24 @@ def write_report(
       ),
       "",
     ]
+  # Per cell, not per judge: the text after an inserted prefix is always judged by AdvBench's list.
+  holds = [r for r in summary if r["judge"] == summary[0]["judge"] and "refusals_inserted" in r] if summary else []
+  if any(r["refusals_inserted"] for r in holds):
+    md += [
+      "## Do inserted refusals hold?",
+      "",
+      "Generations with an inserted refusal prefix, and how many of them go on after it with text that is "
+      "not blank and has no AdvBench refusal keyword (the share is over the inserted ones).",
+      "",
+      "| variant | benchmark | attack | refusals inserted | then complied | share (%) |",
+      "|---|---|---|---|---|---|",
+    ]
+    md += [
+      f"| {r['variant']} | {r['benchmark']} | {r['attack']} | {r['refusals_inserted']} | "
+      f"{r['inserted_then_complied']} | {_fmt(r['inserted_then_complied_share'])} |"
+      for r in holds
+    ]
+    md.append("")
   if settings:
     files.atomic_write(out / "settings.csv", csv_text(settings, SETTING_COLUMNS))
     md += ["## Per decoding setting", "", "Best single setting per cell (see settings.csv for all):", ""]

@@ -280,6 +280,14 @@ def load_hf(directory: str) -> tuple[ModelConfig, dict]:
     tensors.close()
   cls_path = os.path.join(directory, CLS_FILE)
   if os.path.exists(cls_path):
+    meta_path = os.path.join(directory, CLS_META)
+    side = files.read_json(meta_path).get("side_path", {}) if os.path.exists(meta_path) else {}
+    try:
+      cfg = cfg.replace(
+        cls_exit_layer=int(side.get("exit_layer", 0)), cls_adapter_rank=int(side.get("adapter_rank", 0))
+      )
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{meta_path}: side_path: {e}") from None
     params.update(_load_cls_extras(cls_path, cfg))
   else:
     params.update(fresh_cls_extras(params["embedding"]))
@@ -303,10 +311,49 @@ def _load_cls_extras(path: str, cfg: ModelConfig) -> dict:
       raise CheckpointError(f"{path}: tensor {name!r} is missing")
     if tuple(tensors[name].shape) != shape:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
-  return {
+  out = {
     "cls_embedding": tensors["cls_embedding"],
     "cls_head": {"kernel": np.ascontiguousarray(tensors["cls_head.weight"].T), "bias": tensors["cls_head.bias"]},
   }
+  for name, shape in _side_path_shapes(cfg).items():
+    if name not in tensors:
+      raise CheckpointError(f"{path}: tensor {name!r} is missing (the CLS side path in clsalign.json needs it)")
+    if tuple(tensors[name].shape) != shape:
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+  for i in range(cfg.cls_layers if cfg.cls_adapter_rank else 0):
+    pre = f"cls_adapter.{i}."
+    out[f"cls_adapter_{i}"] = {
+      "norm": {"weight": tensors[pre + "norm.weight"]},
+      "down": np.ascontiguousarray(tensors[pre + "down.weight"].T),
+      "up": np.ascontiguousarray(tensors[pre + "up.weight"].T),
+    }
+  if cfg.cls_exit_layer:
+    out["cls_norm"] = {"weight": tensors["cls_norm.weight"]}
+  return out
+
+
+def _side_path_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Tensor names and (torch Linear [out, in]) shapes of the CLS side path in the CLS file."""
+  D, r = cfg.d_model, cfg.cls_adapter_rank
+  out = {}
+  for i in range(cfg.cls_layers if r else 0):
+    out.update({f"cls_adapter.{i}.norm.weight": (D,), f"cls_adapter.{i}.down.weight": (r, D)})
+    out[f"cls_adapter.{i}.up.weight"] = (D, r)
+  if cfg.cls_exit_layer:
+    out["cls_norm.weight"] = (D,)
+  return out
+
+
+def _side_path_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+  out = {}
+  for i in range(cfg.cls_layers if cfg.cls_adapter_rank else 0):
+    a = params[f"cls_adapter_{i}"]
+    out[f"cls_adapter.{i}.norm.weight"] = np.asarray(a["norm"]["weight"])
+    out[f"cls_adapter.{i}.down.weight"] = np.ascontiguousarray(np.asarray(a["down"]).T)
+    out[f"cls_adapter.{i}.up.weight"] = np.ascontiguousarray(np.asarray(a["up"]).T)
+  if cfg.cls_exit_layer:
+    out["cls_norm.weight"] = np.asarray(params["cls_norm"]["weight"])
+  return out
 
 
 def _dtype_name(arr) -> str:
@@ -366,9 +413,23 @@ def save_hf(
       "cls_embedding": np.asarray(params["cls_embedding"]),
       "cls_head.weight": np.ascontiguousarray(np.asarray(head["kernel"]).T),
       "cls_head.bias": np.asarray(head["bias"]),
+      **_side_path_tensors(cfg, params),
     },
     os.path.join(directory, CLS_FILE),
   )
+  side = {}
+  if cfg.has_cls_path:
+    side = {
+      "side_path": {
+        "exit_layer": cfg.cls_exit_layer,
+        "adapter_rank": cfg.cls_adapter_rank,
+        "how": (
+          "the CLS row alone adds up(silu(down(rmsnorm(x)))) after each decoder layer below exit_layer "
+          "(all layers when 0); with exit_layer k > 0 the head reads cls_norm(h after layer k-1) instead "
+          "of final_norm(h); no token attends to the CLS row, so the LM is the plain model"
+        ),
+      }
+    }
   files.atomic_write_json(
     os.path.join(directory, CLS_META),
     {
@@ -381,6 +442,7 @@ def save_hf(
       "labels": {"0": "benign", "1": "malicious"},
       "threshold": threshold,
       "file": CLS_FILE,
+      **side,
     },
     indent=2,
   )
