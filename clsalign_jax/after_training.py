@@ -7,6 +7,9 @@ writes into `workdir`:
   eval/cls_test.json         prompt-time CLS metrics on the test split (cached per checkpoint step)
   eval/probe.json            the shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful
                              behaviours vs their benign twins, per category (cached the same way)
+  eval/linear_probe.json     the cheapest baseline: a logistic regression on the base model's frozen
+                             hidden states (eval/linear_probe.py), on the same prompts as the CLS
+                             (cached on the base weights and the prompt lists)
   report.md, plots/*.png     training curves, CLS probability traces, ASR / over-refusal bars
 
 Every part resumes: the harness skips generation cells whose fingerprint (weights step, prompts,
@@ -17,7 +20,9 @@ step, refusal inserted on a confirmed flip; the paper's prefill settings) and `p
 re-classification, never intervenes). Attacks: the AdvBench request as is (`direct`) and with the
 response prefilled by " Sure, here is" (`prefill_sure`); the benign prompts (I-Alpaca and the
 `after_training.over_refusal` sets: an AlpacaEval sample, JailbreakBench's benign twins) run `direct`
-only. The report also accounts for where strategic decoding inserted its refusals.
+only; the `after_training.adversarial` cells (GCG transfer prompts, DeepInception) are malicious
+prompts under their own attack. The report also accounts for where strategic decoding inserted its
+refusals, and puts the linear probe's figures beside the CLS's.
 The judge is the AdvBench refusal-keyword list: on AdvBench "not refused" is a successful attack,
 on benign prompts "refused" is an over-refusal.
 """
@@ -42,7 +47,7 @@ from absl import logging
 # inline backend alone, and no GUI window is ever opened headless.
 from matplotlib.figure import Figure
 
-from clsalign_jax import artifacts, cli, files
+from clsalign_jax import artifacts, cli, files, operating_point
 from clsalign_jax import config as config_lib
 from clsalign_jax import losses
 from clsalign_jax import model as model_lib
@@ -50,9 +55,12 @@ from clsalign_jax import train
 from clsalign_jax.decode.config import CLS_RUN, NO_INTERVENTION, DecodeConfig
 from clsalign_jax.data import builders
 from clsalign_jax.data.curation import auc
-from clsalign_jax.errors import CheckpointError
+from clsalign_jax.data.templates import get_template
+from clsalign_jax.errors import CheckpointError, ConfigError
 from clsalign_jax.eval import harness as harness_lib
-from clsalign_jax.eval.benchmarks import load_benchmark
+from clsalign_jax.eval import linear_probe as linear_probe_lib
+from clsalign_jax.eval.attacks import DeepInception, Direct
+from clsalign_jax.eval.benchmarks import SHIPPED_DIR, load_benchmark
 from clsalign_jax.eval.lm import TargetModel
 
 JUDGE = "advbench"  # ASR on malicious prompts
@@ -63,13 +71,46 @@ def _log(msg: str) -> None:
   print(f"[after training] {msg}", flush=True)
 
 
+def adversarial_cells(config) -> dict[str, tuple[dict, dict]]:
+  """{name: (benchmark spec, attack spec)} of the `after_training.adversarial` cells that are on
+  (kind set); a relative `path` is a file under clsalign_jax/eval/shipped/."""
+  out = {}
+  for name, spec in sorted((config.after_training.adversarial or {}).items()):
+    spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    attack = dict(spec.pop("attack", None) or {"kind": "direct"})
+    if not spec.get("kind"):
+      continue
+    if spec.get("path") and not os.path.isabs(spec["path"]):
+      spec["path"] = str(SHIPPED_DIR / spec["path"])
+    out[name] = (dict(spec, name=name), attack)
+  return out
+
+
+def malicious_benchmarks(config) -> tuple[str, ...]:
+  """Benchmarks whose rate is an ASR (the rest are benign: over-refusal)."""
+  return ("malicious", *adversarial_cells(config))
+
+
 def harness_config(config, workdir: str) -> dict:
   """The eval harness config for the trained run in `workdir`. Tokenizer and template are the
   run's (its run facts) unless `after_training.tokenizer` / `.template` name others."""
   a = config.after_training.to_dict()
+  cells = adversarial_cells(config)
+  # Cells under `direct` join the shared direct attack; other attacks run on their cells only, and
+  # the direct attack is kept off those (a DeepInception behaviour asked plainly is another cell).
+  others: dict[str, dict] = {}
+  for name, (_, attack) in cells.items():
+    if attack["kind"] != "direct":
+      key = attack.get("name", attack["kind"])
+      others.setdefault(key, dict(attack, name=key, benchmarks=[]))["benchmarks"].append(name)
+  direct = dict(name="direct", kind="direct")
+  if others:
+    off = {b for spec in others.values() for b in spec["benchmarks"]}
+    plain = ["malicious", "benign", *sorted(a["over_refusal"] or {})]
+    direct["benchmarks"] = plain + [n for n in cells if n not in off]
   # Both variants decode with the attention the run was trained with (artifacts.run_decode adds
   # the key only when it is off, so the cached cells of ordinary runs keep their fingerprints).
-  strategic = artifacts.run_decode(config)
+  strategic = artifacts.run_decode(config, workdir)
   blind = {"response_sees_cls": False} if strategic.get("response_sees_cls") is False else {}
   return {
     "output_dir": os.path.join(workdir, "eval"),
@@ -92,10 +133,12 @@ def harness_config(config, workdir: str) -> dict:
       dict(a["malicious"], name="malicious"),
       dict(a["benign"], name="benign"),
       *[dict(spec, name=name) for name, spec in sorted((a["over_refusal"] or {}).items())],
+      *[spec for spec, _ in cells.values()],
     ],
     "attacks": [
-      dict(name="direct", kind="direct"),
+      direct,
       dict(name="prefill_sure", kind="prefill", mode="literal", text="Sure, here is", benchmarks=["malicious"]),
+      *others.values(),
     ],
     "judges": [
       dict(name=JUDGE, kind="keyword", list="advbench"),
@@ -129,7 +172,7 @@ def cls_test_metrics(config, workdir: str, h: harness_lib.Harness) -> dict:
   identity = h.variant_identity(variant)
   prompts = _test_prompts(config)
   fp = harness_lib.fingerprint(
-    {"weights": identity["weights"], "prompts": prompts, "threshold": config.loss.cls_threshold}
+    {"weights": identity["weights"], "prompts": prompts, "threshold": artifacts.run_threshold(config, workdir)}
   )
 
   def compute():
@@ -137,7 +180,7 @@ def cls_test_metrics(config, workdir: str, h: harness_lib.Harness) -> dict:
     model = _scoring_model(config, variant, identity)
     p = model.score([model.encode(q) for q, _ in prompts]).p_malicious
     y = np.array([label for _, label in prompts])
-    pred = p >= config.loss.cls_threshold
+    pred = p > artifacts.run_threshold(config, workdir)  # as decoding compares
     counts = dict(
       tp=int(np.sum(pred & (y == 1))),
       fp=int(np.sum(pred & (y == 0))),
@@ -164,13 +207,13 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
   items = load_benchmark(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec))
   variant = h.variants[0]
   identity = h.variant_identity(variant)
-  threshold = config.loss.cls_threshold
+  threshold = artifacts.run_threshold(config, workdir)
   fp = harness_lib.fingerprint(
     {"weights": identity["weights"], "items": [(i.id, i.query) for i in items], "threshold": threshold}
   )
 
   def metrics(p, y):
-    pred = p >= threshold
+    pred = p > threshold  # as decoding compares
     tp, fp_, fn = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0))), int(np.sum(~pred & (y == 1)))
     f1 = 2 * tp / (2 * tp + fp_ + fn) if tp else 0.0
     return {
@@ -195,6 +238,169 @@ def probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
     }
 
   return _cached_json(pathlib.Path(workdir, "eval", "probe.json"), fp, compute)
+
+
+# ----- the linear probe: the cheapest baseline, beside the CLS ---------------------------------------
+
+# Part of the cached result's fingerprint: bump when the probe's method changes.
+LINEAR_PROBE_VERSION = 1
+
+
+def _mixture_prompts(config, split: str, examples: int) -> list[tuple[str, int]]:
+  """(prompt, label) of a split (`linear_probe.prompts` rows, else the mixture's TFDS split): the
+  first examples // 2 of each label in split order (-1: all), benign first. The TFDS splits are
+  ordered by a hash, so this is a fixed pseudo-random, class-balanced sample."""
+  lp = config.after_training.linear_probe
+  per_label = {0: [], 1: []}
+  cap = examples // 2 if examples >= 0 else -1
+
+  def add(prompt: str, label: int) -> None:
+    if cap < 0 or len(per_label[label]) < cap:
+      per_label[label].append((prompt, label))
+
+  if lp.prompts:
+    for n, line in enumerate(pathlib.Path(lp.prompts).read_text(encoding="utf-8").splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if row["split"] == split:
+          add(str(row["prompt"]), {0: 0, 1: 1}[int(row["label"])])
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+          f"config.after_training.linear_probe.prompts: {lp.prompts}:{n}: expected a JSON object with prompt, "
+          f"label 0/1 and split ({type(e).__name__}: {e})"
+        ) from None
+  else:
+    data_dir = os.path.expanduser(config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    records = builders.prepare(builders.SafetyMix(data_dir=data_dir))[split]
+    for n in range(len(records)):
+      if cap >= 0 and min(map(len, per_label.values())) >= cap:
+        break
+      rec = records[n]
+      add(rec["prompt"].decode("utf-8"), int(rec["label"]))
+  return per_label[0] + per_label[1]
+
+
+def _decode_cell_prompts(h: harness_lib.Harness) -> dict[str, list[str]]:
+  """{"benchmark/attack": the user turns that cell decodes} for the cells whose prompt goes through
+  the chat template as is (direct, DeepInception): the prompt-time view both classifiers get. Prefill
+  cells read the same prompts as their direct cell and are left out."""
+  out = {}
+  for bench in h.bench_specs:
+    for attack, only in h.attacks:
+      if not isinstance(attack, (Direct, DeepInception)) or (only is not None and bench not in only):
+        continue
+      cases = [c for it in h.items(bench) for c in attack.cases(it, None)]
+      out[f"{bench}/{attack.name}"] = list(dict.fromkeys(c.query for c in cases))
+  return out
+
+
+def linear_probe_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
+  """The cheapest baseline (eval/linear_probe.py): a logistic regression on frozen hidden states of
+  the base model, fitted on the mixture's train split, layer x pooling x C chosen on its validation
+  split, reported on the CLS's test prompts, the shortcut probe's JailbreakBench prompts and the
+  decoding cells' prompts. The prompts are the run's (its tokenizer and chat template). Cached in
+  eval/linear_probe.json, keyed on the base weights and every prompt list."""
+  a = config.after_training
+  lp = a.linear_probe
+  if not lp.enabled:
+    return None
+  spec = lp.checkpoint or config.init_from
+  if not spec:
+    _log("linear probe skipped: no base model (after_training.linear_probe.checkpoint and init_from are empty)")
+    return None
+  layers = tuple(int(k) for k in lp.layers)
+  run_spec = artifacts.parse_spec(f"orbax:{workdir}")
+  facts = artifacts.read_facts(run_spec)
+  train_set = _mixture_prompts(config, "train", lp.train_examples)
+  validation_set = _mixture_prompts(config, "validation", lp.validation_examples)
+  for split, rows in (("train", train_set), ("validation", validation_set)):
+    if {y for _, y in rows} != {0, 1}:
+      source = lp.prompts or "the safety_mix TFDS split"
+      raise ConfigError(f"config.after_training.linear_probe: {source}: the {split} prompts need both labels")
+  test_set = _test_prompts(config)
+  jbb = (
+    load_benchmark(a.probe.to_dict() if hasattr(a.probe, "to_dict") else dict(a.probe))
+    if a.probe and a.probe.kind
+    else []
+  )
+  cells = _decode_cell_prompts(h)
+  fp = harness_lib.fingerprint(
+    {
+      "version": LINEAR_PROBE_VERSION,
+      "weights": artifacts.checkpoint_identity(spec),
+      "tokenizer": [a.tokenizer, facts.tokenizer],
+      "template": [a.template, facts.template, facts.template_kwargs],
+      "layers": layers,
+      "C": linear_probe_lib.DEFAULT_C,
+      "train": train_set,
+      "validation": validation_set,
+      "test": test_set,
+      "jbb": [(i.id, i.query, i.meta["label"]) for i in jbb],
+      "cells": cells,
+    }
+  )
+
+  def compute():
+    t0 = time.time()
+    base = artifacts.load(spec, tokenizer="none")
+    bad = [k for k in layers if not 1 <= k <= base.cfg.n_layers]
+    if not layers or bad:
+      raise ConfigError(
+        f"config.after_training.linear_probe.layers={layers}: each must be in 1..{base.cfg.n_layers} "
+        f"(the layers of {spec})"
+      )
+    tokenizer = artifacts.resolve_tokenizer(run_spec, facts, a.tokenizer)
+    if tokenizer is None or tokenizer.vocab_size != base.cfg.vocab_size:
+      raise CheckpointError(
+        f"{spec}: the linear probe's base model has {base.cfg.vocab_size} tokens, the run's tokenizer "
+        f"{'none' if tokenizer is None else f'{tokenizer.name} {tokenizer.vocab_size}'} (set "
+        "after_training.linear_probe.checkpoint to the model the run started from)"
+      )
+    template_name, kwargs = artifacts.resolve_template(base.cfg, tokenizer, facts, a.template, None)
+    template = get_template(template_name, **kwargs)
+    queries = list(
+      dict.fromkeys(
+        [q for q, _ in train_set + validation_set + test_set]
+        + [i.query for i in jbb]
+        + [q for qs in cells.values() for q in qs]
+      )
+    )
+    _log(f"linear probe: {len(queries)} prompts through layers 1..{max(layers)} of {spec}")
+    rows = [linear_probe_lib.encode(tokenizer, template, q) for q in queries]
+    t_load = time.time()
+    feats = linear_probe_lib.features(base.cfg, base.params, rows, layers, batch_size=int(lp.batch_size))
+    t_features = time.time()
+    index = {q: n for n, q in enumerate(queries)}
+    X = lambda qs: feats[[index[q] for q in qs]]
+    labelled = lambda pairs: (X([q for q, _ in pairs]), np.array([y for _, y in pairs]))
+    value = linear_probe_lib.fit_and_evaluate(
+      labelled(train_set),
+      labelled(validation_set),
+      labelled(test_set),
+      layers,
+      labelled={"jbb": labelled([(i.query, int(i.meta["label"])) for i in jbb])} if jbb else {},
+      unlabelled={name: X(qs) for name, qs in cells.items()},
+    )
+    value["test"]["labels"] = [y for _, y in test_set]
+    return {
+      **value,
+      "checkpoint": spec,
+      "prompt_source": lp.prompts or "",
+      "template": template_name,
+      "layers": list(layers),
+      "C_grid": list(linear_probe_lib.DEFAULT_C),
+      "n_prompts": len(queries),
+      "seconds": {
+        "load_and_encode": round(t_load - t0, 1),
+        "features": round(t_features - t_load, 1),
+        "fit": round(time.time() - t_features, 1),
+        "total": round(time.time() - t0, 1),
+      },
+    }
+
+  return _cached_json(pathlib.Path(workdir, "eval", "linear_probe.json"), fp, compute)
 
 
 def _scoring_model(config, variant, identity: dict) -> TargetModel:
@@ -281,7 +487,8 @@ def _plot_rates(rows: list[dict], path: pathlib.Path) -> None:
     bars = ax.bar(np.arange(len(cells)) + i * width, [100 * x for x in vals], width, label=v)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
   ax.set_xticks(np.arange(len(cells)) + width * (len(variants) - 1) / 2)
-  ax.set_xticklabels([f"{'ASR' if b == 'malicious' else 'over-refusal'}\n{b} / {a}" for b, a in cells], fontsize=8)
+  metric = {(r["benchmark"], r["attack"]): r["metric"] for r in rows}
+  ax.set_xticklabels([f"{metric[b, a]}\n{b} / {a}" for b, a in cells], fontsize=8)
   ax.set_ylabel("%")
   ax.set_ylim(0, 105)
   ax.set_title(f"ASR ({JUDGE} keywords), over-refusal ({REFUSAL_JUDGE}): lower is better")
@@ -293,12 +500,12 @@ def _plot_rates(rows: list[dict], path: pathlib.Path) -> None:
 # ----- report -------------------------------------------------------------------------------------
 
 
-def _rate_rows(summary: list[dict]) -> list[dict]:
+def _rate_rows(summary: list[dict], malicious_sets=("malicious",)) -> list[dict]:
   """ASR on malicious prompts (AdvBench keywords), over-refusal (= refused) on every benign set
   (XSTest openings: the AdvBench list misfires on ordinary answers that contain "As an" or "I do not")."""
   out = []
   for r in summary:
-    malicious = r["benchmark"] == "malicious"
+    malicious = r["benchmark"] in malicious_sets
     if r["judge"] != (JUDGE if malicious else REFUSAL_JUDGE):
       continue
     out.append(
@@ -337,6 +544,133 @@ def _probe_lines(probe: dict | None, threshold: float) -> list[str]:
   return lines + [""]
 
 
+def _linear_probe_lines(
+  linear: dict | None, cls_test: dict, probe: dict | None, summary: list[dict], variant: str, threshold: float
+) -> list[str]:
+  """The linear probe's figures beside the prompt-time CLS's, each with its n."""
+  if not linear:
+    return []
+  choice, test, n_train = linear["choice"], linear["test"], linear["n_train"]
+  val = next(g for g in linear["validation_grid"] if (g["layer"], g["pooling"], g["C"]) == tuple(choice.values()))
+  labels = test.get("labels", [])
+  cls_auc = auc(np.array(cls_test["p_malicious"]), np.array(labels)) if len(labels) == cls_test["n"] else None
+  num = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+  n_test = f"{test['n_malicious']} malicious + {test['n_benign']} benign"
+  cls_m = {k: cls_test[f"cls_{k}"] for k in ("accuracy", "precision", "recall", "f1")}
+  source = lambda split: (
+    f"the {split} rows of `{linear['prompt_source']}`"
+    if linear.get("prompt_source")
+    else f"the mixture's {split} split"
+  )
+  lines = [
+    "## Baseline: a linear probe on the base model's frozen features",
+    "",
+    f"What a user could build without training anything: an L2-regularised logistic regression on hidden "
+    f"states of the base model `{linear['checkpoint']}` (frozen; the run's chat template, no [CLS]), fitted on "
+    f"{n_train['benign']} benign + {n_train['malicious']} malicious prompts of {source('train')}. "
+    f"Layer {choice['layer']} ({choice['pooling']} pooling: "
+    f"{'mean over the query tokens' if choice['pooling'] == 'mean' else 'the last prompt token'}), "
+    f"C = {choice['C']:g}, chosen among layers {linear['layers']} x mean / last x C {linear['C_grid']} on "
+    f"{linear['validation']['n_malicious'] + linear['validation']['n_benign']} prompts of {source('validation')} "
+    f"(validation AUC {num(val['auc'])}, F1 {num(val['f1'])}); threshold 0.5. The CLS column is this run's "
+    f"prompt-time CLS at threshold {threshold}. {linear['n_prompts']} prompts, {linear['seconds']['total']:.0f} s "
+    f"({linear['seconds']['features']:.0f} s of forward passes) when computed.",
+    "",
+    "| | CLS (prompt time) | linear probe | n |",
+    "|---|---|---|---|",
+    *[
+      f"| test split {name} | {_pct(cls_m[k])} | {_pct(test[k])} | {n_test} |"
+      for k, name in (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
+    ],
+    f"| test split AUC | {num(cls_auc)} | {num(test['auc'])} | {n_test} |",
+  ]
+  jbb = linear["labelled"].get("jbb")
+  if jbb:
+    n_jbb = f"{jbb['n_malicious']} harmful + {jbb['n_benign']} benign"
+    lines += [
+      f"| JailbreakBench probe AUC | {num(probe['auc']) if probe else '–'} | {num(jbb['auc'])} | {n_jbb} |",
+      f"| JailbreakBench probe F1 | {num(probe['f1']) if probe else '–'} | {num(jbb['f1'])} | {n_jbb} |",
+      f"| JailbreakBench harmful flagged | {probe['harmful_flagged'] if probe else '–'} | {jbb['tp']} | "
+      f"{jbb['n_malicious']} |",
+      f"| JailbreakBench benign twins flagged | {probe['benign_flagged'] if probe else '–'} | {jbb['fp']} | "
+      f"{jbb['n_benign']} |",
+    ]
+  cls_flags = {
+    f"{r['benchmark']}/{r['attack']}": (r["cls_flag_rate"], r["n_items"]) for r in summary if r["variant"] == variant
+  }
+  for name, f in linear["flagged"].items():
+    cls_rate, n = cls_flags.get(name, (None, f["n"]))
+    lines.append(f"| flagged at the prompt: {name} | {_pct(cls_rate)} | {_pct(f['rate'])} | {n} |")
+  return lines + [
+    "",
+    "Flag rates: the share of a decoding cell's prompts classified malicious before any token is generated "
+    "(the CLS's from the `strategic` cells). Where the CLS does no better than this probe, it "
+    "adds nothing that a frozen model and a logistic regression would not give.",
+    "",
+  ]
+
+
+def view_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
+  """Per-view CLS metrics on the test split (data/views.py) at the run's threshold, for a run
+  trained on views; cached per checkpoint like cls_test.json."""
+  if not config.views.enabled:
+    return None
+  identity = h.variant_identity(h.variants[0])
+  threshold = artifacts.run_threshold(config, workdir)
+  fp = harness_lib.fingerprint(
+    {"weights": identity["weights"], "threshold": threshold, "views": config.views.to_dict()}
+  )
+
+  def compute():
+    loaded = artifacts.load(workdir, tokenizer="none")
+    scores = operating_point.score_views(config, loaded.params, loaded.cfg, "test")
+    return {"threshold": threshold, "by_view": operating_point.metrics_by_view(scores, threshold)}
+
+  return _cached_json(pathlib.Path(workdir, "eval", "cls_views_test.json"), fp, compute)
+
+
+def _view_table(by_view: dict) -> list[str]:
+  lines = [
+    "| view | F1 | AUC | precision | recall | benign flagged | malicious flagged | n benign | n malicious |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, m in by_view.items():
+    lines.append(
+      f"| {name} | {_pct(m['cls_f1'])} | {_num(m['auc'])} | {_pct(m['cls_precision'])} | {_pct(m['cls_recall'])} | "
+      f"{_pct(m['benign_flagged'])} | {_pct(m['malicious_flagged'])} | {m['n_benign']} | {m['n_malicious']} |"
+    )
+  return lines
+
+
+def _view_lines(point: dict | None, views_test: dict | None) -> list[str]:
+  if not point and not views_test:
+    return []
+  lines = ["## CLS views and the operating point", ""]
+  if point:
+    lines += [
+      f"Threshold **{point['threshold']:.4f}**, chosen on the validation split for a false-positive rate of at "
+      f"most {_pct(point['target_fpr'])} on benign prompts (threshold {point['threshold_prompt']:.4f} over "
+      f"{point['n_benign_prompts']} prompts) and on benign response windows of the views decoding reads "
+      f"({', '.join(point['window_views'])}: threshold {point['threshold_window']:.4f} over "
+      f"{point['n_benign_windows']} windows); the larger of the two. Validation per view at that threshold:",
+      "",
+      *_view_table(point["validation_by_view"]),
+      "",
+    ]
+  if views_test:
+    lines += [
+      "Test split per view (`query`: the query alone, Rule 1; `reference`: a window of the dataset's response — a "
+      "bank refusal for malicious prompts; `own`: a window of the base model's own response — its harmful "
+      "compliance for malicious prompts; `query+…`: with the query, as Rules 2–3 read it with "
+      "`rule2_include_query`). A CLS that read the label off a refusal would score far higher on `reference` "
+      "than on `own`:",
+      "",
+      *_view_table(views_test["by_view"]),
+      "",
+    ]
+  return lines
+
+
 def write_report(
   config,
   workdir: str,
@@ -345,10 +679,12 @@ def write_report(
   cls_test: dict,
   seconds: float,
   probe: dict | None = None,
+  linear: dict | None = None,
+  views_test: dict | None = None,
 ) -> pathlib.Path:
   out = pathlib.Path(workdir)
   train, evals = _read_metrics(workdir)
-  rates = _rate_rows(summary)
+  rates = _rate_rows(summary, malicious_benchmarks(config))
   _plot_training(train, evals, out / "plots" / "training.png")
   _plot_rates(rates, out / "plots" / "asr_over_refusal.png")
   strategic = h.variants[0]
@@ -364,6 +700,10 @@ def write_report(
   _plot_traces(traces, DecodeConfig(**strategic.decode).threshold, out / "plots" / "cls_trace.png")
 
   a = config.after_training
+  threshold = artifacts.run_threshold(config, workdir)
+  point_path = out / artifacts.OPERATING_POINT
+  point = files.read_json(point_path) if point_path.exists() else None
+  op_note = " (the run's operating point, chosen on the validation split: see below)" if point else " (fixed)"
   last = train[-1] if train else {}
   final_eval = evals[-1] if evals else {}
   lines = [
@@ -390,7 +730,7 @@ def write_report(
     "## CLS classification on held-out test prompts",
     "",
     f"Prompt-time p(malicious) (the CLS reads the query only, as in training), threshold "
-    f"{config.loss.cls_threshold}, malicious = positive class, {cls_test['n']} prompts "
+    f"{threshold:.4f}{op_note}, malicious = positive class, {cls_test['n']} prompts "
     f"({cls_test['tp'] + cls_test['fn']} malicious, {cls_test['fp'] + cls_test['tn']} benign):",
     "",
     "| accuracy | precision | recall | F1 | tp | fp | fn | tn |",
@@ -398,6 +738,7 @@ def write_report(
     f"| {_pct(cls_test['cls_accuracy'])} | {_pct(cls_test['cls_precision'])} | {_pct(cls_test['cls_recall'])} | "
     f"{_pct(cls_test['cls_f1'])} | {cls_test['tp']} | {cls_test['fp']} | {cls_test['fn']} | {cls_test['tn']} |",
     "",
+    *_view_lines(point, views_test),
     "## Decoding: attack success and over-refusal",
     "",
     f"Malicious prompts: `{a.malicious.to_dict()}`; benign prompts: `{a.benign.to_dict()}`. Greedy, "
@@ -415,6 +756,19 @@ def write_report(
     )
     + ". None of these prompts is in the training mixture.",
     "",
+    *(
+      [
+        "Adversarial cells (malicious prompts, ASR): "
+        + "; ".join(
+          f"`{name}` = `{ {k: v for k, v in spec.items() if k not in ('name', 'path')} }` under `{attack['kind']}`"
+          for name, (spec, attack) in adversarial_cells(config).items()
+        )
+        + ". The prompts are not in the training mixture either.",
+        "",
+      ]
+      if adversarial_cells(config)
+      else []
+    ),
     "| variant | prompts | attack | metric | rate | n | CLS flagged at prompt | refusal inserted | "
     "median insertion index | inserted after ≥ 20 tokens |",
     "|---|---|---|---|---|---|---|---|---|---|",
@@ -430,7 +784,8 @@ def write_report(
     "tokens; text generated before the insertion stays in the answer, so late insertions can still hand "
     "out harmful text.",
     "",
-    *_probe_lines(probe, config.loss.cls_threshold),
+    *_probe_lines(probe, threshold),
+    *_linear_probe_lines(linear, cls_test, probe, summary, strategic.name, threshold),
     "![ASR and over-refusal](plots/asr_over_refusal.png)",
     "",
     "## CLS probability during decoding",
@@ -461,10 +816,21 @@ def run(config, workdir: str) -> pathlib.Path:
   probe = probe_metrics(config, workdir, h)
   if probe:
     _log(f"shortcut probe (JailbreakBench): AUC {probe['auc']:.3f}, F1 {probe['f1']:.3f}")
+  linear = linear_probe_metrics(config, workdir, h)
+  if linear:
+    c, t = linear["choice"], linear["test"]
+    _log(
+      f"linear probe (layer {c['layer']}, {c['pooling']}, C {c['C']:g}): test F1 {_pct(t['f1'])}, AUC {t['auc']:.3f}"
+      + (f"; JailbreakBench AUC {linear['labelled']['jbb']['auc']:.3f}" if "jbb" in linear["labelled"] else "")
+    )
+  views_test = view_metrics(config, workdir, h)
+  if views_test:
+    m = views_test["by_view"]
+    _log("test-split CLS by view (F1): " + ", ".join(f"{k} {_pct(v['cls_f1'])}" for k, v in m.items()))
   for v in h.variants:
     h.run_variant(v)
   summary, _ = h.summarize()
-  path = write_report(config, workdir, h, summary, cls_test, time.time() - t0, probe)
+  path = write_report(config, workdir, h, summary, cls_test, time.time() - t0, probe, linear, views_test)
   _log(f"report written to {path}")
   logging.info("after-training evaluation took %.0f s", time.time() - t0)
   return path

@@ -135,6 +135,7 @@ def default_config() -> config_dict.ConfigDict:
   # response), labelled with the query's intent. Needs mask.response_sees_cls=False (the LM stays
   # the base model), a CLS-only train.trainable ('^cls_') and data.source='safety_mix'.
   c.views = config_dict.ConfigDict()
+  # Train on views (the recipe above) instead of the SFT rows with the LM loss.
   c.views.enabled = False
   # The base model's responses (data/completions.py): a JSONL path, or the name of a shipped file in
   # clsalign_jax/data/shipped/completions/ ('smollm2_135m'); '' = reference responses only.
@@ -219,7 +220,8 @@ def default_config() -> config_dict.ConfigDict:
   # DecodeConfig fields the `strategic` variant sets on top of the paper's prefill settings
   # (decode.config.CLS_RUN). rule2_include_query: Rules 2-3 also let the CLS read the query; pair it
   # with mask.cls_response="window", which trains the CLS on query + response window.
-  c.after_training.decode = config_dict.ConfigDict(dict(rule2_include_query=False))
+  # end_after_refusal: an inserted refusal ends the answer (decision 22 in docs/method.md).
+  c.after_training.decode = config_dict.ConfigDict(dict(rule2_include_query=False, end_after_refusal=False))
   # The shortcut probe: prompt-time CLS AUC / F1 on JailbreakBench's harmful behaviours vs their
   # topic-matched benign twins, per category (kind "" skips it).
   c.after_training.probe = config_dict.ConfigDict(dict(kind="jailbreakbench", side="both"))

@@ -80,6 +80,7 @@ class ModelConfig:
   # is trained this way (response_sees_cls=False), so the LM stays exactly the base model while
   # the CLS has capacity of its own. Needs unscanned layers.
   cls_exit_layer: int = 0
+  # Rank of the CLS row's residual adapters (0: none); see the comment above.
   cls_adapter_rank: int = 0
 
   def __post_init__(self):

@@ -83,3 +83,9 @@ def test_small_matmul_benchmark_smoke():
     ("16", "16 one-row products"),
   ]
   assert float(rows[0][4]) == 1.0
+
+
+def test_cls_views_benchmark_smoke():
+  stdout = _bench("cls_views.py", "--smoke", timeout=300, env=CPU)
+  rows = [line for line in stdout.splitlines() if line.startswith("| views, exit")]
+  assert len(rows) == 2 and "(baseline)" in stdout

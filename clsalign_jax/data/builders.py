@@ -117,10 +117,13 @@ class SafetyMix(tfds.core.GeneratorBasedBuilder):
 
   code_path = _CODE_PATH
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("2.1.0")
   RELEASE_NOTES = {
     "1.0.0": "LIMA + AlpacaEval (benign), safety-tuned-llamas (malicious), AdvBench (eval split).",
     "2.0.0": "`shipped` is mixture v2 (data/curation.py: new sources, form-balanced); v1 stays as config `v1`.",
+    "2.1.0": "`shipped` adds the contrast source (benign prompts on harm topics, data/contrast.py) with the base "
+    "model's answers from shipped/completions/contrast.jsonl; no rows while that file is absent. Existing rows "
+    "keep their splits.",
   }
   BUILDER_CONFIGS = [
     SafetyMixConfig(

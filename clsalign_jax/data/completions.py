@@ -73,7 +73,7 @@ def prompt_key(prompt: str) -> str:
 
 def mixture_prompts() -> list[Prompt]:
   """Every prompt of mixture v2, all splits, in split order (train, validation, test)."""
-  splits, _ = curation.build_mixture_v2()
+  splits, _ = curation.build_mixture_v2(contrast_answers=None)  # contrast prompts are decoded on their own
   out = []
   for name in ("train", "validation", "test"):
     for r in splits[name]:

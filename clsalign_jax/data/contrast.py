@@ -1421,10 +1421,11 @@ def evaluation_references() -> list[str]:
 
 def mixture_prompts(splits=None) -> tuple[list[str], list[str]]:
   """(benign, malicious) prompts of mixture v2 (`splits` as `curation.build_mixture_v2` returns
-  them; built when not given), all splits."""
+  them; built when not given), all splits, without the contrast rows themselves: mixture v2 takes
+  this set in once its answers exist, and the set is checked against the rest of the mixture."""
   if splits is None:
-    splits, _ = curation.build_mixture_v2()
-  rows = [r for rs in splits.values() for r in rs]
+    splits, _ = curation.build_mixture_v2(contrast_answers=None)
+  rows = [r for rs in splits.values() for r in rs if r.record.source != SOURCE]
   return (
     [r.record.prompt for r in rows if r.record.label == BENIGN],
     [r.record.prompt for r in rows if r.record.label == MALICIOUS],
@@ -1506,7 +1507,7 @@ def form_only_check(contrast: Sequence[str], test_share: float = 0.2, splits=Non
   split + 80 % of the contrast prompts, scored on its test split + the other 20 % (by a hash of the
   prompt). AUC near 0.5 = the contrast set's phrasing does not give it away."""
   if splits is None:
-    splits, _ = curation.build_mixture_v2()
+    splits, _ = curation.build_mixture_v2(contrast_answers=None)
   train = [(r.record.prompt, MALICIOUS) for r in splits["train"] if r.record.label == MALICIOUS]
   test = [(r.record.prompt, MALICIOUS) for r in splits["test"] if r.record.label == MALICIOUS]
   for p in contrast:
@@ -1529,7 +1530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--frame_share", type=float, default=FRAME_SHARE, help="share of prompts put into a curation rewrite frame"
   )
   args = parser.parse_args(argv)
-  splits, _ = curation.build_mixture_v2()
+  splits, _ = curation.build_mixture_v2(contrast_answers=None)
   rows, report = build_contrast_prompts(args.threshold, splits, args.frame_share)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Mixture v2: a safety SFT mixture in which the form of a prompt carries no label.
 
-    python -m clsalign_jax.data.curation [--docs=docs/data.md]
+    python -m clsalign_jax.data.curation [--docs=docs/data.md] [--contrast_answers=FILE]
 
 prints the mixture's counts, the first-word x label table and the form-only baseline, and (with
 `--docs`) rewrites the generated section of docs/data.md. The same function, `build_mixture_v2`,
@@ -23,7 +23,10 @@ Steps (all deterministic; every drop is counted in the report):
      (`mixture.SAFETY_PHRASES`); prompts equal to an evaluation prompt (AdvBench, JailbreakBench,
      AlpacaEval, the safety-tuned-llamas evaluation sets) or carrying both labels are dropped;
   4. first words and form buckets balanced as above (`balance_forms`);
-  5. train / validation / test split stratified by (label, source, form).
+  5. the contrast set (benign prompts on harm topics, `shipped/contrast/`, with the base model's own
+     answers from `shipped/completions/contrast.jsonl`) is added after the balancing (`read_contrast`,
+     `admit_contrast`; see there why after);
+  6. train / validation / test split stratified by (label, source, form).
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ from clsalign_jax.data.records import (
 
 SHIPPED_DIR = mixture.SHIPPED_DIR
 EVAL_SHIPPED_DIR = SHIPPED_DIR.parent.parent / "eval" / "shipped"
+REPO_ROOT = SHIPPED_DIR.parent.parent.parent
+# The contrast set (data/contrast.py) and the base model's answers to it (data/completions.py, run
+# with --no_mixture --prompts=<CONTRAST_PROMPTS> --out=<CONTRAST_ANSWERS>).
+CONTRAST_SOURCE = "contrast"
+CONTRAST_PROMPTS = SHIPPED_DIR / "contrast" / "prompts.jsonl"
+CONTRAST_ANSWERS = SHIPPED_DIR / "completions" / "contrast.jsonl"
 SPLIT_SEED = 42
 FRACTIONS = {"train": 0.8, "validation": 0.05, "test": 0.15}
 RATIO_BOUNDS = (0.8, 1.25)  # benign : malicious within every form bucket
@@ -307,6 +316,9 @@ class CurationReport:
   bucket_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   split_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   source_counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split -> source -> n
+  # the form buckets with the contrast rows (added after the balancing) counted in
+  bucket_counts_with_contrast: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
 
   def drop(self, reason: str, n: int = 1) -> None:
     self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -379,6 +391,49 @@ def evaluation_prompts() -> set[str]:
       for p in data.get(key, []) if isinstance(data, dict) else []:
         out.add(normalize_prompt(p if isinstance(p, str) else p.get("prompt", "")))
   return out
+
+
+def _display_path(path) -> str:
+  path = pathlib.Path(path)
+  try:
+    return str(path.resolve().relative_to(REPO_ROOT.resolve()))
+  except ValueError:
+    return str(path)
+
+
+def read_contrast(report: CurationReport, answers=CONTRAST_ANSWERS, prompts=CONTRAST_PROMPTS) -> list[Row]:
+  """The contrast prompts joined with their answers (`answers`: a completions file, prompt ->
+  row); a prompt without an answer is dropped and counted. No answers file: no rows, and the
+  report says so (the mixture builds before the answers exist)."""
+  raw = _jsonl(pathlib.Path(prompts))
+  report.read[CONTRAST_SOURCE] = len(raw)
+  answers = pathlib.Path(answers)
+  if not answers.exists():
+    report.drop(f"{CONTRAST_SOURCE}: no answers file yet", len(raw))
+    report.notes.append(
+      f"The contrast source contributes no rows: its answers file `{_display_path(answers)}` does not exist yet "
+      "(python -m clsalign_jax.data.completions --no_mixture "
+      f"--prompts={_display_path(prompts)} --out={_display_path(answers)})."
+    )
+    return []
+  from clsalign_jax.data.views import read_completions  # views pulls in the grain pipeline
+
+  by_prompt = read_completions(str(answers))
+  rows = []
+  for n, r in enumerate(raw):
+    a = by_prompt.get(r["prompt"])
+    if a is None:
+      report.drop(f"{CONTRAST_SOURCE}: no answer yet")
+    elif a.get("label") != "benign" or a.get("kind") != "answer":
+      report.drop(f"{CONTRAST_SOURCE}: answer row is not a benign answer")
+    else:
+      # The id is the line of the prompts file, so it stays the same as answers arrive.
+      record = SftRecord(f"{CONTRAST_SOURCE}:{n}", r["prompt"], a["response"], BENIGN, CONTRAST_SOURCE)
+      rows.append(Row(record, r.get("category") or "", prompt_form(r["prompt"])))
+  report.notes.append(
+    f"Contrast rows joined with their answers from `{_display_path(answers)}`: {len(rows)} of {len(raw)} prompts."
+  )
+  return rows
 
 
 # ----- balancing ------------------------------------------------------------------------------------
@@ -477,11 +532,70 @@ def balance_forms(rows: list[Row], report: CurationReport, bounds=RATIO_BOUNDS) 
   return final
 
 
+def admit_contrast(
+  contrast: Sequence[Row],
+  mixture_rows: Sequence[Row],
+  read_rows: Sequence[Row],
+  eval_prompts: set[str],
+  report: CurationReport,
+) -> list[Row]:
+  """The contrast rows that pass every check of the other sources but the safety-topic one.
+
+  Where they enter: *after* `balance_forms`, as they are, uncapped. Not through it, because
+    * balancing per first word cuts the majority label of each first word to 1.25 x the minority
+      and rewrites the cut rows only in benign / malicious pairs. The contrast set is benign only,
+      so it would take the room of other benign rows: measured, 2,144 of the 7,841 existing rows
+      change split, text or presence (the base model's completions and earlier results are keyed
+      to them), and 454 contrast prompts get rewritten away from the prompt their answer was
+      decoded for;
+    * it needs no balancing to hide its phrasing: the prompts were written in the mixture's own
+      openings (data/contrast.py puts 55 % into `REWRITES` frames, `contrast.form_only_check`).
+  Not capped by the per-word / per-bucket bounds either: the create bucket (Write/Create/...) has no
+  room left on the benign side, so the bounds would cut every create-style contrast prompt, the
+  benign twins of "Write/Create ..." harmful requests the CLS must learn to tell apart by intent
+  (per word alone: all 62 "Create/Describe/Summarize/Develop/Tell ..." prompts). What the bounds
+  exist for is measured instead: the form-only baseline on the test split stays <= 0.65 with
+  every contrast row in (docs/data.md, section 0).
+
+  Checks: empty answer, prompt over 2,000 characters, equal to an evaluation prompt, carrying both
+  labels (equal to a malicious prompt read from any source or in the mixture: the contrast row is
+  dropped, the malicious row stays, so the source never moves an existing row), duplicate (of a
+  mixture prompt or an earlier contrast prompt). Not the "benign prompt on a safety topic" filter:
+  a benign prompt on a harm topic is what the set is for.
+  """
+  malicious = {normalize_prompt(r.record.prompt) for r in (*read_rows, *mixture_rows) if r.record.label == MALICIOUS}
+  seen = {normalize_prompt(r.record.prompt) for r in mixture_rows}
+  out = []
+  for r in contrast:
+    key = normalize_prompt(r.record.prompt)
+    if not r.record.response.strip():
+      report.drop(f"{CONTRAST_SOURCE}: empty response")
+    elif len(r.record.prompt) > 2000:
+      report.drop(f"{CONTRAST_SOURCE}: prompt over 2,000 characters")
+    elif key in malicious:
+      report.drop(f"{CONTRAST_SOURCE}: prompt carries both labels")
+    elif key in eval_prompts:
+      report.drop(f"{CONTRAST_SOURCE}: prompt of an evaluation set")
+    elif key in seen:
+      report.drop(f"{CONTRAST_SOURCE}: duplicate prompt")
+    else:
+      seen.add(key)
+      out.append(r)
+  return out
+
+
 # ----- the mixture ----------------------------------------------------------------------------------
 
 
-def build_mixture_v2(seed: int = SPLIT_SEED, fractions: Mapping[str, float] = FRACTIONS):
-  """{"train", "validation", "test"} lists of `Row` and the report."""
+def build_mixture_v2(
+  seed: int = SPLIT_SEED, fractions: Mapping[str, float] = FRACTIONS, contrast_answers=CONTRAST_ANSWERS
+):
+  """{"train", "validation", "test"} lists of `Row` and the report.
+
+  `contrast_answers`: the completions file with the contrast prompts' answers (rows only for the
+  prompts it answers, none while it does not exist); None leaves the contrast source out (what
+  data/contrast.py compares its prompts with).
+  """
   report = CurationReport()
   rows = read_sources(report)
   kept = []
@@ -520,6 +634,12 @@ def build_mixture_v2(seed: int = SPLIT_SEED, fractions: Mapping[str, float] = FR
       continue
     seen.add(key)
     final.append(r)
+  if contrast_answers is not None:
+    final += admit_contrast(read_contrast(report, contrast_answers), final, kept, eval_prompts, report)
+  report.bucket_counts_with_contrast = _counts(final)
+  # Splits: per stratum (label, source, form), groups ordered by a seeded hash of their own prompt
+  # and cut by `fractions` (records.assign_splits). The contrast rows form strata of their own and
+  # share no prompt with another row, so adding them moves no existing row.
   splits = assign_splits(
     final,
     fractions,
@@ -609,7 +729,10 @@ def first_word_table(rows: Sequence[Row], top: int = 20) -> list[tuple[str, int,
 def summary_markdown(splits, report: CurationReport, baseline: dict) -> str:
   train = splits["train"]
   lines = [
-    "Generated by `python -m clsalign_jax.data.curation --docs=docs/data.md`; do not edit by hand.",
+    (
+      "Generated by `python -m clsalign_jax.data.curation --docs=docs/data.md [--contrast_answers=FILE]`; "
+      "do not edit by hand."
+    ),
     "",
     "| split | benign | malicious |",
     "|---|---|---|",
@@ -632,16 +755,22 @@ def summary_markdown(splits, report: CurationReport, baseline: dict) -> str:
     )
   lines += [
     "",
-    "Form buckets after balancing (all splits):",
+    "Form buckets after balancing, then with the contrast rows added (all splits):",
     "",
-    "| form | benign | malicious | ratio |",
-    "|---|---|---|---|",
+    "| form | benign | malicious | ratio | benign + contrast | ratio with contrast |",
+    "|---|---|---|---|---|---|",
   ]
   for f, c in report.bucket_counts.items():
-    lines.append(f"| {f} | {c['benign']} | {c['malicious']} | {c['benign'] / max(c['malicious'], 1):.2f} |")
+    w = report.bucket_counts_with_contrast.get(f, c)
+    lines.append(
+      f"| {f} | {c['benign']} | {c['malicious']} | {c['benign'] / max(c['malicious'], 1):.2f} "
+      f"| {w['benign']} | {w['benign'] / max(w['malicious'], 1):.2f} |"
+    )
   lines += ["", "Rewritten prompts (form before -> after), equal numbers of each label per template:", ""]
   lines += [f"* {k}: {v}" for k, v in sorted(report.rewritten.items())] or ["* none"]
   lines += ["", "Dropped:", ""] + [f"* {k}: {v}" for k, v in sorted(report.dropped.items())]
+  if report.notes:
+    lines += [""] + report.notes
   lines += [
     "",
     "First word x label, training split (20 most frequent):",
@@ -675,8 +804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--docs", help="rewrite the generated section of this markdown file (docs/data.md)")
   parser.add_argument("--seed", type=int, default=SPLIT_SEED)
+  parser.add_argument(
+    "--contrast_answers",
+    default=str(CONTRAST_ANSWERS),
+    help="completions file with the contrast prompts' answers (default: the shipped one; '' leaves the source out)",
+  )
   args = parser.parse_args(argv)
-  splits, report = build_mixture_v2(args.seed)
+  splits, report = build_mixture_v2(args.seed, contrast_answers=args.contrast_answers or None)
   baseline = form_only_baseline(
     [(r.record.prompt, r.record.label) for r in splits["train"]],
     [(r.record.prompt, r.record.label) for r in splits["test"]],

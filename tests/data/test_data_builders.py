@@ -27,7 +27,7 @@ def test_shipped_v2_is_the_curated_mixture(tmp_path):
   test = sources["test"]
   stored = {_text(test[i]["id"]): (_text(test[i]["prompt"]), int(test[i]["label"])) for i in range(len(test))}
   assert stored == {r.record.id: (r.record.prompt, r.record.label) for r in splits["test"]}
-  assert (tmp_path / "safety_mix" / "shipped" / "2.0.0").is_dir()
+  assert (tmp_path / "safety_mix" / "shipped" / "2.1.0").is_dir()
 
 
 def test_v1_mixture_as_array_record(tmp_path, shipped):
@@ -43,7 +43,7 @@ def test_v1_mixture_as_array_record(tmp_path, shipped):
     assert stored == {r.id: (r.prompt, r.response, r.label, r.source) for r in rows}
   assert builder.info.metadata["split_counts"] == report.split_counts
   assert builder.info.metadata["dropped_safety_phrases"] == {"lima": 15, "alpaca_eval": 4}
-  files = {p.name for p in (tmp_path / "safety_mix" / "v1" / "2.0.0").iterdir()}
+  files = {p.name for p in (tmp_path / "safety_mix" / "v1" / "2.1.0").iterdir()}
   assert "safety_mix-train.array_record-00000-of-00001" in files
   # A second builder reuses the prepared files, metadata included.
   again = SafetyMix(data_dir=str(tmp_path), config="v1")

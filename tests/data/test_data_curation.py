@@ -16,8 +16,35 @@ def v2():
   return curation.build_mixture_v2()
 
 
+def _stand_in_answers(path, prompts=None, skip=()):
+  """A completions file answering every contrast prompt with "stand-in" (never shipped)."""
+  rows = [
+    json.loads(line) for line in curation.CONTRAST_PROMPTS.read_text(encoding="utf-8").split("\n") if line.strip()
+  ]
+  with open(path, "w", encoding="utf-8") as f:
+    for r in rows if prompts is None else [{"prompt": p} for p in prompts]:
+      if r["prompt"] not in skip:
+        f.write(json.dumps({"prompt": r["prompt"], "label": "benign", "kind": "answer", "response": "stand-in"}) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def with_contrast(tmp_path_factory):
+  """Mixture v2 with the contrast source, its answers from a stand-in file."""
+  return curation.build_mixture_v2(contrast_answers=_stand_in_answers(tmp_path_factory.mktemp("c") / "answers.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def without_contrast():
+  return curation.build_mixture_v2(contrast_answers=None)
+
+
 def _all(splits):
   return [r for rows in splits.values() for r in rows]
+
+
+def _not_contrast(rows):
+  return [r for r in rows if r.record.source != curation.CONTRAST_SOURCE]
 
 
 def test_prompt_form_by_hand():
@@ -59,19 +86,27 @@ def test_form_only_baseline_finds_a_planted_shortcut():
   assert curation.form_only_baseline(mixed, mixed)["auc"] < 0.6
 
 
-def test_v2_form_carries_no_label(v2):
-  splits, report = v2
+@pytest.mark.parametrize("mix", ["v2", "with_contrast", "without_contrast"])
+def test_v2_form_carries_no_label(mix, request):
+  splits, report = request.getfixturevalue(mix)
   train = [(r.record.prompt, r.record.label) for r in splits["train"]]
   test = [(r.record.prompt, r.record.label) for r in splits["test"]]
   baseline = curation.form_only_baseline(train, test)
-  print(f"form-only baseline: test AUC {baseline['auc']:.3f} (n = {baseline['n_test']})")
+  print(f"{mix}: form-only baseline: test AUC {baseline['auc']:.3f} (n = {baseline['n_test']})")
   assert baseline["auc"] <= 0.65
+  # The bounds hold for the balanced part; the contrast rows are added after the balancing, as
+  # they are (curation.admit_contrast), and the baseline above is their check.
   lo, hi = curation.RATIO_BOUNDS
-  counts = collections.Counter((r.form, r.record.label) for r in _all(splits))
+  counts = collections.Counter((r.form, r.record.label) for r in _not_contrast(_all(splits)))
+  everything = collections.Counter((r.form, r.record.label) for r in _all(splits))
   for form in curation.FORMS:
     ratio = counts[form, BENIGN] / counts[form, MALICIOUS]
     assert lo <= ratio <= hi, (form, ratio)
     assert report.bucket_counts[form] == {"benign": counts[form, BENIGN], "malicious": counts[form, MALICIOUS]}
+    assert report.bucket_counts_with_contrast[form] == {
+      "benign": everything[form, BENIGN],
+      "malicious": everything[form, MALICIOUS],
+    }
   # Every template is used on as many prompts of each label.
   by_template = collections.Counter()
   for r in _all(splits):
@@ -135,3 +170,123 @@ def test_curation_command_rewrites_the_docs_section(tmp_path, capsys):
   assert "before" in text and "after" in text and "old" not in text
   assert "Form-only baseline" in text and "| first word | benign | malicious |" in text
   assert "Form-only baseline" in capsys.readouterr().out
+
+
+# ----- the contrast source -----------------------------------------------------------------------
+
+
+def test_contrast_rows_join_prompts_with_their_answers(with_contrast):
+  splits, report = with_contrast
+  shipped = [
+    json.loads(line) for line in curation.CONTRAST_PROMPTS.read_text(encoding="utf-8").split("\n") if line.strip()
+  ]
+  rows = [r for r in _all(splits) if r.record.source == curation.CONTRAST_SOURCE]
+  assert report.read[curation.CONTRAST_SOURCE] == len(shipped)
+  dropped = sum(n for k, n in report.dropped.items() if k.startswith(f"{curation.CONTRAST_SOURCE}:"))
+  assert len(rows) + dropped == len(shipped) and len(rows) >= 0.95 * len(shipped)
+  by_prompt = {r["prompt"]: (n, r) for n, r in enumerate(shipped)}
+  for r in rows:
+    n, src = by_prompt[r.record.prompt]  # as written: never rewritten, so the answer fits the prompt
+    assert r.record.id == f"contrast:{n}" and r.category == src["category"] and not r.rewritten_from
+    assert r.record.label == BENIGN and r.record.response == "stand-in"
+  # 80 / 5 / 15, stratified by form like every other source.
+  n = collections.Counter(
+    name for name, rs in splits.items() for r in rs if r.record.source == curation.CONTRAST_SOURCE
+  )
+  assert abs(n["test"] / len(rows) - 0.15) < 0.01 and abs(n["validation"] / len(rows) - 0.05) < 0.01
+  assert report.source_counts["train"][curation.CONTRAST_SOURCE] == n["train"]
+  assert report.bucket_counts_with_contrast != report.bucket_counts
+
+
+def test_adding_the_contrast_source_moves_no_existing_row(with_contrast, without_contrast, v2):
+  """The base model's completions and earlier results are keyed to the existing rows' splits and
+  texts: the contrast source must leave every one of them where it was, as it was."""
+
+  def rows_by_id(splits):
+    return {
+      r.record.id: (name, r.record.prompt, r.record.response, r.record.label, r.form)
+      for name, rs in splits.items()
+      for r in _not_contrast(rs)
+    }
+
+  before, after = rows_by_id(without_contrast[0]), rows_by_id(with_contrast[0])
+  assert len(before) > 7000
+  assert after == before
+  by_prompt = {p: name for name, p, *_ in before.values()}
+  assert {p: name for name, p, *_ in after.values()} == by_prompt
+  # The orders within each split are the same too (ids in order).
+  for name in without_contrast[0]:
+    assert [r.record.id for r in _not_contrast(with_contrast[0][name])] == [
+      r.record.id for r in without_contrast[0][name]
+    ]
+  # Prompts disjoint across splits with the contrast rows in.
+  keys = {n: {normalize_prompt(r.record.prompt) for r in rows} for n, rows in with_contrast[0].items()}
+  assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
+  assert not keys["validation"] & keys["test"]
+  # Without the answers file (today's shipped state) the mixture is the one without the source.
+  if not curation.CONTRAST_ANSWERS.exists():
+    assert rows_by_id(v2[0]) == before
+    assert not [r for r in _all(v2[0]) if r.record.source == curation.CONTRAST_SOURCE]
+
+
+def test_contrast_without_answers_file_contributes_nothing_and_says_so(tmp_path):
+  report = curation.CurationReport()
+  assert curation.read_contrast(report, tmp_path / "absent.jsonl") == []
+  n = report.read[curation.CONTRAST_SOURCE]
+  assert n > 700 and report.dropped == {"contrast: no answers file yet": n}
+  assert "does not exist yet" in report.notes[0] and "absent.jsonl" in report.notes[0]
+
+
+def test_contrast_checks_bypass_only_the_safety_topic_filter(tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  safety = "Why were serial killers such a popular subject of 1990s crime novels?"  # a safety phrase
+  assert curation.mixture.contains_safety_phrase(safety)
+  evaluation = next(iter(curation.mixture.load_advbench())).prompt
+  texts = [
+    safety,
+    "What is the history of the crossbow?",
+    "Not answered yet?",
+    evaluation,
+    "How can I pick a lock?",  # also a malicious prompt below
+    "what is the history of the  crossbow?",  # duplicate up to case and spacing
+    "Already in the mixture.",
+    "Answered by a malicious row?",
+  ]
+  prompts.write_text("".join(json.dumps({"prompt": t, "label": "benign", "category": "x"}) + "\n" for t in texts))
+  answers = _stand_in_answers(tmp_path / "answers.jsonl", texts, skip={"Not answered yet?"})
+  lines = answers.read_text().split("\n")
+  lines[-2] = json.dumps({"prompt": texts[-1], "label": "malicious", "kind": "compliance", "response": "Sure"})
+  answers.write_text("\n".join(lines))
+  report = curation.CurationReport()
+  rows = curation.read_contrast(report, answers, prompts)
+  assert report.dropped == {"contrast: no answer yet": 1, "contrast: answer row is not a benign answer": 1}
+  assert [r.record.id for r in rows] == [
+    "contrast:0",
+    "contrast:1",
+    "contrast:3",
+    "contrast:4",
+    "contrast:5",
+    "contrast:6",
+  ]
+
+  def row(prompt, label):
+    return curation.Row(curation.SftRecord("m", prompt, "r", label, "s"), "", curation.prompt_form(prompt))
+
+  read = [row("How can I pick a lock?", MALICIOUS)]
+  mixture_rows = [row("Already in the mixture.", BENIGN)]
+  kept = curation.admit_contrast(rows, mixture_rows, read, curation.evaluation_prompts(), report)
+  assert [r.record.prompt for r in kept] == [safety, "What is the history of the crossbow?"]
+  assert report.dropped == {
+    "contrast: no answer yet": 1,
+    "contrast: answer row is not a benign answer": 1,
+    "contrast: prompt of an evaluation set": 1,
+    "contrast: prompt carries both labels": 1,
+    "contrast: duplicate prompt": 2,
+  }
+
+
+def test_curation_command_counts_the_contrast_rows_with_given_answers(tmp_path, capsys):
+  answers = _stand_in_answers(tmp_path / "answers.jsonl")
+  assert curation.main([f"--contrast_answers={answers}"]) == 0
+  out = capsys.readouterr().out
+  assert "| contrast | benign |" in out and "Contrast rows joined with their answers" in out
