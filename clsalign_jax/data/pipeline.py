@@ -55,6 +55,10 @@ class PipelineConfig:
   bucket_lengths: tuple[int, ...] = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
   # > 0: within windows of this many batches, batch examples of similar length together.
   length_grouping: int = 0
+  # With length_grouping: sort each label by length and alternate the labels, so a batch has rows of
+  # similar length *and* both labels (plain grouping makes one-label batches when length follows
+  # the label: long prompts are mostly benign).
+  group_mixes_labels: bool = False
   balance_classes: bool = False  # oversample the minority label to 50/50 every epoch
   shuffle: bool = True
   seed: int = 42
@@ -301,12 +305,8 @@ class _Plan:
     else:
       if c.length_grouping > 0:
         window = c.length_grouping * c.batch_size
-        order = np.concatenate(
-          [
-            chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            for chunk in (order[i : i + window] for i in range(0, len(order), window))
-          ]
-        )
+        group = self._mixed_by_length if c.group_mixes_labels else self._by_length
+        order = np.concatenate([group(order[i : i + window]) for i in range(0, len(order), window)])
       rows = [order[i : i + 1] for i in range(len(order))]
     batches = [rows[i : i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
     if batches and len(batches[-1]) < c.batch_size:
@@ -318,6 +318,16 @@ class _Plan:
     if c.length_grouping > 0 and not c.packing and c.shuffle:
       batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+  def _by_length(self, chunk: np.ndarray) -> np.ndarray:
+    return chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+
+  def _mixed_by_length(self, chunk: np.ndarray) -> np.ndarray:
+    sides = [self._by_length(chunk[self.labels[chunk] == k]) for k in (0, 1)]
+    n = min(len(sides[0]), len(sides[1]))
+    mixed = np.empty(2 * n, chunk.dtype)
+    mixed[0::2], mixed[1::2] = sides[0][:n], sides[1][:n]
+    return np.concatenate([mixed, sides[0][n:], sides[1][n:]])
 
   def _sample(self, rng) -> np.ndarray:
     index = np.arange(len(self.labels))

@@ -152,6 +152,7 @@ def views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_
     # Batches of similar lengths: a row is as long as the batch's longest example (prompts run
     # from 30 to 500 tokens), so grouping cuts most of the padding.
     length_grouping=16,
+    group_mixes_labels=True,
   )
   return views.ViewsPipeline(
     corpus, pipeline_config, settings, pad_id=tokenizer.pad_id, process_index=shard_index, process_count=shard_count

@@ -156,41 +156,6 @@ def draw_window(rng: np.random.Generator, start: int, n: int, settings: ViewSett
   return start + max(0, end - width), start + end
 
 
-class _Plan(pipeline._Plan):
-  """The SFT plan with label-aware length grouping: within each window of `length_grouping` batches
-  the examples of each label are sorted by length and the two labels alternate, so a batch has
-  rows of similar length *and* both labels (plain grouping made batches of one label: long
-  prompts are mostly benign)."""
-
-  def _build(self, epoch: int) -> list[list[np.ndarray]]:
-    c = self.config
-    rng = np.random.default_rng([c.seed, epoch])
-    order = self._sample(rng)
-    if c.shuffle:
-      order = rng.permutation(order)
-    window = max(c.length_grouping, 1) * c.batch_size
-    grouped = []
-    for i in range(0, len(order), window):
-      chunk = order[i : i + window]
-      sides = [chunk[self.labels[chunk] == k] for k in (0, 1)]
-      sides = [side[np.argsort(-self.lengths[side], kind="stable")] for side in sides]
-      n = min(len(sides[0]), len(sides[1]))
-      mixed = np.empty(2 * n, chunk.dtype)
-      mixed[0::2], mixed[1::2] = sides[0][:n], sides[1][:n]
-      grouped.append(np.concatenate([mixed, sides[0][n:], sides[1][n:]]))
-    order = np.concatenate(grouped) if grouped else order
-    rows = [order[i : i + 1] for i in range(len(order))]
-    batches = [rows[i : i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
-    if batches and len(batches[-1]) < c.batch_size:
-      if c.drop_remainder:
-        batches.pop()
-      else:
-        batches[-1] = batches[-1] + [np.zeros(0, np.int64)] * (c.batch_size - len(batches[-1]))
-    if c.shuffle:
-      batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
 class ViewsBatchFn:
   """Global step -> this process's rows of the views batch (the SFT pipeline's `_BatchFn` twin)."""
 
@@ -205,7 +170,7 @@ class ViewsBatchFn:
   ):
     self.corpus, self.config, self.settings, self.pad_id = corpus, config, settings, pad_id
     self.process_index, self.process_count = process_index, process_count
-    self.plan = _Plan(corpus.lengths, corpus.labels, config)
+    self.plan = pipeline._Plan(corpus.lengths, corpus.labels, config)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, k = self.plan.locate(int(step))

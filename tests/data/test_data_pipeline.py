@@ -264,3 +264,23 @@ def test_pretrain_pipeline(smollm2):
       assert batch["tokens"][row, :2].tolist() == [smollm2.cls_id, smollm2.bos_id]
       assert batch["loss_mask"][row].tolist() == [0, 0] + [1] * (n - 2) + [0] * (64 - n)
       assert batch["response_span"][row, 0] == batch["response_span"][row, 1] == n
+
+
+def test_length_grouping_can_mix_labels():
+  """With group_mixes_labels each window alternates the labels, each label sorted by length, so a
+  batch holds both labels even when length follows the label."""
+  from clsalign_jax.data.pipeline import PipelineConfig, _Plan
+
+  labels = np.array([0] * 40 + [1] * 40)
+  lengths = np.where(labels == 0, 300, 50) + np.arange(80)  # benign long, malicious short
+  c = PipelineConfig(batch_size=8, length_grouping=10, group_mixes_labels=True, shuffle=True, seed=0)
+  batches = _Plan(lengths, labels, c).epoch_batches(0)
+  assert sorted(int(i) for b in batches for r in b for i in r) == list(range(80))
+  for b in batches:
+    idx = np.array([int(r[0]) for r in b])
+    assert list(labels[idx]) == [0, 1] * 4
+    for k in (0, 1):
+      side = lengths[idx[labels[idx] == k]]
+      assert (np.diff(side) <= 0).all()
+  plain = _Plan(lengths, labels, PipelineConfig(batch_size=8, length_grouping=10, shuffle=True, seed=0))
+  assert all(len(set(labels[[int(r[0]) for r in b]])) == 1 for b in plain.epoch_batches(0))
