@@ -29,8 +29,6 @@ from clsalign_jax.data import sources, views
 from clsalign_jax.data.curation import auc
 from clsalign_jax.data.tokenizer import load_tokenizer
 
-FILE = "operating_point.json"
-
 
 @dataclasses.dataclass(frozen=True)
 class ViewScores:
@@ -63,7 +61,7 @@ def score_views(config, params, cfg: model_lib.ModelConfig, split: str, passes: 
 
 
 def threshold_for_fpr(p_benign: np.ndarray, fpr: float) -> float:
-  """The smallest t (among 0.5 and the scores) with #{p > t} <= fpr · n."""
+  """The smallest t (among the scores and 0) with #{p > t} <= fpr · n."""
   if len(p_benign) == 0:
     raise ValueError("no benign scores to set a threshold on")
   allowed = int(np.floor(fpr * len(p_benign)))
@@ -123,7 +121,7 @@ def metrics_by_view(scores: ViewScores, threshold: float) -> dict:
 
 def ensure(config, workdir: str) -> dict:
   """Choose (or reuse) the run's operating point and record it in its run facts."""
-  path = os.path.join(workdir, FILE)
+  path = os.path.join(workdir, artifacts.OPERATING_POINT)
   loaded = artifacts.load(workdir, tokenizer="none")
   op = config.views.operating_point
   rule2_query = bool(config.after_training.decode.get("rule2_include_query", False))

@@ -39,7 +39,7 @@ import jax
 
 from clsalign_jax import files
 from clsalign_jax.data import curation
-from clsalign_jax.data.records import DataError, normalize_prompt
+from clsalign_jax.data.records import DataError, jsonl_objects, normalize_prompt
 from clsalign_jax.data.views import read_completions
 from clsalign_jax.decode.config import NO_INTERVENTION, DecodeConfig
 from clsalign_jax.eval.judges import KeywordJudge
@@ -86,21 +86,17 @@ def read_prompt_file(path: str) -> list[Prompt]:
   """JSONL with `prompt` and `label` (benign/malicious or 0/1) per line; evaluation prompts refused."""
   evals = curation.evaluation_prompts()
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        label = {"0": "benign", "1": "malicious"}.get(str(rec["label"]), str(rec["label"]))
-        prompt = rec["prompt"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}:{n}: expected a JSON object with 'prompt' and 'label' ({e})") from None
-      if label not in ("benign", "malicious"):
-        raise DataError(f"{path}:{n}: label {rec['label']!r}; expected benign/malicious or 0/1")
-      if normalize_prompt(prompt) in evals:
-        raise DataError(f"{path}:{n}: prompt of an evaluation set: {prompt[:60]!r}")
-      out.append(Prompt(prompt, label, rec.get("source", os.path.basename(path))))
+  for where, rec in jsonl_objects(path):
+    try:
+      label = {"0": "benign", "1": "malicious"}.get(str(rec["label"]), str(rec["label"]))
+      prompt = rec["prompt"]
+    except KeyError as e:
+      raise DataError(f"{where}: expected a JSON object with 'prompt' and 'label' (no {e})") from None
+    if label not in ("benign", "malicious"):
+      raise DataError(f"{where}: label {rec['label']!r}; expected benign/malicious or 0/1")
+    if normalize_prompt(prompt) in evals:
+      raise DataError(f"{where}: prompt of an evaluation set: {prompt[:60]!r}")
+    out.append(Prompt(prompt, label, rec.get("source", os.path.basename(path))))
   return out
 
 

@@ -231,6 +231,15 @@ def _rows(path: pathlib.Path) -> Iterator[tuple[str, Mapping, str | None]]:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
+def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
+  """(`file:line`, object) per non-blank line of a JSONL file; the first bad line raises a DataError
+  naming it."""
+  for where, row, error in _jsonl_rows(path):
+    if error:
+      raise DataError(f"{where}: {error}")
+    yield where, row
+
+
 def _jsonl_rows(path):
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):

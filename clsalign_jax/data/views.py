@@ -41,13 +41,12 @@ step does. Arrays of a batch (B rows, T slots, K = 5 views):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from clsalign_jax.data import pipeline
-from clsalign_jax.data.records import DataError
+from clsalign_jax.data.records import DataError, jsonl_objects
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
 
@@ -255,18 +254,14 @@ class ViewsPipeline(pipeline.Pipeline):
 def read_completions(path: str) -> dict[str, dict]:
   """prompt -> row of a completions file, with its file:line named on a bad line."""
   out = {}
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        kind, prompt, response = row["kind"], row["prompt"], row["response"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}:{n}: not a completions row ({e})") from None
-      if kind not in KINDS:
-        raise DataError(f"{path}:{n}: kind {kind!r}; expected one of {KINDS}")
-      if not isinstance(response, str):
-        raise DataError(f"{path}:{n}: response must be a string")
-      out[prompt] = row
+  for where, row in jsonl_objects(path):
+    try:
+      kind, prompt, response = row["kind"], row["prompt"], row["response"]
+    except KeyError as e:
+      raise DataError(f"{where}: not a completions row (no {e})") from None
+    if kind not in KINDS:
+      raise DataError(f"{where}: kind {kind!r}; expected one of {KINDS}")
+    if not isinstance(response, str):
+      raise DataError(f"{where}: response must be a string")
+    out[prompt] = row
   return out
