@@ -39,7 +39,7 @@ import transformers
 
 from clsalign_jax import artifacts
 from clsalign_jax.data.templates import encode_prompt
-from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, refusal_ids
+from clsalign_jax.decode import DecodeConfig, Sampling, decode, pack_inputs, refusal_ids
 from clsalign_jax import model as M
 from clsalign_jax.interop.hf import save_hf
 from clsalign_jax.model import to_layout
@@ -193,7 +193,7 @@ def main():
   for B in (int(b) for b in args.batch_sizes.split(",")):
     picked = [prompts[i % len(prompts)] for i in range(B)]
     inputs = pack_inputs([p for p, _ in picked], [span for _, span in picked])
-    sampling = SamplingParams.make(B)
+    sampling = Sampling.make(B)
     variants = {
       name: ours(inputs, sampling, d.replace(max_new_tokens=args.new_tokens)) for name, d in SCHEDULES.items()
     }

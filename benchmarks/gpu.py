@@ -22,7 +22,7 @@ import numpy as np
 from clsalign_jax import model as M
 from clsalign_jax import train
 from clsalign_jax.config import default_config
-from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs
+from clsalign_jax.decode import DecodeConfig, Sampling, decode, pack_inputs
 
 SHAPES = {
   "smollm2_135m": M.preset("smollm2_135m"),
@@ -111,7 +111,7 @@ def bench_decode(cfg, B, prompt_len, new_tokens, repeats, hbm):
   prompts = [[cfg.cls_id, cfg.bos_id] + rng.randint(3, cfg.vocab_size, prompt_len - 2).tolist() for _ in range(B)]
   inputs = pack_inputs(prompts, [[2, prompt_len] for _ in range(B)])
   refusal = jnp.asarray([5, 6, 7, 8], jnp.int32)
-  sampling = SamplingParams.make(B)
+  sampling = Sampling.make(B)
   variants = {
     "plain": DecodeConfig(schedule="first", strategic_attention=False, strategic_decoding=False),
     "each": DecodeConfig(schedule="each"),

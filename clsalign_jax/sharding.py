@@ -7,6 +7,8 @@ them onto mesh axes, so a change of parallelism is a config edit.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -18,6 +20,35 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = "activation_batch"
+
+# Decoding reads every weight at every step, so weights are replicated over `data` and split over
+# `tensor` only: a weight split over `fsdp` would be all-gathered at every step. A model that does
+# not fit one device's share of `tensor` opts into `fsdp` with a mesh that has an fsdp axis > 1.
+# The KV cache and every row-shaped array are split over `data` (and `fsdp`, when present).
+DECODE_LOGICAL_AXIS_RULES = (
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("norm", None),
+  ("cls_out", None),
+  ("layers", None),
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("cache_layers", None),
+  ("cache_kv_heads", "tensor"),
+  ("cache_slots", None),
+  ("cache_head_dim", None),
+)
+
+# Decoding's default mesh: every device on `data` (each holds the whole model and its rows).
+DATA_PARALLEL = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -121,3 +152,80 @@ def batch_shard_count(mesh, rules) -> int:
   axes = batch_spec(rules, 1)[0]
   axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
   return math.prod(mesh.shape[a] for a in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where decoding and scoring put params and rows: a mesh and its logical-axis rules.
+
+  Hashable, so a compiled program can be cached per layout. Rows (the batch dimension of every
+  input, output and the KV cache) are split as the rules place `activation_batch`; params as their
+  logical names say (decode rules: replicated over `data`, split over `tensor`).
+  """
+
+  mesh: Mesh
+  rules: tuple
+
+  @classmethod
+  def make(cls, mesh_config, devices: Sequence[jax.Device] | None = None, rules=None) -> Layout:
+    rules = DECODE_LOGICAL_AXIS_RULES if rules is None else rules
+    return cls(make_mesh(mesh_config, devices), tuple(tuple(r) for r in rules))
+
+  @property
+  def row_shards(self) -> int:
+    return batch_shard_count(self.mesh, self.rules)
+
+  def pad_rows(self, rows: int) -> int:
+    """The smallest batch >= rows that splits evenly into the row shards."""
+    k = self.row_shards
+    return -(-rows // k) * k
+
+  def rows(self, ndim: int) -> NamedSharding:
+    return NamedSharding(self.mesh, batch_spec(self.rules, ndim))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def params(self, boxed_abstract: Any) -> Any:
+    """NamedShardings for a tree of boxed (logically named) abstract params. A dimension that the
+    mesh axes do not divide (a 97-token test vocabulary, 3 kv heads over tensor=2) is replicated
+    instead of split: uneven shards cannot be placed."""
+
+    def spec(leaf):
+      if not isinstance(leaf, nn.LogicallyPartitioned):
+        return NamedSharding(self.mesh, P())
+      axes = nn.logical_to_mesh_axes(leaf.names, self.rules)
+      shape = leaf.value.shape
+      fitted = []
+      for dim, ax in zip(shape, tuple(axes) + (None,) * (len(shape) - len(axes))):
+        names = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+        fitted.append(ax if dim % math.prod(self.mesh.shape[n] for n in names) == 0 else None)
+      return NamedSharding(self.mesh, P(*fitted))
+
+    return jax.tree.map(spec, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+  def place(self, params: Any, shardings: Any) -> Any:
+    """Host or device arrays → global arrays laid out by `shardings`; each device's shard is cut
+    from the local copy (`make_array_from_callback`), so no device ever holds a whole tensor it
+    does not keep."""
+
+    def put(x, s):
+      if isinstance(x, jax.Array) and x.sharding == s:
+        return x
+      if isinstance(x, jax.Array) and x.is_fully_addressable and s.is_fully_addressable:
+        return jax.device_put(x, s)
+      # Several processes: every one holds the same host value and places only its own shards.
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(put, params, shardings)
+
+  @contextlib.contextmanager
+  def activated(self):
+    """The mesh and rules in force while tracing (logical constraints inside the model)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def describe(self) -> str:
+    return " × ".join(f"{n}={s}" for n, s in self.mesh.shape.items()) + f" ({self.mesh.size} devices)"

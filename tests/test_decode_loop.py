@@ -13,7 +13,7 @@ import pytest
 
 from clsalign_jax import masks
 from clsalign_jax import model as M
-from clsalign_jax.decode import DecodeConfig, SamplingParams, decode, pack_inputs, row_results
+from clsalign_jax.decode import DecodeConfig, Sampling, decode, pack_inputs, row_results
 from clsalign_jax.decode import loop
 from clsalign_jax.decode.loop import _decode_jit
 from clsalign_jax.interop.hf import save_hf
@@ -78,7 +78,7 @@ def _run(params, prompts, dcfg, override=None, prefills=None, sampling=None, eos
     params,
     inputs,
     jnp.asarray(refusal, jnp.int32),
-    sampling or SamplingParams.make(B),
+    sampling or Sampling.make(B),
     jnp.asarray(override, jnp.float32),
     cfg=CFG,
     dcfg=dcfg,
@@ -191,13 +191,13 @@ def test_cached_decoding_matches_full_recomputation_with_cls_row(dcfg):
 
 def test_rows_do_not_depend_on_the_rest_of_the_batch():
   params = _params(head_scale=30.0)
-  sampling = SamplingParams.make(
+  sampling = Sampling.make(
     3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], seed=[3, 4, 5]
   )
   batch_rows = row_results(*_run(params, PROMPTS, BASE, sampling=sampling))
   assert any(r.trace for r in batch_rows)
   for b, prompt in enumerate(PROMPTS):
-    one = SamplingParams(*(x[b : b + 1] for x in sampling))
+    one = jax.tree.map(lambda x: x[b : b + 1], sampling)
     (alone,) = row_results(*_run(params, [prompt], BASE, sampling=one))
     assert alone.response_ids == batch_rows[b].response_ids
     assert (alone.insert_index, alone.trigger_step) == (batch_rows[b].insert_index, batch_rows[b].trigger_step)
@@ -373,7 +373,7 @@ def test_same_shapes_do_not_recompile():
   before = len(_LOOP_TRACES)
   other = [[CLS, 1, 30, 31], [CLS, 1, 32, 33, 34, 35, 36], [CLS, 1, 37, 38, 39, 40]]
   inputs = pack_inputs(other, [[2, len(p) - 1] for p in other])  # lengths 4..7 share the bucket of 64
-  sampling = SamplingParams.make(3, temperature=0.7, top_p=0.9, seed=11)
+  sampling = Sampling.make(3, temperature=0.7, top_p=0.9, seed=11)
   decode(params, inputs, jnp.asarray(REFUSAL, jnp.int32), sampling, cfg=CFG, dcfg=ANNEALING, eos_id=None)
   after_first = len(_LOOP_TRACES)
   assert after_first == before + 1  # a new bucket (64, not 16) and no logits output
@@ -381,7 +381,7 @@ def test_same_shapes_do_not_recompile():
     params,
     pack_inputs(PROMPTS, SPANS),
     jnp.asarray(REFUSAL, jnp.int32),
-    SamplingParams.make(3),
+    Sampling.make(3),
     None,
     cfg=CFG,
     dcfg=ANNEALING,
@@ -564,3 +564,91 @@ def test_transition_matches_a_row_by_row_reference(dcfg):
   # The stream exercised every state (and some rows finished).
   assert seen_modes == {loop.CONFIRMED, loop.MALICIOUS, loop.BENIGN, loop.TRANSITION} or dcfg.tau == 1
   assert any(r["done"] for r in rows)
+
+
+def test_stream_events_only_ever_show_a_prefix_of_the_final_response():
+  """A streaming client must never be shown text a later rollback takes back: every event's stable
+  slots are a prefix of the row's final response, and the last event shows all of it."""
+  params, _ = _chain_params()
+  override = np.concatenate(
+    [
+      _override(1, BASE, prompt=1.0),
+      _override(1, BASE, malicious_at=(3, 4, 5)),  # flip confirmed: rolled back to step 3's token
+      _override(1, BASE, malicious_at=(3, 4, 7, 8, 9)),  # a false alarm first
+    ]
+  )
+  events = []
+  sid = loop.register_stream(events.append)
+  try:
+    prompt = PROMPTS[0]
+    inputs = pack_inputs([prompt] * 3, [SPANS[0]] * 3, [[50, 51], [], []], pad_to=16)
+    out = decode(
+      params,
+      inputs,
+      jnp.asarray(REFUSAL, jnp.int32),
+      Sampling.make(3),
+      jnp.asarray(override, jnp.float32),
+      cfg=CFG,
+      dcfg=BASE,
+      eos_id=None,
+      stream_to=sid,
+    )
+  finally:
+    loop.unregister_stream(sid)
+  rows = row_results(out, inputs)
+  plain = row_results(_run(params, [prompt] * 3, BASE, override=override, prefills=[[50, 51], [], []])[0], inputs)
+  assert [r.response_ids for r in rows] == [r.response_ids for r in plain]  # streaming changes nothing
+  steps = [e.step for e in events]
+  assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == int(out.num_steps)
+  start = np.asarray(inputs.prompt_len_B)
+  shown = [0, 0, 0]
+  for e in events:
+    for b, r in enumerate(rows):
+      seen = e.seq_BS[b, start[b] : e.stable_B[b]].tolist()
+      assert r.response_ids[: len(seen)] == seen, (e.step, b)
+      assert len(seen) >= shown[b]  # stable text only grows
+      shown[b] = len(seen)
+  assert shown == [len(r.response_ids) for r in rows]
+  assert np.isclose(events[0].p_B, [1.0, 0.0, 0.0]).all()  # the prompt-time verdicts
+
+
+_MESH_SCRIPT = r"""
+import sys, numpy as np, jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+import test_decode_loop as T
+from clsalign_jax import sharding
+from clsalign_jax.decode import Sampling, decode, pack_inputs, row_results
+assert jax.device_count() == 8, jax.devices()
+cfg = T.CFG.replace(n_heads=4, n_kv_heads=2)
+params = T._params(seed=3, head_scale=40.0)
+prompts = [T.PROMPTS[i % 3] for i in range(8)]
+inputs = pack_inputs(prompts, [[2, len(p) - 1] for p in prompts], pad_to=16)
+samp = Sampling.make(8, temperature=np.linspace(0, 1.2, 8), top_k=5, seed=7)
+args = (inputs, jnp.asarray(T.REFUSAL, jnp.int32), samp)
+one = decode(params, *args, cfg=cfg, dcfg=T.BASE, eos_id=2)
+for shape in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 1, "tensor": 2}, {"data": -1, "fsdp": 1, "tensor": 1}):
+  layout = sharding.Layout.make(shape)
+  placed = layout.place(params, layout.params(T.M.abstract_params(cfg)))
+  out = decode(placed, *args, cfg=cfg, dcfg=T.BASE, eos_id=2, layout=layout)
+  a, b = row_results(one, inputs), row_results(out, inputs)
+  assert [r.response_ids for r in a] == [r.response_ids for r in b], shape
+  assert max(abs(x.p_initial - y.p_initial) for x, y in zip(a, b)) < 1e-5, shape
+  assert all(np.allclose([t[2] for t in x.trace], [t[2] for t in y.trace], atol=1e-5) for x, y in zip(a, b)), shape
+  assert out.tokens_BS.sharding.spec == layout.rows(2).spec, out.tokens_BS.sharding
+  print("same", layout.describe(), len(out.tokens_BS.sharding.device_set))
+"""
+
+
+def test_decoding_on_a_mesh_gives_the_one_device_tokens(tmp_path):
+  """8 forced CPU devices: 2×2×2, 4×1×2 and 8×1×1 meshes decode exactly the one-device rows."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+    [sys.executable, "-c", _MESH_SCRIPT, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  assert out.stdout.count("same") == 3, out.stdout

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clsalign_jax.decode import SamplingParams, filter_logits, sample_tokens
+from clsalign_jax.decode import Sampling, filter_logits, sample_tokens
 
 sample = jax.jit(sample_tokens)  # eager lax.cond would compile on every call
 
@@ -29,7 +29,7 @@ def test_top_k_and_top_p():
 
 def test_greedy_and_sampled_rows_and_seeds():
   logits = jnp.log(jnp.asarray(np.tile(PROBS, (4, 1))))
-  params = SamplingParams.make(4, temperature=[0.0, 1.0, 1.0, 1.0], top_k=[0, 2, 2, 2], seed=[0, 7, 7, 8])
+  params = Sampling.make(4, temperature=[0.0, 1.0, 1.0, 1.0], top_k=[0, 2, 2, 2], seed=[0, 7, 7, 8])
   draws = np.stack([np.asarray(sample(logits, params, step)) for step in range(64)])
   assert (draws[:, 0] == 1).all()  # greedy
   assert set(draws[:, 1].tolist()) == {1, 3}  # top-2 only, both drawn
@@ -40,9 +40,9 @@ def test_greedy_and_sampled_rows_and_seeds():
 
 
 def test_make_defaults_to_one_seed_per_row():
-  params = SamplingParams.make(3, seed=10)
-  np.testing.assert_array_equal(params.seed_B, [10, 11, 12])
-  assert float(params.temperature_B[0]) == 0.0 and int(params.top_k_B[2]) == 0
+  params = Sampling.make(3, seed=10)
+  np.testing.assert_array_equal(params.seed, [10, 11, 12])
+  assert float(params.temperature[0]) == 0.0 and int(params.top_k[2]) == 0
 
 
 def test_top_p_off_keeps_top_k_whatever_the_rounding():

@@ -11,5 +11,5 @@ from clsalign_jax.decode.loop import (
   pack_inputs,
   row_results,
 )
-from clsalign_jax.decode.sampling import SamplingParams, filter_logits, sample_tokens
-from clsalign_jax.decode.text import TextResult, generate_text, refusal_ids
+from clsalign_jax.decode.sampling import Sampling, filter_logits, sample_tokens
+from clsalign_jax.decode.text import Decoder, Encoded, Generation, refusal_ids

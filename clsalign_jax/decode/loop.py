@@ -22,22 +22,28 @@ insert, by either rule, instead of continuing after it.
 
 Code map: `RowState` is the per-row machine and `transition` its step (pure, over [B] arrays,
 tested without the model); `wants_cls` and `due` pick the rows a step re-classifies; `running`
-is the stop condition; `_State` is the loop carry, and `_decode_jit` wires the model into it.
+is the stop condition; `_State` is the loop carry; `_Context` is what the steps read (params,
+inputs, settings), and `_prefill`, `_forward`, `_step` and `_run` wire the model into them.
+`register_stream` lets a host callback watch the loop step by step (serving streams with it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+import itertools
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from clsalign_jax import masks
 from clsalign_jax.decode.config import DecodeConfig
-from clsalign_jax.decode.sampling import SamplingParams, sample_tokens
-from clsalign_jax.model import ModelConfig, Transformer, init_cache, to_layout
+from clsalign_jax.decode.sampling import Sampling, sample_tokens
+from clsalign_jax.model import ModelConfig, Transformer, abstract_params, init_cache, to_layout
+from clsalign_jax.sharding import Layout
 
 Array = jax.Array
 
@@ -241,25 +247,31 @@ def pack_inputs(
 
 
 def _take_B(x_BN: Array, i_B: Array) -> Array:
-  return jnp.take_along_axis(x_BN, i_B[:, None], axis=1)[:, 0]
+  """x[b, i_B[b]], as a select-and-sum: elementwise over rows, so a row-sharded x stays sharded
+  (a gather with row indices makes the partitioner all-gather the rows)."""
+  hit_BN = jnp.arange(x_BN.shape[1])[None, :] == i_B[:, None]
+  return jnp.sum(jnp.where(hit_BN, x_BN, jnp.zeros((), x_BN.dtype)), axis=1)
 
 
 def _put_B(x_BN: Array, i_B: Array, v_B: Array) -> Array:
-  """x[b, i_B[b]] = v_B[b]; an index past the end leaves the row untouched."""
-  return x_BN.at[jnp.arange(x_BN.shape[0]), i_B].set(v_B, mode="drop")
+  """x[b, i_B[b]] = v_B[b]; an index past the end leaves the row untouched (a select, as `_take_B`)."""
+  hit_BN = jnp.arange(x_BN.shape[1])[None, :] == i_B[:, None]
+  return jnp.where(hit_BN, v_B[:, None].astype(x_BN.dtype), x_BN)
 
 
 def decode(
   params,
   inputs: DecodeInputs,
   refusal_R: Array,
-  sampling: SamplingParams,
+  sampling: Sampling,
   p_override_BN: Array | None = None,
   *,
   cfg: ModelConfig,
   dcfg: DecodeConfig,
   eos_id: int | None,
   return_logits: bool = False,
+  stream_to: int | None = None,
+  layout: Layout | None = None,
 ) -> DecodeOutput:
   """Generate for a batch of packed prompts: one compiled program per shape bucket and set of
   static options, however the arguments are passed.
@@ -268,11 +280,21 @@ def decode(
   (R >= 1). eos_id: None never stops early (benchmarks). p_override_BN ([B, max_steps + 1],
   NaN = use the model): replaces p(malicious) at the prompt (column 0) and at loop step s
   (column s + 1), to drive the state machine in tests and experiments; the CLS K/V written
-  to the cache are still the model's.
+  to the cache are still the model's. stream_to: an id from `register_stream`; its callback
+  then sees a `StreamEvent` after the prompt pass and after every loop step (the id is traced,
+  so streams share one compile). layout: params and rows placed over a mesh (`Layout`); the
+  batch must divide into its row shards (`Layout.pad_rows`).
   """
   # EOS is traced (-1 never matches), so changing it does not recompile.
   eos = jnp.int32(-1 if eos_id is None else eos_id)
-  return _decode_jit(params, inputs, refusal_R, sampling, p_override_BN, eos, cfg, dcfg, return_logits)
+  stream = stream_to is not None
+  stream_id = jnp.int32(stream_to if stream else -1)
+  args = (params, inputs, refusal_R, sampling, p_override_BN, eos, stream_id)
+  if layout is None:
+    return _decode_jit(*args, cfg, dcfg, return_logits, stream)
+  fn = _sharded_decode(layout, cfg, dcfg, return_logits, stream, p_override_BN is not None)
+  with layout.activated():
+    return fn(*args)
 
 
 def _override(p_B: Array, p_override_BN: Array | None, column) -> Array:
@@ -283,55 +305,132 @@ def _override(p_B: Array, p_override_BN: Array | None, column) -> Array:
   return jnp.where(jnp.isnan(forced_B), p_B, forced_B)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def _decode_jit(
-  params,
-  inputs: DecodeInputs,
-  refusal_R: Array,
-  sampling: SamplingParams,
-  p_override_BN: Array | None,
-  eos: Array,
-  cfg: ModelConfig,
-  dcfg: DecodeConfig,
-  return_logits: bool,
-) -> DecodeOutput:
-  model = Transformer(cfg)
-  B, P = inputs.tokens_BP.shape
-  S = P + dcfg.max_new_tokens
-  N = dcfg.max_steps
-  R = refusal_R.shape[0]
-  window = cfg.sliding_window
-  token_mask = functools.partial(
-    masks.decode_token_mask, num_slots=S, sliding_window=window, response_sees_cls=dcfg.response_sees_cls
-  )
-  prompt_len_B, input_len_B, query_span_B2 = inputs.prompt_len_B, inputs.input_len_B, inputs.query_span_B2
-  # First response slot the CLS may read under Rules 1–3 (docs/method.md decision 6: prefill counts by default).
-  visible_start_B = prompt_len_B if dcfg.prefill_visible else input_len_B
+# ----- streaming ----------------------------------------------------------------------------------
 
-  # Prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only, and only
-  # the last input row needs LM logits.
+
+class StreamEvent(NamedTuple):
+  """What a stream callback sees after the prompt pass (step 0) and after loop step s (step s + 1);
+  host numpy arrays over the batch's rows. Events may arrive out of order on a multi-device mesh:
+  a handler keeps the highest `step` it has seen."""
+
+  step: int
+  seq_BS: np.ndarray  # every row's tokens by slot (the response starts at DecodeInputs.prompt_len_B)
+  # Slots [0, stable_B) are final: no later rollback can change them (a row in Rule 3 may still be
+  # cut back to S_t, and in Rule 2 the pending token may be dropped by a flip at the next step).
+  stable_B: np.ndarray
+  done_B: np.ndarray  # the row has ended; its response is seq_BS[b, prompt_len_B[b]:stable_B[b]]
+  p_B: np.ndarray  # p(malicious) of a re-classification at this step; NaN where none ran
+  insert_pos_B: np.ndarray  # slot where the refusal prefix starts; -1 while none was inserted
+
+
+_STREAMS: dict[int, Callable[[StreamEvent], None]] = {}
+_stream_ids = itertools.count()
+
+
+def register_stream(fn: Callable[[StreamEvent], None]) -> int:
+  """An id to pass as `decode(..., stream_to=id)`; `fn` runs on the host during decoding."""
+  i = next(_stream_ids) % (2**31 - 1)
+  _STREAMS[i] = fn
+  return i
+
+
+def unregister_stream(i: int) -> None:
+  _STREAMS.pop(i, None)
+
+
+def _deliver(stream_id, step, seq_BS, stable_B, done_B, p_B, insert_pos_B) -> None:
+  fn = _STREAMS.get(int(stream_id))
+  if fn is not None:
+    fn(StreamEvent(int(step), *(np.asarray(x) for x in (seq_BS, stable_B, done_B, p_B, insert_pos_B))))
+
+
+def _stable_B(rows: RowState, dcfg: DecodeConfig) -> Array:
+  if not dcfg.strategic_decoding:
+    return rows.length_B + 1  # nothing is ever rolled back
+  may_flip_B = rows.mode_B == BENIGN
+  cut_B = jnp.where(rows.mode_B == TRANSITION, rows.trigger_pos_B + int(dcfg.keep_trigger_token), rows.length_B)
+  return jnp.where(rows.done_B, rows.length_B + 1, jnp.where(may_flip_B | (rows.mode_B == TRANSITION), cut_B, rows.length_B + 1))
+
+
+def _report(ctx: _Context, st: _State, p_B: Array) -> None:
+  if ctx.stream_id is None:
+    return
+  io_callback(
+    _deliver,
+    None,
+    ctx.stream_id,
+    st.step,
+    st.seq_BS,
+    jnp.minimum(_stable_B(st.rows, ctx.dcfg), st.rows.length_B + 1),
+    st.rows.done_B,
+    p_B,
+    st.rows.insert_pos_B,
+    ordered=False,
+  )
+
+
+# ----- the loop -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What every loop step reads and none writes, built once per trace by `_decode_impl`."""
+
+  model: Transformer
+  params: Any
+  cfg: ModelConfig
+  dcfg: DecodeConfig
+  inputs: DecodeInputs
+  refusal_R: Array  # the refusal-prefix ids
+  sampling: Sampling
+  p_override_BN: Array | None  # forced p(malicious) by column (see `decode`)
+  eos: Array  # int32 scalar; -1 never matches
+  S: int  # cache slots: bucketed prompt length + max_new_tokens
+  visible_start_B: Array  # first response slot the CLS may read under Rules 1–3
+  stream_id: Array | None  # traced stream id; None: no host callbacks are traced
+
+  @property
+  def B(self) -> int:
+    return self.inputs.tokens_BP.shape[0]
+
+  def token_mask(self, pos_B: Array) -> Array:
+    return masks.decode_token_mask(
+      pos_B, num_slots=self.S, sliding_window=self.cfg.sliding_window, response_sees_cls=self.dcfg.response_sees_cls
+    )
+
+
+def _prefill(ctx: _Context) -> tuple[_State, Array, Array, Array]:
+  """The prompt pass: rows in slots 0..P-1, padding dropped; the CLS judges the query only, and
+  only the last input row needs LM logits. Returns the loop's first carry, the prompt-time
+  p(malicious) and verdict, and the LM logits of the last input row."""
+  cfg, dcfg, inputs, refusal_R = ctx.cfg, ctx.dcfg, ctx.inputs, ctx.refusal_R
+  B, P = inputs.tokens_BP.shape
+  S, N, R = ctx.S, dcfg.max_steps, refusal_R.shape[0]
+  input_len_B, prompt_len_B = inputs.input_len_B, inputs.prompt_len_B
   slots_BP = jnp.where(jnp.arange(P)[None, :] < input_len_B[:, None], jnp.arange(P)[None, :], S)
-  out = model.apply(
-    {"params": params},
+  out = ctx.model.apply(
+    {"params": ctx.params},
     inputs.tokens_BP,
     jnp.broadcast_to(jnp.arange(P), (B, P)),
     masks.prefill_mask(
-      input_len_B, prompt_len_B, query_span_B2, P, S, window, response_sees_cls=dcfg.response_sees_cls
+      input_len_B,
+      prompt_len_B,
+      inputs.query_span_B2,
+      P,
+      S,
+      cfg.sliding_window,
+      response_sees_cls=dcfg.response_sees_cls,
     ),
     cache=init_cache(cfg, B, S),
     slots_BT=slots_BP,
     cls_row=0,
     lm_rows_BK=(input_len_B - 1)[:, None],
   )
-  p0_B = _override(jax.nn.sigmoid(out.cls_logit_B), p_override_BN, 0)
+  p0_B = _override(jax.nn.sigmoid(out.cls_logit_B), ctx.p_override_BN, 0)
   malicious0_B = p0_B > dcfg.threshold
   last_logits_BV = out.logits_BTV[:, 0]
   refuse0_B = malicious0_B & dcfg.strategic_decoding
-  first_B = jnp.where(refuse0_B, refusal_R[0], sample_tokens(last_logits_BV, sampling, 0))
-
-  logits_BNV = None
-  if return_logits:
-    logits_BNV = jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV)
+  first_B = jnp.where(refuse0_B, refusal_R[0], sample_tokens(last_logits_BV, ctx.sampling, 0))
   state = _State(
     step=jnp.int32(0),
     cache=out.cache,
@@ -339,7 +438,7 @@ def _decode_jit(
     rows=RowState(
       length_B=input_len_B,
       # A one-token refusal prefix forced at the prompt is already complete: the row ends on it.
-      done_B=(~refuse0_B & (first_B == eos))
+      done_B=(~refuse0_B & (first_B == ctx.eos))
       | (refuse0_B & (R == 1) & dcfg.end_after_refusal)
       | (dcfg.max_new_tokens <= 1),
       mode_B=jnp.where(malicious0_B, MALICIOUS, BENIGN).astype(jnp.int32),
@@ -352,100 +451,149 @@ def _decode_jit(
     ),
     trace_BN=jnp.full((B, N), jnp.nan, jnp.float32),
     fed_pos_BN=jnp.full((B, N), -1, jnp.int32),
+    logits_BNV=None,
+  )
+  return state, p0_B, malicious0_B, last_logits_BV
+
+
+def _forward(ctx: _Context, st: _State, tok_B, pos_B, tok_slot_B, judged_B, with_cls: bool):
+  """LM logits of the fed tokens, p(malicious) (NaN without the CLS row) and the new cache.
+  With `with_cls` the CLS is a second query row of the same pass (position 0, slot 0 for the
+  judged rows; the others' CLS K/V are dropped)."""
+  cfg, dcfg, B, S = ctx.cfg, ctx.dcfg, ctx.B, ctx.S
+  if not with_cls:
+    o = ctx.model.apply(
+      {"params": ctx.params},
+      tok_B[:, None],
+      pos_B[:, None],
+      ctx.token_mask(pos_B)[:, None],
+      cache=st.cache,
+      slots_BT=tok_slot_B[:, None],
+      cls_row=None,
+    )
+    return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
+  cls_mask_BS = masks.cls_inference_mask(
+    st.rows.mode_B,
+    pos_B,
+    ctx.inputs.query_span_B2,
+    ctx.visible_start_B,
+    st.rows.trigger_pos_B,
+    S,
+    r1=dcfg.r1,
+    r2=dcfg.r2,
+    r3=dcfg.r3,
+    rule2_query=dcfg.rule2_include_query,
+    strategic=dcfg.strategic_attention,
+  )
+  o = ctx.model.apply(
+    {"params": ctx.params},
+    jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1),
+    jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1),
+    jnp.stack([ctx.token_mask(pos_B), cls_mask_BS], axis=1),
+    cache=st.cache,
+    slots_BT=jnp.stack([tok_slot_B, jnp.where(judged_B, 0, S)], axis=1),
+    cls_row=1,
+    lm_rows_BK=jnp.zeros((B, 1), jnp.int32),
+  )  # the CLS row's LM logits are never used
+  return o.logits_BTV[:, 0], jax.nn.sigmoid(o.cls_logit_B), o.cache
+
+
+def _step(ctx: _Context, st: _State, with_cls: bool) -> _State:
+  """One loop step; `with_cls` (static) adds the CLS row for the rows that want it."""
+  dcfg, S = ctx.dcfg, ctx.S
+  active_B = ~st.rows.done_B
+  pos_B = st.rows.length_B
+  tok_slot_B = jnp.where(active_B, pos_B, S)
+  judged_B = jnp.zeros((ctx.B,), bool)
+  if with_cls:
+    judged_B = wants_cls(st.rows, ctx.visible_start_B, dcfg) & due(st.rows, st.step, dcfg)
+  logits_BV, p_B, cache = _forward(ctx, st, _take_B(st.seq_BS, pos_B), pos_B, tok_slot_B, judged_B, with_cls)
+  p_B = jnp.where(judged_B, _override(p_B, ctx.p_override_BN, st.step + 1), jnp.nan)
+  rows, next_B = transition(
+    st.rows,
+    st.step,
+    judged_B,
+    judged_B & (p_B > dcfg.threshold),
+    sample_tokens(logits_BV, ctx.sampling, st.step + 1),
+    ctx.refusal_R,
+    ctx.eos,
+    ctx.inputs.input_len_B,
+    dcfg,
+  )
+  logits_BNV = st.logits_BNV
+  if logits_BNV is not None:
+    logits_BNV = logits_BNV.at[:, st.step + 1].set(logits_BV)
+  new = _State(
+    step=st.step + 1,
+    cache=cache,
+    seq_BS=_put_B(st.seq_BS, jnp.where(active_B, rows.length_B, S), next_B),
+    rows=rows,
+    trace_BN=st.trace_BN.at[:, st.step].set(p_B),
+    fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)),
     logits_BNV=logits_BNV,
   )
+  _report(ctx, new, p_B)
+  return new
 
-  def forward(st: _State, tok_B, pos_B, tok_slot_B, judged_B, with_cls: bool):
-    """LM logits of the fed tokens, p(malicious) (NaN without the CLS row) and the new cache."""
-    if not with_cls:
-      o = model.apply(
-        {"params": params},
-        tok_B[:, None],
-        pos_B[:, None],
-        token_mask(pos_B)[:, None],
-        cache=st.cache,
-        slots_BT=tok_slot_B[:, None],
-        cls_row=None,
-      )
-      return o.logits_BTV[:, 0], jnp.full((B,), jnp.nan, jnp.float32), o.cache
-    cls_mask_BS = masks.cls_inference_mask(
-      st.rows.mode_B,
-      pos_B,
-      query_span_B2,
-      visible_start_B,
-      st.rows.trigger_pos_B,
-      S,
-      r1=dcfg.r1,
-      r2=dcfg.r2,
-      r3=dcfg.r3,
-      rule2_query=dcfg.rule2_include_query,
-      strategic=dcfg.strategic_attention,
-    )
-    o = model.apply(
-      {"params": params},
-      jnp.stack([tok_B, jnp.full((B,), cfg.cls_id, jnp.int32)], axis=1),
-      jnp.stack([pos_B, jnp.zeros((B,), jnp.int32)], axis=1),
-      jnp.stack([token_mask(pos_B), cls_mask_BS], axis=1),
-      cache=st.cache,
-      slots_BT=jnp.stack([tok_slot_B, jnp.where(judged_B, 0, S)], axis=1),
-      cls_row=1,
-      lm_rows_BK=jnp.zeros((B, 1), jnp.int32),
-    )  # the CLS row's LM logits are never used
-    return o.logits_BTV[:, 0], jax.nn.sigmoid(o.cls_logit_B), o.cache
 
-  def step(st: _State, with_cls: bool) -> _State:
-    """One loop step; `with_cls` (static) adds the CLS row for the rows that want it."""
-    active_B = ~st.rows.done_B
-    pos_B = st.rows.length_B
-    tok_slot_B = jnp.where(active_B, pos_B, S)
-    judged_B = jnp.zeros((B,), bool)
-    if with_cls:
-      judged_B = wants_cls(st.rows, visible_start_B, dcfg) & due(st.rows, st.step, dcfg)
-    logits_BV, p_B, cache = forward(st, _take_B(st.seq_BS, pos_B), pos_B, tok_slot_B, judged_B, with_cls)
-    p_B = jnp.where(judged_B, _override(p_B, p_override_BN, st.step + 1), jnp.nan)
-    rows, next_B = transition(
-      st.rows,
-      st.step,
-      judged_B,
-      judged_B & (p_B > dcfg.threshold),
-      sample_tokens(logits_BV, sampling, st.step + 1),
-      refusal_R,
-      eos,
-      input_len_B,
-      dcfg,
-    )
-    logits_BNV = st.logits_BNV
-    if logits_BNV is not None:
-      logits_BNV = logits_BNV.at[:, st.step + 1].set(logits_BV)
-    return _State(
-      step=st.step + 1,
-      cache=cache,
-      seq_BS=_put_B(st.seq_BS, jnp.where(active_B, rows.length_B, S), next_B),
-      rows=rows,
-      trace_BN=st.trace_BN.at[:, st.step].set(p_B),
-      fed_pos_BN=st.fed_pos_BN.at[:, st.step].set(jnp.where(active_B, pos_B, -1)),
-      logits_BNV=logits_BNV,
-    )
+def _run(ctx: _Context, state: _State) -> _State:
+  """The loop over `_step` until `running` says stop."""
+  go_on = functools.partial(running, max_steps=ctx.dcfg.max_steps)
+  if ctx.dcfg.schedule == "first":
+    return jax.lax.while_loop(go_on, lambda s: _step(ctx, s, with_cls=False), state)
+  # Nested loops instead of lax.cond: XLA copies the whole KV cache into a conditional on
+  # every step, while loops update it in place. The inner loop runs one-row steps until a
+  # step needs the CLS row, so every outer iteration starts with a two-row step (step 0 is
+  # on every schedule but `first`).
+  wants_now = lambda s: jnp.any(due(s.rows, s.step, ctx.dcfg) & wants_cls(s.rows, ctx.visible_start_B, ctx.dcfg))
+  token_steps = lambda st: jax.lax.while_loop(
+    lambda s: go_on(s) & ~wants_now(s), lambda s: _step(ctx, s, with_cls=False), st
+  )
+  return jax.lax.while_loop(go_on, lambda s: token_steps(_step(ctx, s, with_cls=True)), state)
 
-  go_on = functools.partial(running, max_steps=N)
-  if dcfg.schedule == "first":
-    final = jax.lax.while_loop(go_on, lambda s: step(s, with_cls=False), state)
-  else:
-    # Nested loops instead of lax.cond: XLA copies the whole KV cache into a conditional on
-    # every step, while loops update it in place. The inner loop runs one-row steps until a
-    # step needs the CLS row, so every outer iteration starts with a two-row step (step 0 is
-    # on every schedule but `first`).
-    token_steps = lambda st: jax.lax.while_loop(
-      lambda s: go_on(s) & ~jnp.any(due(s.rows, s.step, dcfg) & wants_cls(s.rows, visible_start_B, dcfg)),
-      lambda s: step(s, with_cls=False),
-      st,
+
+def _decode_impl(
+  params,
+  inputs: DecodeInputs,
+  refusal_R: Array,
+  sampling: Sampling,
+  p_override_BN: Array | None,
+  eos: Array,
+  stream_id: Array,
+  cfg: ModelConfig,
+  dcfg: DecodeConfig,
+  return_logits: bool,
+  stream: bool,
+) -> DecodeOutput:
+  B, P = inputs.tokens_BP.shape
+  ctx = _Context(
+    model=Transformer(cfg),
+    params=params,
+    cfg=cfg,
+    dcfg=dcfg,
+    inputs=inputs,
+    refusal_R=refusal_R,
+    sampling=sampling,
+    p_override_BN=p_override_BN,
+    eos=eos,
+    S=P + dcfg.max_new_tokens,
+    # docs/method.md decision 6: an attacker prefill counts as response by default.
+    visible_start_B=inputs.prompt_len_B if dcfg.prefill_visible else inputs.input_len_B,
+    stream_id=stream_id if stream else None,
+  )
+  state, p0_B, malicious0_B, last_logits_BV = _prefill(ctx)
+  if return_logits:
+    N = dcfg.max_steps
+    state = state._replace(
+      logits_BNV=jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV)
     )
-    final = jax.lax.while_loop(go_on, lambda s: token_steps(step(s, with_cls=True)), state)
+  _report(ctx, state, p0_B)
+  final = _run(ctx, state)
   rows = final.rows
   confirmed_B = rows.mode_B == CONFIRMED
   return DecodeOutput(
     tokens_BS=final.seq_BS,
-    prompt_len_B=prompt_len_B,
+    prompt_len_B=inputs.prompt_len_B,
     end_B=rows.length_B + 1,
     p_initial_B=p0_B,
     initial_malicious_B=malicious0_B,
@@ -458,6 +606,9 @@ def _decode_jit(
     num_steps=final.step,
     logits_BNV=final.logits_BNV,
   )
+
+
+_decode_jit = jax.jit(_decode_impl, static_argnums=(7, 8, 9, 10))
 
 
 class RowResult(NamedTuple):
@@ -506,7 +657,7 @@ def generate_ids(
   query_spans,
   refusal_ids: Sequence[int],
   dcfg: DecodeConfig = DecodeConfig(),
-  sampling: SamplingParams | None = None,
+  sampling: Sampling | None = None,
   prefills=None,
   eos_id: int | None = None,
   pad_to: int | None = None,
@@ -514,8 +665,41 @@ def generate_ids(
   """Token-level convenience around `decode`: packs, runs and unpacks one batch.
   eos_id: the stop token (None: run to max_new_tokens)."""
   inputs = pack_inputs(prompts, query_spans, prefills, pad_to)
-  sampling = sampling or SamplingParams.make(len(prompts))
+  sampling = sampling or Sampling.make(len(prompts))
   out = decode(
     to_layout(params, cfg), inputs, jnp.asarray(refusal_ids, jnp.int32), sampling, cfg=cfg, dcfg=dcfg, eos_id=eos_id
   )
   return row_results(out, inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_decode(layout: Layout, cfg: ModelConfig, dcfg: DecodeConfig, return_logits: bool, stream: bool, forced: bool):
+  """`_decode_impl` jitted with explicit shardings: params by the layout's rules, every row-shaped
+  input and output split over the row shards, scalars and the refusal ids replicated."""
+  rows, rep = layout.rows, layout.replicated
+  in_shardings = (
+    layout.params(abstract_params(cfg)),
+    DecodeInputs(rows(2), rows(1), rows(1), rows(2)),
+    rep,
+    Sampling(rows(1), rows(1), rows(1), rows(1)),
+    rows(2) if forced else None,
+    rep,
+    rep,
+  )
+  out_shardings = DecodeOutput(
+    tokens_BS=rows(2),
+    prompt_len_B=rows(1),
+    end_B=rows(1),
+    p_initial_B=rows(1),
+    initial_malicious_B=rows(1),
+    cls_trace_BN=rows(2),
+    fed_pos_BN=rows(2),
+    trigger_step_B=rows(1),
+    trigger_pos_B=rows(1),
+    insert_pos_B=rows(1),
+    false_alarms_B=rows(1),
+    num_steps=rep,
+    logits_BNV=rows(3) if return_logits else None,
+  )
+  impl = functools.partial(_decode_impl, cfg=cfg, dcfg=dcfg, return_logits=return_logits, stream=stream)
+  return jax.jit(impl, in_shardings=in_shardings, out_shardings=out_shardings)
