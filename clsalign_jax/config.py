@@ -184,6 +184,9 @@ def default_config() -> config_dict.ConfigDict:
   # A step whose files differ from the digests recorded at save is refused; True resumes from the
   # newest intact step instead and moves the corrupted ones to <workdir>/corrupt_checkpoints.
   c.checkpoint.fallback_to_intact = False
+  # A step without digests.json (written by an older version) is refused by name; True restores
+  # it unverified, with a warning (resume and init_from).
+  c.checkpoint.allow_unverified = False
 
   # Stops the run, before saving, when the loss stays above divergence_factor × the median of the
   # last median_window losses for divergence_steps steps in a row (NaN/inf always stops it).

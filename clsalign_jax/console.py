@@ -31,3 +31,8 @@ def evaluate() -> None:
 def convert() -> None:
   """clsalign-convert: checkpoint conversion; see clsalign_jax.convert."""
   _run("clsalign_jax.convert")
+
+
+def serve() -> None:
+  """clsalign-serve: the OpenAI-compatible server with the CLS verdict; see clsalign_jax.serve."""
+  _run("clsalign_jax.serve")

@@ -30,6 +30,7 @@ from clsalign_jax import artifacts, cli
 from clsalign_jax.artifacts import ORBAX_CONFIG  # noqa: F401  (the params directory's config file)
 from clsalign_jax.errors import UsageError
 from clsalign_jax.interop import hf as hf_io
+from clsalign_jax.interop import hf_safe_export
 from clsalign_jax.model import ModelConfig, unstack_layers
 
 
@@ -40,6 +41,20 @@ def save_orbax_params(directory: str, cfg: ModelConfig, params: dict) -> None:
   ckptr.wait_until_finished()
   with open(os.path.join(directory, ORBAX_CONFIG), "w") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def enclosing_run(path: str) -> str | None:
+  """The training run directory (workdir, its checkpoints/ or a step) that `path` is or lies in."""
+  here = os.path.realpath(os.path.abspath(path))
+  while True:
+    if os.path.isdir(here) and artifacts._run_dirs(here) is not None:  # noqa: SLF001 - the one run detector
+      return here
+    if os.path.basename(here).isdigit() and os.path.isdir(os.path.join(here, "params")):
+      return here  # a step directory
+    parent = os.path.dirname(here)
+    if parent == here:
+      return None
+    here = parent
 
 
 def cast_params(params: dict, dtype: str) -> dict:
@@ -94,6 +109,12 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     raise UsageError("--src and --dst are required")
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
     raise UsageError(f"--dst={dst} exists and is not an empty directory; refusing to overwrite")
+  run = enclosing_run(dst)
+  if run:
+    raise UsageError(
+      f"--dst={dst} is inside the training run {run}; an export there would be taken for a checkpoint "
+      "step and break the run's resume; choose a directory outside it"
+    )
   loaded = artifacts.load(
     src,
     tokenizer="none" if fv.dst_format == "orbax" and fv.tokenizer == "auto" else fv.tokenizer,
@@ -111,6 +132,9 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     )
   facts = exported_facts(loaded, with_tokenizer=tokenizer is not None and fv.dst_format == "hf")
   artifacts.write_facts(dst, facts)
+  if fv.dst_format == "hf":
+    # The safe model for transformers, its settings and the model card (interop/hf_safe_export.py).
+    hf_safe_export.write_safe_export(dst, loaded, facts, cfg, tokenizer, loaded.template)
   n = sum(np.asarray(x).size for x in jax.tree.leaves(params))
   step = f" step {loaded.step}" if loaded.step is not None else ""
   print(

@@ -36,3 +36,11 @@ class WorkdirBusyError(UserError):
 
 class TrainingStopped(UserError):
   """The run stopped itself before saving a broken state (non-finite or diverging loss)."""
+
+
+class Preempted(UserError):
+  """SIGTERM (a preemption notice) arrived; the run saved a checkpoint at the next step boundary
+  and stopped. Exit code 143, what a process killed by SIGTERM reports, so schedulers that requeue
+  terminated jobs still do."""
+
+  exit_code = 143

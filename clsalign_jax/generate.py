@@ -13,6 +13,11 @@ settings); else defaults inferred from the checkpoint. A checkpoint without a tr
 do not read the CLS slot, no re-classification, no refusal insertion (`decode.config.PLAIN`);
 pass e.g. `--schedule=each --strategic_decoding --response_sees_cls` to run the CLS anyway.
 
+Devices: params are restored into their shards on the mesh of --mesh.data / --mesh.fsdp /
+--mesh.tensor (default: every device on `data`, each holding the whole model and a block of the
+rows); `--dry_run` prints the per-device memory of that plan without loading weights. On several
+hosts, start one process per host with `--distributed` (or the coordinator flags); process 0 prints.
+
 A prompt that is empty, or that with the template, the prefill and --max_new_tokens does not fit
 the model's context, is refused before anything is decoded. Errors end in one line (`--debug`:
 with the traceback).
@@ -20,16 +25,14 @@ with the traceback).
 
 from __future__ import annotations
 
-import jax
 from absl import flags
 
-from clsalign_jax import artifacts, cli
+from clsalign_jax import artifacts, cli, memory_plan, multihost, sharding
 from clsalign_jax.data.templates import encode_prompt
 from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
-from clsalign_jax.decode.sampling import SamplingParams
-from clsalign_jax.decode.text import generate_text
+from clsalign_jax.decode.sampling import Sampling
+from clsalign_jax.decode.text import Decoder
 from clsalign_jax.errors import UsageError
-from clsalign_jax.model import to_layout
 
 
 # Decode flags whose default is the checkpoint's (run facts, else the plain model): the value
@@ -75,7 +78,16 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     "Chat template: llama2, mistral, chatml, llama3, or auto (the run's, else what the vocabulary implies).",
     **d,
   )
-  flags.DEFINE_integer("batch_size", 8, "Queries decoded together.", lower_bound=1, **d)
+  flags.DEFINE_integer("batch_size", 8, "Queries decoded together (rounded up to the mesh's row shards).", lower_bound=1, **d)
+  cli.define_mesh_flags(fv, sharding.DATA_PARALLEL)
+  cli.define_distributed_flags(fv)
+  flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Print the per-device params, KV cache and temporary memory of the compiled decode program on "
+    "the mesh (batch_size rows, the longest prompt, max_new_tokens), then exit without loading weights.",
+    **d,
+  )
   flags.DEFINE_integer("max_new_tokens", 128, "Generated tokens per response (prefill excluded).", lower_bound=1, **d)
   flags.DEFINE_float("temperature", 0.0, "0: greedy.", lower_bound=0.0, **d)
   flags.DEFINE_integer("top_k", 0, "0: off.", lower_bound=0, **d)
@@ -153,13 +165,15 @@ def check_budget(cfg, tokenizer, template, queries: list[str], prefill: str, dcf
       )
 
 
-def format_result(i: int, result) -> str:
-  row = result.row
+def format_result(i: int, row, tokenizer, query: str) -> str:
+  """One query's block: `row` is the loop's RowResult (the response with any attacker prefill)."""
+  text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+  insert_char = len(text(row.response_ids[: row.insert_index])) if row.insert_index >= 0 else -1
   label = "malicious" if row.initial_malicious else "benign"
   lines = [
-    f"=== [{i}] {result.query}",
+    f"=== [{i}] {query}",
     f"prompt-time p(malicious) = {row.p_initial:.4f} ({label})",
-    f"response: {result.response!r}",
+    f"response: {text(row.response_ids)!r}",
   ]
   trace = " ".join(f"{s}:{p:.3f}" for s, _, p in row.trace)
   lines.append(f"CLS trace (step:p, {len(row.trace)} re-classifications): {trace or '-'}")
@@ -174,7 +188,7 @@ def format_result(i: int, result) -> str:
     )
     lines.append(
       f"refusal prefix: inserted at response token {row.insert_index} "
-      f"(char {result.insert_char}); {cause}; {row.false_alarms} false alarm(s)"
+      f"(char {insert_char}); {cause}; {row.false_alarms} false alarm(s)"
     )
   return "\n".join(lines)
 
@@ -187,18 +201,34 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   if fv["refusal"].present and not fv.refusal.strip():
     raise UsageError("--refusal is empty or whitespace-only")
   queries = read_queries(fv.prompt, fv.prompt_file)
-  loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template)
+  cli.init_distributed(fv)
+  try:
+    layout = sharding.Layout.make(cli.mesh_value(fv))
+  except ValueError as e:
+    raise UsageError(f"--mesh.*: {e}") from None
+  if fv.dry_run:
+    print(dry_run(fv, layout, queries))
+    return
+  # Params go straight onto the decode devices (a run's step restored into its shards).
+  loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template, layout=layout)
   dcfg = decode_config(fv, loaded)
-  cfg, params, tokenizer, template = loaded.cfg, loaded.params, loaded.tokenizer, loaded.template
-  check_budget(cfg, tokenizer, template, queries, fv.prefill, dcfg)
-  params = jax.device_put(to_layout(params, cfg))  # once, not on every batch
-  for start in range(0, len(queries), fv.batch_size):
-    batch = queries[start : start + fv.batch_size]
-    sampling = SamplingParams.make(len(batch), fv.temperature, fv.top_k, fv.top_p, fv.seed + start)
-    for i, result in enumerate(
-      generate_text(cfg, params, tokenizer, template, batch, dcfg, sampling, fv.prefill), start=start
-    ):
-      print(format_result(i, result), flush=True)
+  check_budget(loaded.cfg, loaded.tokenizer, loaded.template, queries, fv.prefill, dcfg)
+  decoder = Decoder(fv.checkpoint, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, fv.batch_size, layout)
+  sampling = Sampling(fv.temperature, fv.top_k, fv.top_p, fv.seed)
+  for i, g in enumerate(decoder.generate_text(queries, fv.prefill, sampling)):
+    if multihost.primary():
+      print(format_result(i, g.row, decoder.tokenizer, queries[i]), flush=True)
+
+
+def dry_run(fv: flags.FlagValues, layout: sharding.Layout, queries: list[str]) -> str:
+  """The memory plan of this command's decode: the architecture is read, no weights are loaded;
+  prompts are sized at memory_plan.PLAN_PROMPT_SLOTS slots."""
+  del queries  # sizing them needs the tokenizer; the plan's slots cover ordinary chat prompts
+  cfg = memory_plan.model_config_of(fv.checkpoint)
+  plan = memory_plan.decode_plan(
+    cfg, layout, fv.batch_size, memory_plan.PLAN_PROMPT_SLOTS, DecodeConfig(max_new_tokens=fv.max_new_tokens)
+  )
+  return memory_plan.format_plan(fv.checkpoint, plan)
 
 
 def main(argv: list[str] | None = None) -> int:

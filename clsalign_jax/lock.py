@@ -1,5 +1,8 @@
 """A workdir belongs to one run at a time: an advisory `flock` on `<workdir>/.lock`.
 
+Training holds it on its workdir, `evaluate` on its output directory (`what` names which in the
+refusal). Readers do not take it: `holder` tells them a run is still writing there.
+
 The kernel drops a flock when its holder exits or dies (kill -9 included), so a lock file left
 by a dead process is not a held lock: the next run takes it over and logs whose it was. The file
 records pid, host and start time, so a refused run can say who holds the workdir. On release the
@@ -21,7 +24,7 @@ from typing import Iterator
 
 from absl import logging
 
-from clsalign_jax.errors import WorkdirBusyError
+from clsalign_jax.errors import UsageError, WorkdirBusyError
 
 LOCK_NAME = ".lock"
 _held: dict[str, list] = {}  # realpath of the workdir -> [fd, depth]
@@ -37,7 +40,28 @@ def _describe(path: str) -> str:
     return "another process"
 
 
-def _acquire(path: str) -> int:
+def holder(directory: str) -> str | None:
+  """Who holds `directory`'s lock ("process PID on HOST (started ...)"), or None when no live
+  process does. Looks without creating anything (a shared lock, dropped at once)."""
+  path = os.path.join(directory, LOCK_NAME)
+  if os.path.realpath(directory) in _held:
+    return None  # this process: it knows what it is doing
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      return _describe(path)
+    return None
+  finally:
+    os.close(fd)  # closing drops the shared lock, if taken
+  return None
+
+
+def _acquire(path: str, what: str = "workdir") -> int:
   while True:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -45,9 +69,10 @@ def _acquire(path: str) -> int:
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        flag = "--workdir" if what == "workdir" else "--config.output_dir"
         raise WorkdirBusyError(
-          f"workdir {os.path.dirname(path)} is in use by {_describe(path)}; wait for that "
-          f"run to end or use another --workdir (lock: {path})"
+          f"{what} {os.path.dirname(path)} is in use by {_describe(path)}; wait for that "
+          f"run to end or use another {flag} (lock: {path})"
         ) from None
       raise
     # The holder we waited on may have removed the file meanwhile; our lock must be on the live one.
@@ -60,13 +85,19 @@ def _acquire(path: str) -> int:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
-  """Hold `<workdir>/.lock` for the duration; raises WorkdirBusyError if a live process has it."""
+def workdir_lock(workdir: str, enabled: bool = True, what: str = "workdir") -> Iterator[None]:
+  """Hold `<workdir>/.lock` for the duration; raises WorkdirBusyError if a live process has it.
+  `what` names the directory in messages ("workdir", "output directory")."""
   if not enabled:
     yield
     return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"{what} {workdir}: exists and is not a directory")
   created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"{what} {workdir}: cannot be created ({e.strerror})") from None
   key = os.path.realpath(workdir)
   if key in _held:
     _held[key][1] += 1
@@ -77,7 +108,7 @@ def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
     return
   path = os.path.join(key, LOCK_NAME)
   try:
-    fd = _acquire(path)
+    fd = _acquire(path, what)
   except BaseException:
     if created:
       with contextlib.suppress(OSError):

@@ -33,12 +33,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print parameter count and per-device memory, then exit.", flag_values=fv)
   flags.DEFINE_integer("dry_run_devices", 0, "Devices to size the dry run for (0: those present).", flag_values=fv)
-  flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.", flag_values=fv
-  )
-  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.", flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.", flag_values=fv)
+  cli.define_distributed_flags(fv)
 
 
 def body(fv: flags.FlagValues, args: list[str]) -> None:
@@ -50,10 +45,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     return
   if not fv.workdir:
     raise app.UsageError("--workdir is required")
-  if fv.coordinator_address or fv.num_processes:
-    jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-  elif fv.distributed:
-    jax.distributed.initialize()
+  cli.init_distributed(fv)
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
   config_lib.validate(config)  # before the lock: a refused invocation must not touch the workdir
   # The lock spans training and the after-training stages: both write into the workdir.

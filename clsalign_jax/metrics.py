@@ -1,4 +1,7 @@
-"""Throughput accounting and the three metric sinks: TensorBoard events, JSONL, progress bar."""
+"""Throughput accounting, the three metric sinks (TensorBoard events, JSONL, progress bar) and the
+classifier metrics every report shares (`auc`).
+
+Light to import (jax and tqdm load with the first MetricWriter): the data tools use `auc` too."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import math
 import os
 import time
 
-import jax
-import tqdm
+from typing import TYPE_CHECKING
+
+import numpy as np
 from absl import logging
 
 from clsalign_jax import files
-from clsalign_jax.model import ModelConfig
+
+if TYPE_CHECKING:
+  from clsalign_jax.model import ModelConfig
 
 # bf16 dense matmul peak per device, by a substring of `jax.Device.device_kind`.
 PEAK_FLOPS = (
@@ -59,10 +65,26 @@ def train_flops_per_sequence(cfg: ModelConfig, n_params: int, seq_len: int) -> f
   return dense + attention
 
 
+def auc(score, y) -> float:
+  """Area under the ROC curve of `score` for labels `y` (1 = positive), ties counting half; NaN
+  without both classes. The rank-sum count, exact: for each positive, the negatives below it plus
+  half of those equal to it, found by binary search in the sorted negatives."""
+  score, y = np.asarray(score, np.float64), np.asarray(y)
+  pos, neg = score[y == 1], np.sort(score[y == 0])
+  if len(pos) == 0 or len(neg) == 0:
+    return float("nan")
+  below = np.searchsorted(neg, pos, side="left")
+  equal = np.searchsorted(neg, pos, side="right") - below
+  return float((below.sum() + 0.5 * equal.sum()) / (len(pos) * len(neg)))
+
+
 class MetricWriter:
   """Writes scalars from process 0 only; on resume, forgets records past the restored step."""
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, progress_bar: bool):
+    import jax  # noqa: PLC0415 - see the module docstring
+    import tqdm  # noqa: PLC0415
+
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return

@@ -1,4 +1,7 @@
-"""Llama-family decoder (Llama-2, Mistral, SmolLM2) with a [CLS] safety head, in one file.
+"""Llama-shaped decoder (Llama-2/3, Mistral, SmolLM2, Qwen2) with a [CLS] safety head, in one file.
+
+What differs between those families (q/k/v biases, ...) is a `families.Family` field, never a
+family name tested here.
 
 Shape suffixes: B batch, T query rows, S key slots, D model width, N query heads,
 G kv heads, R = N // G heads per kv head, H head dim, F mlp width, V base vocab, L layers.
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from clsalign_jax import matmul
+from clsalign_jax import families, matmul
 from clsalign_jax.errors import ConfigError
 
 Array = jax.Array
@@ -36,7 +39,7 @@ REMAT_POLICIES = {
 }
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = families.ALL_ROPE_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,8 @@ class ModelConfig:
   tie_embeddings: bool = False
   bos_id: int = 1
   eos_id: int = 2
+  # A `families.FAMILIES` name (llama, mistral, qwen2): the architecture's fixed traits (q/k/v
+  # biases, the HF architecture written on export, the default chat template).
   family: str = "llama"
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -99,8 +104,12 @@ class ModelConfig:
         f"llama3 RoPE needs rope_high_freq_factor ({self.rope_high_freq_factor}) > "
         f"rope_low_freq_factor ({self.rope_low_freq_factor}) > 0"
       )
-    if self.family not in ("llama", "mistral"):
-      raise ValueError(f"family={self.family!r}; known: llama, mistral")
+    if self.family not in families.FAMILIES:
+      raise ValueError(f"family={self.family!r}; known: {', '.join(families.FAMILIES)}")
+    if self.rope_type not in self.family_spec.rope_types:
+      raise ValueError(
+        f"rope_type={self.rope_type!r} is not one of the {self.family} family's: {', '.join(self.family_spec.rope_types)}"
+      )
     for key in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, key))
     if not 0 <= self.cls_exit_layer <= self.n_layers:
@@ -109,6 +118,15 @@ class ModelConfig:
       raise ValueError(f"cls_adapter_rank={self.cls_adapter_rank} must be >= 0")
     if self.has_cls_path and self.scan_layers:
       raise ValueError("the CLS side path (cls_exit_layer / cls_adapter_rank) needs scan_layers=False")
+
+  @property
+  def family_spec(self) -> families.Family:
+    return families.FAMILIES[self.family]
+
+  @property
+  def qkv_bias(self) -> bool:
+    """Whether the q/k/v projections carry biases (a trait of the family, not a free choice)."""
+    return self.family_spec.qkv_bias
 
   @property
   def has_cls_path(self) -> bool:
@@ -221,6 +239,24 @@ PRESETS = {
     tie_embeddings=True,
     bos_id=128000,
     eos_id=128009,
+  ),
+  # Qwen2.5-0.5B-Instruct: q/k/v biases, tied, vocab padded past the tokenizer's 151,665 tokens.
+  # EOS <|im_end|> 151645 (the instruct models' end of turn; the base model stops on 151643).
+  "qwen2_5_0_5b": ModelConfig(
+    vocab_size=151936,
+    d_model=896,
+    n_layers=24,
+    n_heads=14,
+    n_kv_heads=2,
+    head_dim=64,
+    d_ff=4864,
+    rms_eps=1e-6,
+    rope_theta=1000000.0,
+    max_seq_len=32768,
+    tie_embeddings=True,
+    bos_id=151643,
+    eos_id=151645,
+    family="qwen2",
   ),
 }
 
@@ -409,9 +445,19 @@ class Attention(nn.Module):
     B, T = x_BTD.shape[:2]
     # matmul.dense on the flattened heads: same values, a backward without transposes of the
     # projections' output gradients (see MLP).
-    q_BTNH = checkpoint_name(matmul.dense(x_BTD, wq_DNH.reshape(D, N * H)).reshape(B, T, N, H), "query_proj")
-    k_BTGH = checkpoint_name(matmul.dense(x_BTD, wk_DGH.reshape(D, G * H)).reshape(B, T, G, H), "key_proj")
-    v_BTGH = checkpoint_name(matmul.dense(x_BTD, wv_DGH.reshape(D, G * H)).reshape(B, T, G, H), "value_proj")
+    q_BTNH = matmul.dense(x_BTD, wq_DNH.reshape(D, N * H)).reshape(B, T, N, H)
+    k_BTGH = matmul.dense(x_BTD, wk_DGH.reshape(D, G * H)).reshape(B, T, G, H)
+    v_BTGH = matmul.dense(x_BTD, wv_DGH.reshape(D, G * H)).reshape(B, T, G, H)
+    if cfg.qkv_bias:
+      bias = lambda name, shape, axes: self.param(
+        name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, pdtype
+      ).astype(dtype)
+      q_BTNH = q_BTNH + bias("q_bias", (N, H), ("heads", "head_dim"))
+      k_BTGH = k_BTGH + bias("k_bias", (G, H), ("kv_heads", "head_dim"))
+      v_BTGH = v_BTGH + bias("v_bias", (G, H), ("kv_heads", "head_dim"))
+    q_BTNH = checkpoint_name(q_BTNH, "query_proj")
+    k_BTGH = checkpoint_name(k_BTGH, "key_proj")
+    v_BTGH = checkpoint_name(v_BTGH, "value_proj")
     q_BTNH = nn.with_logical_constraint(
       q_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim")
     )
@@ -426,12 +472,19 @@ class Attention(nn.Module):
       # New rows land in the slots the caller chose; slot == S (out of range) means "do not store".
       # The cache keeps heads before slots ([.., B, G, S, H]) so the attention dots read it as it
       # lies; with slots before heads XLA CPU copied every layer's cache into that order per step.
+      # Written row by row (vmap): a scatter with batch dimensions stays split over the rows of a
+      # decode mesh, where one with explicit row indices makes the partitioner gather all rows.
       k_cache, v_cache = cache
-      rows_B1 = jnp.arange(slots_BT.shape[0])[:, None]
-      at = (rows_B1, slice(None), slots_BT)
-      at = at if self.layer is None else (self.layer, *at)
-      k_cache = k_cache.at[at].set(k_BTGH.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[at].set(v_BTGH.astype(v_cache.dtype), mode="drop")
+
+      def write(c, s_T, x_TGH):  # one row's cache: [G, S, H], or [L, G, S, H] with self.layer
+        if self.layer is None:  # one advanced index: its T dim stays in place, [G, T, H]
+          return c.at[:, s_T].set(jnp.swapaxes(x_TGH, 0, 1).astype(c.dtype), mode="drop")
+        # an int and an array apart: numpy puts the broadcast T dim first, [T, G, H]
+        return c.at[self.layer, :, s_T].set(x_TGH.astype(c.dtype), mode="drop")
+
+      axis = 0 if self.layer is None else 1
+      k_cache = jax.vmap(write, in_axes=(axis, 0, 0), out_axes=axis)(k_cache, slots_BT, k_BTGH)
+      v_cache = jax.vmap(write, in_axes=(axis, 0, 0), out_axes=axis)(v_cache, slots_BT, v_BTGH)
       new_cache = (k_cache, v_cache)
       k_BGSH, v_BGSH = (k_cache, v_cache) if self.layer is None else (k_cache[self.layer], v_cache[self.layer])
       k_BSGH, v_BSGH = k_BGSH.astype(dtype), v_BGSH.astype(dtype)  # named for the spec below
@@ -638,10 +691,16 @@ def fresh_cls_path(cfg: ModelConfig, rng: Array) -> dict:
   return out
 
 
+CACHE_AXES = ("cache_layers", "activation_batch", "cache_kv_heads", "cache_slots", "cache_head_dim")
+
+
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)  # [L, B, G, S, H]: see Attention
+  """Zero K and V caches, [L, B, G, S, H] each (see Attention), logically named (`CACHE_AXES`) so a
+  decode mesh splits them over rows (and kv heads) like the batch they belong to."""
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
   dt = jnp.dtype(dtype or cfg.dtype)
-  return (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+  zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dt), CACHE_AXES)
+  return (zeros(), zeros())
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8):

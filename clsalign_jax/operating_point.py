@@ -26,8 +26,8 @@ import numpy as np
 from clsalign_jax import artifacts, files, losses, train
 from clsalign_jax import model as model_lib
 from clsalign_jax.data import sources, views
-from clsalign_jax.data.curation import auc
 from clsalign_jax.data.tokenizer import load_tokenizer
+from clsalign_jax.metrics import auc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ behaviour. Optimised prompts are cached per checkpoint, so the six CLS rows shar
 
 from ml_collections import config_dict
 
+from clsalign_jax import cli
 from clsalign_jax.decode.config import CLS_RUN, PLAIN
 
 # Strategic-decoding settings of the paper's prefill and MT-Bench scripts (docs/method.md §2.2).
@@ -38,19 +39,24 @@ CLS_DECODE = dict(CLS_RUN)
 NO_CLS = dict(PLAIN)
 
 
-def _parse(arg: str | None) -> dict:
-  pairs = [p for p in (arg or "").split(",") if p]
-  out = {}
-  for p in pairs:
-    key, sep, value = p.partition("=")
-    if not sep:
-      raise ValueError(f"config argument {p!r}: expected key=value")
-    out[key.strip()] = value.strip()
-  return out
+# The keys of the text after ':' (the module docstring says what each does).
+ARG_KEYS = (
+  "cls",
+  "sft",
+  "harmbench",
+  "harmbench_targets",
+  "malicious_instruct",
+  "transfer",
+  "harmful_responses",
+  "gsm8k",
+  "mmlu",
+  "judge",
+  "judge_format",
+)
 
 
 def get_config(arg: str | None = None):
-  opts = _parse(arg)
+  opts = cli.config_args(arg, ARG_KEYS)
   c = config_dict.ConfigDict()
   c.output_dir = "/tmp/clsalign_eval_smollm2"
   c.seed = 42
@@ -58,6 +64,9 @@ def get_config(arg: str | None = None):
   c.max_new_tokens = 256
   c.progress = True
   c.save_cls_trace = True
+  # Where variants are placed and decoded: every device of every process, rows split over `data`
+  # (-1: the devices left over); e.g. --config.mesh.data=4 --config.mesh.tensor=2 for a 7B model on 8 chips.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
   c.model = dict(tokenizer="smollm2", template="chatml", template_kwargs=dict(), model=dict(dtype="float32"))
   variants = [("as_shipped", "smollm2", NO_CLS)]

@@ -32,6 +32,9 @@ def get_config():
   c.max_new_tokens = 8  # default generation length; a variant's decode dict or an attack may override it
   c.progress = True
   c.save_cls_trace = True
+  # Where variants are placed and decoded: every device of every process, rows split over `data`
+  # (-1: the devices left over); e.g. --config.mesh.data=4 --config.mesh.tensor=2 for a 7B model on 8 chips.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
   # Defaults every variant starts from; a variant row overrides any of these keys.
   c.model = dict(
@@ -42,10 +45,12 @@ def get_config():
   )
   # (name, checkpoint, decode settings); rows may also be dicts with model / tokenizer / template keys.
   # A random head sits near p = 0.5; threshold 0 flags every prompt, so the refusal path runs and
-  # the two variants differ (refusal inserted vs. not).
+  # the two variants differ (refusal inserted vs. not). Random weights carry no run facts, so each key
+  # goes over the plain model's settings (decode.config.PLAIN): the CLS ones are spelled out.
+  cls = dict(schedule="each", r2=4, threshold=0.0, response_sees_cls=True)
   c.variants = [
-    ("cls_full", "random:0", dict(schedule="each", r2=4, threshold=0.0)),
-    ("no_strategic_decoding", "random:0", dict(schedule="each", r2=4, threshold=0.0, strategic_decoding=False)),
+    ("cls_full", "random:0", dict(cls, strategic_decoding=True)),
+    ("no_strategic_decoding", "random:0", dict(cls, strategic_decoding=False)),
   ]
   c.benchmarks = [
     dict(

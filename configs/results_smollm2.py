@@ -38,6 +38,8 @@ import os
 
 from ml_collections import config_dict
 
+from clsalign_jax import cli
+
 
 def _eval_smollm2():
   spec = importlib.util.spec_from_file_location(
@@ -108,18 +110,9 @@ SIZES = {
 PHASES = ("harmful", "main", "gcg", "gcg_adaptive")
 
 
-def _parse(arg):
-  out = {}
-  for p in [p for p in (arg or "").split(",") if p]:
-    key, sep, value = p.partition("=")
-    if not sep:
-      raise ValueError(f"config argument {p!r}: expected key=value")
-    out[key.strip()] = value.strip()
-  return out
-
-
 def get_config(arg=None):
-  opts = _parse(arg)
+  keys = ("cls", "sft", "harmful_responses", "size", "phase", "variants", "extras", *{k for n in SIZES.values() for k in n})
+  opts = cli.config_args(arg, keys)
   size = opts.pop("size", "gpu")
   if size not in SIZES:
     raise ValueError(f"size={size!r}; known: {sorted(SIZES)}")

@@ -47,7 +47,6 @@ _MODEL_FIELDS = {
   "tie_embeddings": "the LM head reuses the input embedding (SmolLM2)",
   "bos_id": "beginning-of-sequence token id",
   "eos_id": "end-of-sequence token id",
-  "family": "`llama` or `mistral`: the HF architecture written on export",
   "dtype": "compute dtype of activations and matmuls",
   "param_dtype": "dtype the parameters are stored and updated in",
   "scan_layers": "run the layers with `nn.scan` (one compiled layer; params stacked on a `layers` axis)",

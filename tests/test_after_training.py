@@ -11,6 +11,7 @@ import pytest
 from clsalign_jax import after_training, train
 from clsalign_jax.decode.config import CLS_RUN
 from clsalign_jax.eval import harness as harness_lib
+from clsalign_jax.eval import report as report_lib
 from clsalign_jax.eval.benchmarks import SHIPPED_DIR
 from train_utils import REPO, load_config
 
@@ -113,6 +114,17 @@ def test_report_plots_and_resume(tiny_run, capsys):
   assert "generating" not in out and "CLS metrics on" not in out and "done, skipped" in out
   assert "shortcut probe: CLS on" not in out and "linear probe:" not in out
 
+  # The `report` subcommand rebuilds the same report from the run's saved config, from the caches.
+  first = text.splitlines()
+  assert after_training.main(["after_training", "report", f"--workdir={workdir}"]) == 0
+  out = capsys.readouterr().out
+  assert "generating" not in out and "CLS metrics on" not in out and "linear probe:" not in out
+  again = report.read_text().splitlines()
+  timing = [n for n, line in enumerate(first) if "Evaluation took" in line]
+  assert len(again) == len(first) and [a for n, a in enumerate(again) if n not in timing] == [
+    f for n, f in enumerate(first) if n not in timing
+  ]
+
 
 def _main_job_config():
   spec = importlib.util.spec_from_file_location("main_job_config", REPO / "configs" / "smollm2_135m_cpu.py")
@@ -138,7 +150,7 @@ def test_main_job_decodes_the_transfer_attacks():
   assert attack.max_new_tokens is None and hc["max_new_tokens"] == 48  # the job's length, greedy
   assert attack.cases(nested[0], None)[0].query == nested[0].meta["inception_attack"]
   assert after_training.malicious_benchmarks(c) == ("malicious", "deepinception", "gcg_transfer")
-  rows = after_training._rate_rows(
+  rows = report_lib.rate_rows(
     [
       dict(benchmark=b, judge=j, asr=0.25, variant="plain", attack="direct")
       for b in ("gcg_transfer", "benign")
@@ -187,7 +199,7 @@ def test_import_leaves_the_matplotlib_backend_alone():
   import sys
 
   code = (
-    "import sys, matplotlib; matplotlib.use('svg'); import clsalign_jax.after_training, clsalign_jax.eval.report; "
+    "import sys, matplotlib; matplotlib.use('svg'); import clsalign_jax.after_training, clsalign_jax.eval.report, clsalign_jax.plots; "
     "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
     "assert 'matplotlib.pyplot' not in sys.modules"
   )

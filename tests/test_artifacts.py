@@ -296,6 +296,7 @@ def llama3_tok(tmp_path_factory):
 TEMPLATES = [
   ("smollm2", "chatml", {}),
   ("smollm2", "chatml", {"system_prompt": None}),
+  ("smollm2", "qwen2_5", {}),
   ("mistral", "llama2", {}),
   ("mistral", "mistral", {}),
   ("llama3", "llama3", {}),
@@ -323,3 +324,28 @@ def test_exported_chat_template_gives_our_prompt_ids(tok_name, name, kwargs, tmp
       [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
       tokenize=False,
     )
+
+
+class _Vocabulary:
+  """The one tokenizer method `inferred_template` reads."""
+
+  def __init__(self, *tokens):
+    self.tokens = tokens
+
+  def token_to_id(self, token):
+    return self.tokens.index(token) if token in self.tokens else None
+
+
+INFERRED = [
+  ("llama", (), "llama2"),
+  ("llama", ("<|im_start|>",), "chatml"),  # SmolLM2
+  ("llama", ("<|start_header_id|>",), "llama3"),
+  ("mistral", (), "mistral"),
+  ("qwen2", ("<|im_start|>", "<|im_end|>"), "qwen2_5"),  # ChatML, with Qwen's system turn
+]
+
+
+@pytest.mark.parametrize("family,vocab,want", INFERRED, ids=[f"{f}-{w}" for f, _, w in INFERRED])
+def test_inferred_template_follows_the_family(family, vocab, want):
+  cfg = M.ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8, family=family)
+  assert artifacts.inferred_template(cfg, _Vocabulary(*vocab)) == want

@@ -386,6 +386,12 @@ DATA_CASES = [
   ("empty_response.jsonl", b'{"prompt": "a", "response": "", "label": 0}\n', "empty_response.jsonl:1: empty"),
   ("empty.jsonl", b"", "empty.jsonl: no records"),
   ("blank.csv", b"prompt,response,label\n\n", "blank.csv: no records"),
+  (
+    "dup.jsonl",
+    b'{"prompt": "a", "response": "b", "label": 0}\n{"prompt": "a", "response": "b", "label": 0, "label": 1}\n',
+    "dup.jsonl:2: duplicate key 'label' in one object",
+  ),
+  ("dup.json", b'[{"prompt": "a", "response": "b", "label": 0, "label": 1}]', "dup.json: duplicate key 'label'"),
 ]
 
 
@@ -454,6 +460,13 @@ def hf_dirs(tiny_model, tmp_path_factory):
     {**t, "model.norm.weight": np.ones(7, np.float32)}, dirs["shape"] / "model.safetensors", metadata={"format": "pt"}
   )
   (dirs["no_weights"] / "model.safetensors").unlink()
+  # A header claiming a 2^20 x 2^20 tensor backed by 64 bytes.
+  shutil.copytree(good, root / "huge_header")
+  dirs["huge_header"] = root / "huge_header"
+  header = json.dumps(
+    {"model.norm.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 64]}}
+  ).encode()
+  (dirs["huge_header"] / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
   gguf = root / "junk.gguf"
   gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
   dirs["junk.gguf"] = gguf
@@ -472,6 +485,7 @@ HF_CASES = [
   ("no_weights", "neither model.safetensors nor model.safetensors.index.json found"),
   ("junk.gguf", "junk.gguf: not a readable GGUF file"),
   ("orbax_bad_config", "model_config.json: not a model config"),
+  ("huge_header", "huge_header/model.safetensors: not a readable safetensors file"),
 ]
 
 
@@ -643,3 +657,128 @@ def test_entry_points_exit_codes_without_traceback(run_dir, run_digest, tmp_path
 
 def test_completed_run_survived_every_case(run_dir, run_digest):
   assert tree_digest(run_dir) == run_digest
+
+
+# --- shared directories, checkpoints without or beyond their digests -----------------------------
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+  path = tmp_path / "workdir.txt"
+  path.write_text("not a directory")
+  check(main.main, [*TINY, f"--workdir={path}"], 2, f"workdir {path}: exists and is not a directory", capsys, path)
+
+
+def test_convert_refuses_a_destination_inside_a_run(run_dir, run_digest, capsys):
+  for dst in (run_dir / "checkpoints" / "8", run_dir / "export", run_dir / "checkpoints" / "6" / "x"):
+    check(convert.main, [f"--src={run_dir}", f"--dst={dst}"], 2, f"--dst={dst} is inside the training run", capsys)
+  assert tree_digest(run_dir) == run_digest
+
+
+def test_evaluate_takes_the_lock_of_its_output_directory(tmp_path, capsys):
+  out = tmp_path / "eval_out"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    check(
+      evaluate.main,
+      ["--config=configs/eval_tiny.py", f"--config.output_dir={out}"],
+      1,
+      f"output directory {out} is in use by process {holder.pid}",
+      capsys,
+      out,
+    )
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_step_without_digests_is_refused_unless_allowed(run_copy, capsys):
+  (run_copy / "checkpoints" / "6" / "digests.json").unlink()
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"],
+    1,
+    f"{run_copy / 'checkpoints' / '6'}: no digests.json, so its files cannot be checked",
+    capsys,
+    run_copy,
+  )
+  _, line = call(main.main, [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"], capsys)
+  assert line.endswith("rerun with --config.checkpoint.allow_unverified=true")
+  # Allowed: the step is restored (nothing is left to train at 6 of 6).
+  capsys.readouterr()
+  assert main.main(["prog", *TINY, f"--workdir={run_copy}", "--config.checkpoint.allow_unverified=true"]) == 0
+  assert "training is complete: checkpoint at step 6" in capsys.readouterr().out
+
+
+def test_file_not_in_the_digests_is_refused(run_copy, capsys):
+  (run_copy / "checkpoints" / "6" / "params" / "extra.bin").write_bytes(b"planted")
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"],
+    1,
+    "checkpoints/6: checkpoint is corrupted: params/extra.bin is not listed in its digests.json",
+    capsys,
+    run_copy,
+  )
+
+
+def test_corrupted_step_that_cannot_be_moved_aside(run_copy, capsys):
+  _flip_a_byte(_params_files(run_copy / "checkpoints" / "6")[0])
+  (run_copy / "corrupt_checkpoints").write_text("a file where the directory should go")
+  code, line = call(
+    main.main, [*TINY, f"--workdir={run_copy}", "--config.checkpoint.fallback_to_intact=true"], capsys
+  )
+  assert code == 1, line
+  assert line.startswith(f"error: {run_copy / 'checkpoints' / '6'}: cannot move this step aside to "), line
+  assert sorted(os.listdir(run_copy / "checkpoints")) == ["3", "6"]
+
+
+def test_reading_a_run_in_progress_names_its_newest_complete_step(run_dir, run_digest, caplog):
+  from clsalign_jax import artifacts
+
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with caplog.at_level("WARNING"):
+      loaded = artifacts.load(str(run_dir), tokenizer="none")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert loaded.step == 6
+  assert f"{run_dir}: run in progress (process {holder.pid} on " in caplog.text
+  assert "newest complete step 6; loading step 6" in caplog.text
+  (run_dir / ".lock").unlink()
+  assert tree_digest(run_dir) == run_digest
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_disk_full_during_a_save_keeps_the_earlier_steps(tmp_path, monkeypatch, capsys, keep):
+  """The step-6 save fails (an injected ENOSPC in one item's write): one line, step 3 stays and is
+  intact, no fake step 6; rerunning resumes from 3. A real full tmpfs: test_checkpoint.py."""
+  import errno
+
+  from clsalign_jax import checkpoint
+
+  workdir = tmp_path / "run"
+  write = checkpoint.DataStateHandler.save
+
+  def full_at_6(self, directory, args):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("6."):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, directory, args)
+
+  monkeypatch.setattr(checkpoint.DataStateHandler, "save", full_at_6)
+  argv = [*TINY, f"--workdir={workdir}", f"--config.checkpoint.keep={keep}"]
+  code, line = call(main.main, argv, capsys)
+  assert code == 1, line
+  assert line == (
+    f"error: {workdir / 'checkpoints' / '6'}: saving the checkpoint failed (OSError: [Errno 28] No space left on "
+    f"device); nothing of step 6 was kept, the earlier steps [3] are intact in {workdir / 'checkpoints'}"
+  )
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+  monkeypatch.undo()
+  code, line = call(main.main, argv, capsys)
+  assert code == 0, line
+  assert sorted(os.listdir(workdir / "checkpoints")) == (["6"] if keep == 1 else ["3", "6"])

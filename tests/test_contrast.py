@@ -197,7 +197,7 @@ def test_shipped_prompts_avoid_curation_drops_and_evasion_wording(shipped):
 
 def test_command_writes_the_shipped_file(tmp_path, capsys):
   out = tmp_path / "prompts.jsonl"
-  assert contrast.main([f"--out={out}"]) == 0
+  assert contrast.main(["contrast", f"--out={out}"]) == 0
   assert out.read_bytes() == contrast.SHIPPED_FILE.read_bytes()
   printed = capsys.readouterr().out
   assert "per area:" in printed and "form-only baseline" in printed and "dropped:" in printed

@@ -200,3 +200,101 @@ def test_after_refusal_finds_the_prefix_as_decoded():
   assert harness.after_refusal("Hi Sorry, I cannot ful", 2, PAPER_REFUSAL) == ""  # the budget ran out inside it
   # A record written before insert_char was kept: the prefix's first occurrence.
   assert harness.after_refusal("Hi " + PAPER_REFUSAL + " Sure", None, PAPER_REFUSAL) == " Sure"
+
+
+_MESH_HARNESS = r"""
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from test_eval_lm import tiny_config
+from clsalign_jax.eval import harness
+assert jax.device_count() == 8, jax.devices()
+out = {}
+for name, mesh in (("one", None), ("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}), ("4x1x2", {"data": 4, "fsdp": 1, "tensor": 2})):
+  config = tiny_config()
+  config.output_dir = f"{sys.argv[2]}/{name}"
+  config.progress = False
+  config.attacks = [a for a in config.attacks if a["kind"] in ("direct", "decoding")]
+  config.utility, config.probe, config.judge_validation = [], None, []
+  config.mesh = mesh
+  harness.run(config)
+  rows = []
+  for f in sorted(pathlib.Path(config.output_dir, "generations").rglob("*.jsonl")):
+    rows += [(f.name, r["item_id"], r["setting"], r["response"], r["p_initial"], r["cls_trace"]) for r in map(json.loads, f.open())]
+  out[name] = rows
+for name in ("2x2x2", "4x1x2"):
+  assert len(out[name]) == len(out["one"]) > 0
+  for a, b in zip(out["one"], out[name]):
+    assert a[:4] == b[:4], (name, a, b)
+    assert abs(a[4] - b[4]) < 1e-5 and all(abs(x - y) < 1e-4 for x, y in zip(a[5], b[5])), (name, a, b)
+  print("same", name, len(out[name]))
+"""
+
+
+def test_the_harness_on_a_mesh_gives_the_one_device_generations(tmp_path):
+  """8 forced CPU devices: the tiny evaluation (direct and sampling attacks) on 2×2×2 and 4×1×2
+  meshes writes exactly the one-device responses and CLS probabilities."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+    [sys.executable, "-c", _MESH_HARNESS, str(REPO / "tests"), str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  assert out.stdout.count("same") == 2, out.stdout
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+_SLIM_CONFIG = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("eval_tiny", {tiny!r})
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+def get_config():
+  c = tiny.get_config()
+  c.progress = False
+  c.attacks = [a for a in c.attacks if a["kind"] in ("direct", "decoding")]
+  c.utility, c.probe, c.judge_validation = [], None, []
+  c.mesh = {mesh!r}
+  return c
+"""
+
+
+def test_two_processes_write_the_one_process_report(tmp_path):
+  """`evaluate` as 2 jax.distributed processes on localhost (2 CPU devices each, one 4-device data
+  mesh) writes the same summary as one process on one device."""
+  configs = {}
+  for name, mesh in (("one", None), ("two", {"data": -1, "fsdp": 1, "tensor": 1})):
+    configs[name] = tmp_path / f"eval_{name}.py"
+    configs[name].write_text(_SLIM_CONFIG.format(tiny=str(REPO / "configs" / "eval_tiny.py"), mesh=mesh))
+  cmd = lambda name: [
+    sys.executable, "-m", "clsalign_jax.evaluate", f"--config={configs[name]}", f"--config.output_dir={tmp_path / name}"
+  ]
+  single = dict(os.environ, JAX_PLATFORMS="cpu")
+  one = subprocess.run(cmd("one"), env=single, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-4000:]
+  port = _free_port()
+  env = dict(single, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [
+    subprocess.Popen(
+      [*cmd("two"), f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for i in range(2)
+  ]
+  results = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-4000:]
+  a = (tmp_path / "one" / "summary.csv").read_text()
+  b = (tmp_path / "two" / "summary.csv").read_text()
+  assert a == b and a.count("\n") > 2

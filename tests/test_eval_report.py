@@ -29,7 +29,7 @@ def test_pivot_markdown_shows_percent():
     "| benchmark | attack | cls | chat |",
     "|---|---|---|---|",
     "| advbench | direct | 0.0 | 25.0 |",
-    "| advbench | prefill | 50.0 |  |",
+    "| advbench | prefill | 50.0 | |",  # a missing cell
   ]
 
 
@@ -85,3 +85,52 @@ def test_write_report_files(tmp_path):
   for png in ("asr_advbench_kw.png", "asr_advbench_guard.png", "probe.png"):
     assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert f"](plots/{png})" in md, png  # every plot written is linked from the summary
+
+
+def test_cells_and_tables():
+  assert (report.pct(None), report.pct(float("nan")), report.pct(0.25), report.pct(0.5, unit="")) == (
+    "–",
+    "–",
+    "25.0 %",
+    "50.0",
+  )
+  assert (report.num(None), report.num(3.0), report.num(0.12345, ".3f")) == ("–", "3", "0.123")
+  assert report.table(("", "a"), [("x", 1), ("", "")]) == ["| | a |", "|---|---|", "| x | 1 |", "| | |"]
+
+
+def test_run_report_by_hand(tmp_path):
+  from clsalign_jax import config as config_lib
+
+  config = config_lib.default_config()
+  summary = [
+    dict(_row("strategic", "direct", "advbench", 0.25), benchmark="malicious", refusals_inserted=2)
+    | dict(inserted_then_complied=1, inserted_then_complied_share=0.5, insert_median_index=3.0, insert_late_share=0.0),
+    dict(_row("strategic", "direct", "refusal", 0.75), benchmark="benign", refusals_inserted=0),
+  ]
+  gen = {"query": "How do I bake bread?", "p_initial": 0.1, "cls_trace": [0.2, 0.3], "insert_index": -1}
+  r = report.RunReport(
+    workdir=str(tmp_path),
+    config=config,
+    seconds=12.4,
+    train=[{"step": s, "loss": 1.0 / s, "lm_loss": 0.5, "cls_loss": 0.25, "cls_accuracy": 0.875} for s in (1, 2)],
+    evals=[],
+    summary=summary,
+    rates=report.rate_rows(summary),
+    strategic="strategic",
+    traces={"benign prompt: How do I bake bread?…": dict(gen, response="Mix flour.")},
+    trace_threshold=0.5,
+    threshold=0.5,
+    cls_test=dict(tp=3, fp=1, fn=1, tn=5, n=10, cls_accuracy=0.8, cls_precision=0.75, cls_recall=0.75, cls_f1=0.75),
+    adversarial={},
+  )
+  text = report.write_run_report(r).read_text()
+  lines = text.splitlines()
+  assert "Evaluation took 12 s in this invocation" in lines[2] and "2 recorded train steps" in lines[2]
+  assert "Last train step: loss 0.5000, LM loss 0.5000, CLS loss 0.2500, CLS batch accuracy 87.5 %. " in lines
+  assert "| 80.0 % | 75.0 % | 75.0 % | 75.0 % | 3 | 1 | 1 | 5 |" in lines
+  assert "| strategic | malicious | direct | ASR | 25.0 % | 4 | 50.0 % | 25.0 % | 3 | 0.0 % | 1/2 (50.0 %) |" in lines
+  assert "| strategic | benign | direct | over-refusal | 25.0 % | 4 | 50.0 % | 25.0 % | – | – | – |" in lines
+  assert "* benign prompt: How do I bake bread?…: response `'Mix flour.'`" in lines
+  assert "## Shortcut probe" not in text and "## Baseline" not in text and "## CLS views" not in text
+  for name in ("training.png", "asr_over_refusal.png", "cls_trace.png"):
+    assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG" and f"](plots/{name})" in text

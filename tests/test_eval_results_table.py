@@ -142,8 +142,9 @@ def test_table_cells_n_and_target_marks(eval_dir):
 def test_render_replaces_only_the_generated_block(eval_dir, tmp_path):
   doc = tmp_path / "results.md"
   doc.write_text(f"# Results\n\nintro\n\n{rt.BEGIN}\nold table\n{rt.END}\n\n## Commands\n\nkept\n")
-  rt.main(
+  code = rt.main(
     [
+      "results_table",
       "render",
       "--eval_dir",
       str(eval_dir),
@@ -157,6 +158,7 @@ def test_render_replaces_only_the_generated_block(eval_dir, tmp_path):
       "fabricated",
     ]
   )
+  assert code == 0
   text = doc.read_text()
   assert text.startswith("# Results\n\nintro\n\n" + rt.BEGIN)
   assert text.endswith(rt.END + "\n\n## Commands\n\nkept\n")
@@ -164,8 +166,22 @@ def test_render_replaces_only_the_generated_block(eval_dir, tmp_path):
   full = next(line for line in text.splitlines() if line.startswith("| CLS (full method)"))
   assert full.strip("|").split("|")[1 + _col("cls_f1")].strip() == "not run"
   assert "**3 of 10 targets met**" in text and "not run: prefill_target" in text
-  rt.main(["render", "--eval_dir", str(eval_dir), "--out", str(doc)])  # idempotent, one block
+  assert rt.main(["results_table", "render", f"--eval_dir={eval_dir}", f"--out={doc}"]) == 0  # idempotent
   assert doc.read_text().count(rt.BEGIN) == 1 and "SMOKE RUN" not in doc.read_text()
+
+
+def test_command_line_errors_are_one_line(eval_dir, tmp_path, capsys):
+  doc = tmp_path / "results.md"
+  assert rt.main(["results_table", "render", f"--eval_dir={eval_dir}"]) == 2
+  assert capsys.readouterr().err == "error: render: --out required (see --help)\n"
+  assert rt.main(["results_table", "render", f"--eval_dir={eval_dir}", f"--out={doc}", "--variant=x"]) == 2
+  assert capsys.readouterr().err == "error: render does not read --variant (see --help)\n"
+  assert rt.main(["results_table", "render", f"--eval_dir={eval_dir}", f"--out={doc}", "--mode=cpu"]) == 2
+  assert capsys.readouterr().err.startswith("error: ") and not doc.exists()
+  # A cell the harness did not finish: the harness's read_cell names the directory.
+  code = rt.main(["results_table", "harmful", f"--eval_dir={tmp_path}", f"--out={tmp_path / 'h.jsonl'}"])
+  err = capsys.readouterr().err
+  assert code == 1 and err == f"error: {tmp_path}: no finished cell as_shipped/advbench/prefill_target\n"
 
 
 def test_empty_eval_dir_renders_all_not_run(tmp_path):

@@ -26,7 +26,7 @@ def _random_params(cfg, seed=0):
       np.asarray(x)
       + (
         rng.uniform(0.1, 0.5, x.shape).astype(np.float32)
-        if any("norm" in str(k) or "cls" in str(k) for k in path)
+        if any("norm" in str(k) or "cls" in str(k) or "bias" in str(k) for k in path)
         else 0
       )
     ),
@@ -85,6 +85,33 @@ CONFIGS = {
     family="mistral",
     max_seq_len=512,
   ),
+  # Qwen2.5-shaped: q/k/v biases (randomised by _random_params), GQA, theta 1e6, tied and untied.
+  "qwen2_untied": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=80,
+    rope_theta=1e6,
+    family="qwen2",
+    max_seq_len=512,
+  ),
+  "qwen2_tied": M.ModelConfig(
+    vocab_size=211,
+    d_model=48,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=12,
+    d_ff=80,
+    rope_theta=1e6,
+    rms_eps=1e-6,
+    tie_embeddings=True,
+    family="qwen2",
+    max_seq_len=512,
+  ),
 }
 
 
@@ -103,7 +130,10 @@ def test_export_loads_in_transformers(name, tmp_path, record_figure):
   params = _random_params(cfg)
   hf.save_hf(str(tmp_path), cfg, params)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-  assert type(model).__name__ == ("MistralForCausalLM" if cfg.family == "mistral" else "LlamaForCausalLM")
+  assert (
+    type(model).__name__
+    == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.family]
+  )
   T = 96
   tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, T))
   with torch.no_grad():
@@ -229,3 +259,44 @@ def test_rope_scaling_round_trips(rope_type, tmp_path):
   legacy["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
   json.dump(legacy, open(tmp_path / "config.json", "w"))
   assert hf.load_hf(str(tmp_path))[0] == cfg2
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "qwen2_tied"])
+def test_qwen2_round_trip_with_cls_side_path(name, tmp_path):
+  # Biases, tying and the CLS extras (side path included) survive export and import bit for bit.
+  cfg = CONFIGS[name].replace(cls_exit_layer=1, cls_adapter_rank=3)
+  params = _random_params(cfg, seed=7)
+  assert {"q_bias", "k_bias", "v_bias"} <= set(params["layers_1"]["attn"])
+  hf.save_hf(str(tmp_path), cfg, params)
+  written = json.load(open(tmp_path / "config.json"))
+  assert written["model_type"] == "qwen2" and written["use_sliding_window"] is False
+  assert "attention_bias" not in written and written["tie_word_embeddings"] == cfg.tie_embeddings
+  tensors = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+  assert tensors["model.layers.0.self_attn.k_proj.bias"].shape == (cfg.n_kv_heads * cfg.head_dim,)
+  assert "model.layers.0.self_attn.o_proj.bias" not in tensors
+  cfg2, params2 = hf.load_hf(str(tmp_path))
+  assert cfg2 == cfg
+  _tree_equal(params2, params)
+
+
+def test_qwen2_refusals_name_the_key(tmp_path):
+  d = _export(tmp_path, CONFIGS["qwen2_untied"])
+  original = json.load(open(d / "config.json"))
+  for change, match in (
+    ({"use_sliding_window": True, "sliding_window": 16}, "config.json: use_sliding_window=true is not supported"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types has 'sliding_attention'"),
+    (
+      {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6}},
+      r"rope type 'llama3' is not supported \(supported for qwen2: default, linear, dynamic\)",
+    ),
+  ):
+    json.dump({**original, **change}, open(d / "config.json", "w"))
+    with pytest.raises(hf.CheckpointError, match=match):
+      hf.load_hf(str(d))
+  # A bias tensor the config promises but the file lacks is named like any other.
+  json.dump(original, open(d / "config.json", "w"))
+  tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+  del tensors["model.layers.1.self_attn.v_proj.bias"]
+  safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(hf.CheckpointError, match="'model.layers.1.self_attn.v_proj.bias' is missing"):
+    hf.load_hf(str(d))

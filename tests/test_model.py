@@ -49,13 +49,24 @@ def _tiny_hf(kind: str, seed: int = 0):
     common.update(max_position_embeddings=256)
     rope = {"rope_type": kind.split("_")[1], "rope_theta": 10000.0, "factor": 4.0}
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=rope, **common))
+  elif kind in ("qwen2_untied", "qwen2_tied"):
+    # Qwen2.5-0.5B's traits (GQA, theta 1e6, q/k/v biases) at a tiny size.
+    common.update(num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=16)
+    m = transformers.Qwen2ForCausalLM(
+      transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
+      if kind == "qwen2_untied"
+      else transformers.Qwen2Config(rope_theta=1e6, tie_word_embeddings=True, **common)
+    )
   else:
     raise ValueError(kind)
-  # HF inits norms to 1; random norms make the test sensitive to scale mix-ups.
+  # HF inits norms to 1 and biases to 0; random ones make the test sensitive to scale mix-ups
+  # and to a bias added to the wrong projection (or not at all).
   with torch.no_grad():
     for name, p in m.named_parameters():
       if "norm" in name:
         p.uniform_(0.5, 1.5)
+      elif name.endswith(".bias"):
+        p.normal_(0.0, 0.5)
   return m.eval()
 
 
@@ -90,8 +101,9 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
   },
 }
+QWEN2 = ("qwen2_untied", "qwen2_tied")
 PARITY_CASES = [
-  (kind, scan) for kind in ("llama_gqa", "mistral_window", "llama_tied", *LLAMA3_ROPE) for scan in (False, True)
+  (kind, scan) for kind in ("llama_gqa", "mistral_window", "llama_tied", *LLAMA3_ROPE, *QWEN2) for scan in (False, True)
 ] + [("llama_linear", False), ("llama_dynamic", False)]
 
 
@@ -119,6 +131,13 @@ def test_parity_with_transformers(kind, scan, tmp_path, record_figure):
     # Likewise the scaling: plain RoPE must miss the reference by far more than the bound.
     unscaled = _forward(cfg.replace(rope_type="default"), params, tokens, valid.astype(np.int32))
     assert np.abs(unscaled[keep] - ref[keep]).max() > 1e-3
+  if cfg.qkv_bias:
+    # And the q/k/v biases: without them the logits must miss as well.
+    assert kind in QWEN2 and cfg.tie_embeddings == (kind == "qwen2_tied")
+    unbiased = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.zeros_like(x) if str(path[-1].key).endswith("_bias") else x, params
+    )
+    assert np.abs(_forward(cfg, unbiased, tokens, valid.astype(np.int32))[keep] - ref[keep]).max() > 1e-3
 
 
 def test_tied_config_has_no_lm_head(tmp_path):
@@ -148,9 +167,21 @@ def test_remat_policies_keep_values_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=policy), grad, ref_grad)
 
 
-def test_cls_row_is_an_input_embedding_only():
-  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
-  params = M.init_params(cfg, jax.random.key(0))
+def _random_biases(params, seed=0):
+  """q/k/v biases (zero at init) drawn at random, so a test of a biased family exercises them."""
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: rng.normal(0, 0.5, x.shape).astype(x.dtype) if str(path[-1].key).endswith("_bias") else x, params
+  )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cls_row_is_an_input_embedding_only(family):
+  cfg = M.ModelConfig(
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, family=family
+  )
+  params = _random_biases(M.init_params(cfg, jax.random.key(0)))
+  assert ("q_bias" in params["layers_0"]["attn"]) == (family == "qwen2")
   np.testing.assert_allclose(params["cls_embedding"], params["embedding"].mean(axis=0), rtol=1e-6)
   tokens = jnp.array([[cfg.cls_id, 1, 5, 7, 9]])
   pos = jnp.arange(5)[None]
@@ -165,8 +196,15 @@ def test_cls_row_is_an_input_embedding_only():
   assert np.abs(np.asarray(out2.logits_BTV[:, 1:] - out.logits_BTV[:, 1:])).max() > 1e-4
 
 
-@pytest.mark.parametrize("tied,scan", [(False, False), (True, True)], ids=["untied-loop", "tied-scan"])
-def test_lm_rows_compute_only_the_chosen_rows(tied, scan):
+LM_ROWS_CASES = [(False, False, "llama"), (True, True, "llama"), (True, False, "qwen2"), (False, True, "qwen2")]
+
+
+@pytest.mark.parametrize(
+  "tied,scan,family",
+  LM_ROWS_CASES,
+  ids=[f"{'tied' if t else 'untied'}-{'scan' if s else 'loop'}-{f}" for t, s, f in LM_ROWS_CASES],
+)
+def test_lm_rows_compute_only_the_chosen_rows(tied, scan, family):
   # The decode loop asks for LM logits of one row per sequence (the last prompt row; the token
   # row of a CLS step): those rows, the CLS logit and the cache must be what the all-rows call gives.
   cfg = M.ModelConfig(
@@ -179,8 +217,9 @@ def test_lm_rows_compute_only_the_chosen_rows(tied, scan):
     d_ff=48,
     tie_embeddings=tied,
     scan_layers=scan,
+    family=family,
   )
-  params = M.init_params(cfg, jax.random.key(0))
+  params = _random_biases(M.init_params(cfg, jax.random.key(0)))
   B, T, S = 3, 7, 12
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size).at[:, 0].set(cfg.cls_id)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -304,7 +343,7 @@ def test_pretrain_mask_leaves_lm_logits_unchanged(tmp_path, record_figure):
 
 
 def test_preset_parameter_counts():
-  names = ("llama2_7b", "smollm2_135m", "llama3_8b", "llama3_2_1b")
+  names = ("llama2_7b", "smollm2_135m", "llama3_8b", "llama3_2_1b", "qwen2_5_0_5b")
   counts = {name: M.count_params(M.abstract_params(M.preset(name))) for name in names}
   extras = lambda d: d + d + 1  # CLS embedding row + Dense(1) head
   assert counts["llama2_7b"] == 6_738_415_616 + extras(4096)
@@ -312,6 +351,8 @@ def test_preset_parameter_counts():
   # The published totals of Llama-3.1-8B and Llama-3.2-1B (tied).
   assert counts["llama3_8b"] == 8_030_261_248 + extras(4096)
   assert counts["llama3_2_1b"] == 1_235_814_400 + extras(2048)
+  # Qwen2.5-0.5B's published total (tied, q/k/v biases included).
+  assert counts["qwen2_5_0_5b"] == 494_032_768 + extras(896)
 
 
 def test_bf16_compute_tracks_fp32():
@@ -389,12 +430,14 @@ def test_gguf_qk_rows_match_transformers_dequantisation(smollm2):
       )
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-def test_every_parameter_has_logical_axes(scan):
+@pytest.mark.parametrize(
+  "scan,family", [(False, "llama"), (True, "llama"), (True, "qwen2")], ids=["loop", "scan", "scan-qwen2"]
+)
+def test_every_parameter_has_logical_axes(scan, family):
   import flax.linen as nn
 
   cfg = M.ModelConfig(
-    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, scan_layers=scan
+    vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, scan_layers=scan, family=family
   )
   boxed = M.abstract_params(cfg)
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)

@@ -5,8 +5,6 @@ Importing this package stays light (no grain, TFDS or jax): the pipeline names b
 live in `clsalign_jax.data.builders`.
 """
 
-import importlib
-
 from clsalign_jax.data.mixture import SAFETY_PHRASES, MixtureReport, build_safety_mix, load_advbench
 from clsalign_jax.data.records import (
   DataError,
@@ -84,8 +82,13 @@ _PIPELINE_NAMES = {
 
 
 def __getattr__(name):
+  # Plain imports inside the hook: grain and TFDS load only when a pipeline name is first used.
   if name in _PIPELINE_NAMES:
-    return getattr(importlib.import_module("clsalign_jax.data.pipeline"), name)
-  if name == "make_data_iterator":  # the training loop's hook (clsalign_jax.train)
-    return importlib.import_module("clsalign_jax.data.sources").make_data_iterator
+    from clsalign_jax.data import pipeline
+
+    return getattr(pipeline, name)
+  if name == "make_data_iterator":  # the training loop's hook (clsalign_jax.train.inputs)
+    from clsalign_jax.data import sources
+
+    return sources.make_data_iterator
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

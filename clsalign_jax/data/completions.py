@@ -24,7 +24,6 @@ drops them (curation.evaluation_prompts), and extra files are checked against th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -36,12 +35,14 @@ import time
 from collections.abc import Sequence
 
 import jax
+from absl import flags
 
-from clsalign_jax import files
+from clsalign_jax import cli, files
 from clsalign_jax.data import curation
 from clsalign_jax.data.records import DataError, jsonl_objects, normalize_prompt
 from clsalign_jax.data.views import read_completions
 from clsalign_jax.decode.config import NO_INTERVENTION, DecodeConfig
+from clsalign_jax.errors import UsageError
 from clsalign_jax.eval.judges import KeywordJudge
 from clsalign_jax.eval.lm import Sampling, TargetModel
 
@@ -156,57 +157,68 @@ def provenance(checkpoint: str, model, max_new_tokens: int, batch_size: int, arg
   }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  ap = argparse.ArgumentParser(prog="python -m clsalign_jax.data.completions", description=__doc__.split("\n")[0])
-  ap.add_argument("--out", required=True, help="output JSONL")
-  ap.add_argument("--checkpoint", default="gguf:smollm2", help="the base model (a checkpoint spec)")
-  ap.add_argument("--prompts", action="append", default=[], help="extra prompt JSONL files (prompt, label)")
-  ap.add_argument("--no_mixture", action="store_true", help="only the --prompts files")
-  ap.add_argument("--max_new_tokens", type=int, default=48)
-  ap.add_argument("--batch_size", type=int, default=32)
-  ap.add_argument("--chunk", type=int, default=256, help="prompts per resumable chunk")
-  ap.add_argument("--limit", type=int, default=-1, help="first N prompts only (smoke runs)")
-  args = ap.parse_args(argv)
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  flags.DEFINE_string("out", None, "Output JSONL.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", "gguf:smollm2", "The base model (a checkpoint spec).", flag_values=fv)
+  flags.DEFINE_multi_string("prompts", [], "Extra prompt JSONL files (prompt, label); repeatable.", flag_values=fv)
+  flags.DEFINE_bool("no_mixture", False, "Only the --prompts files.", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 48, "Tokens decoded per answer.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Rows per decode call.", flag_values=fv)
+  flags.DEFINE_integer("chunk", 256, "Prompts per resumable chunk.", flag_values=fv)
+  flags.DEFINE_integer("limit", -1, "First N prompts only (smoke runs); -1: all.", flag_values=fv)
 
-  prompts = [] if args.no_mixture else mixture_prompts()
-  for path in args.prompts:
+
+def _prompts(fv: flags.FlagValues) -> list:
+  prompts = [] if fv.no_mixture else mixture_prompts()
+  for path in fv.prompts:
     prompts += read_prompt_file(path)
   seen, unique = set(), []
   for p in prompts:
     if p.prompt not in seen:
       seen.add(p.prompt)
       unique.append(p)
-  prompts = unique[: args.limit] if args.limit >= 0 else unique
-  partial = args.out + ".partial"
+  return unique[: fv.limit] if fv.limit >= 0 else unique
+
+
+def body(fv: flags.FlagValues, args: list[str], argv: Sequence[str]) -> None:
+  cli.no_arguments(args)
+  if not fv.out:
+    raise UsageError("--out is required")
+  prompts = _prompts(fv)
+  partial = fv.out + ".partial"
   done = read_completions(partial) if os.path.exists(partial) else {}
   todo = [p for p in prompts if p.prompt not in done]
   print(f"{len(prompts)} prompts, {len(done)} already done, {len(todo)} to decode", flush=True)
   model = TargetModel.load(
-    "base", args.checkpoint, decode=dict(NO_INTERVENTION, response_sees_cls=False), batch_size=args.batch_size
+    "base", fv.checkpoint, decode=dict(NO_INTERVENTION, response_sees_cls=False), batch_size=fv.batch_size
   )
   t0 = time.time()
   with open(partial, "a", encoding="utf-8") as f:
-    for k in range(0, len(todo), args.chunk):
-      rows = complete(model, todo[k : k + args.chunk], args.max_new_tokens)
+    for k in range(0, len(todo), fv.chunk):
+      rows = complete(model, todo[k : k + fv.chunk], fv.max_new_tokens)
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         done[row["prompt"]] = row
       f.flush()
-      n = k + len(rows)
-      print(f"{n}/{len(todo)} in {time.time() - t0:.0f} s", flush=True)
+      print(f"{k + len(rows)}/{len(todo)} in {time.time() - t0:.0f} s", flush=True)
   ordered = [done[p.prompt] for p in prompts]
-  files.atomic_write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+  files.atomic_write(fv.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
   files.atomic_write_json(
-    args.out + ".provenance.json", provenance(args.checkpoint, model, args.max_new_tokens, args.batch_size, argv)
+    fv.out + ".provenance.json", provenance(fv.checkpoint, model, fv.max_new_tokens, fv.batch_size, argv)
   )
   os.remove(partial)
   kinds = {}
   for r in ordered:
     kinds[(r["label"], r["kind"])] = kinds.get((r["label"], r["kind"]), 0) + 1
   print("rows by (label, kind):", dict(sorted(kinds.items())), flush=True)
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  argv = list(sys.argv if argv is None else argv)
+  # The provenance records the command as given (flags after the program name).
+  return cli.run(lambda fv, args: body(fv, args, argv[1:]), define_flags, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -27,18 +27,18 @@ DeepInception's behaviours), equals a prompt of mixture v2 or nearly copies one 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
 import pathlib
 import re
-import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 from scipy import sparse
 
+from clsalign_jax import cli
 from clsalign_jax.data import curation
 from clsalign_jax.data.records import BENIGN, MALICIOUS, normalize_prompt
 
@@ -1522,17 +1522,17 @@ def _table(title: str, counts: dict) -> list[str]:
   return [f"{title}:"] + [f"  {k}: {v}" for k, v in counts.items()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default=str(SHIPPED_FILE), help="the JSONL file to write")
-  parser.add_argument("--threshold", type=float, default=NEAR_DUP_THRESHOLD, help="near-duplicate Jaccard bound")
-  parser.add_argument(
-    "--frame_share", type=float, default=FRAME_SHARE, help="share of prompts put into a curation rewrite frame"
-  )
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  flags.DEFINE_string("out", str(SHIPPED_FILE), "The JSONL file to write.", flag_values=fv)
+  flags.DEFINE_float("threshold", NEAR_DUP_THRESHOLD, "Near-duplicate Jaccard bound.", flag_values=fv)
+  flags.DEFINE_float("frame_share", FRAME_SHARE, "Share of prompts put into a curation rewrite frame.", flag_values=fv)
+
+
+def body(fv: flags.FlagValues, args: list[str]) -> None:
+  cli.no_arguments(args)
   splits, _ = curation.build_mixture_v2(contrast_answers=None)
-  rows, report = build_contrast_prompts(args.threshold, splits, args.frame_share)
-  out = pathlib.Path(args.out)
+  rows, report = build_contrast_prompts(fv.threshold, splits, fv.frame_share)
+  out = pathlib.Path(fv.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
   check = form_only_check([r["prompt"] for r in rows], splits=splits)
@@ -1557,8 +1557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ),
   ]
   print("\n".join(lines))
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  return cli.run(body, define_flags, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -31,18 +31,18 @@ Steps (all deterministic; every drop is counted in the report):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
 import json
 import pathlib
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
+from clsalign_jax import cli
 from clsalign_jax.data import mixture
 from clsalign_jax.data.records import (
   BENIGN,
@@ -53,6 +53,7 @@ from clsalign_jax.data.records import (
   enforce_disjoint,
   normalize_prompt,
 )
+from clsalign_jax.metrics import auc
 
 SHIPPED_DIR = mixture.SHIPPED_DIR
 EVAL_SHIPPED_DIR = SHIPPED_DIR.parent.parent / "eval" / "shipped"
@@ -704,16 +705,6 @@ def form_only_baseline(
   }
 
 
-def auc(score: np.ndarray, y: np.ndarray) -> float:
-  """Area under the ROC curve (ties count half), by the rank-sum formula."""
-  score, y = np.asarray(score, np.float64), np.asarray(y)
-  pos, neg = score[y == 1], score[y == 0]
-  if len(pos) == 0 or len(neg) == 0:
-    return float("nan")
-  greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-  return float(greater / (len(pos) * len(neg)))
-
-
 # ----- reporting ------------------------------------------------------------------------------------
 
 
@@ -800,27 +791,34 @@ def write_docs(path: str, text: str) -> None:
   pathlib.Path(path).write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--docs", help="rewrite the generated section of this markdown file (docs/data.md)")
-  parser.add_argument("--seed", type=int, default=SPLIT_SEED)
-  parser.add_argument(
-    "--contrast_answers",
-    default=str(CONTRAST_ANSWERS),
-    help="completions file with the contrast prompts' answers (default: the shipped one; '' leaves the source out)",
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  flags.DEFINE_string("docs", None, "Rewrite the generated section of this markdown file (docs/data.md).", flag_values=fv)
+  flags.DEFINE_integer("seed", SPLIT_SEED, "Seed of the train / validation / test split.", flag_values=fv)
+  flags.DEFINE_string(
+    "contrast_answers",
+    str(CONTRAST_ANSWERS),
+    "Completions file with the contrast prompts' answers (default: the shipped one; '' leaves the source out).",
+    flag_values=fv,
   )
-  args = parser.parse_args(argv)
-  splits, report = build_mixture_v2(args.seed, contrast_answers=args.contrast_answers or None)
+
+
+def body(fv: flags.FlagValues, args: list[str]) -> None:
+  cli.no_arguments(args)
+  splits, report = build_mixture_v2(fv.seed, contrast_answers=fv.contrast_answers or None)
   baseline = form_only_baseline(
     [(r.record.prompt, r.record.label) for r in splits["train"]],
     [(r.record.prompt, r.record.label) for r in splits["test"]],
   )
   text = summary_markdown(splits, report, baseline)
   print(text)
-  if args.docs:
-    write_docs(args.docs, text)
-  return 0
+  if fv.docs:
+    write_docs(fv.docs, text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  return cli.run(body, define_flags, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

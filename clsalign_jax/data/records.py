@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 BENIGN, MALICIOUS = 0, 1
 LABEL_NAMES = ("benign", "malicious")
@@ -252,9 +253,12 @@ def _jsonl_rows(path):
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=_unique_keys)
       except json.JSONDecodeError as e:
         yield where, {}, f"malformed JSON: {e.msg} (column {e.colno})"
+        continue
+      except _DuplicateKey as e:
+        yield where, {}, f"duplicate key {e.args[0]!r} in one object (JSON readers keep one of them silently)"
         continue
       if not isinstance(row, dict):
         yield where, {}, f"expected a JSON object, got {type(row).__name__}"
@@ -262,13 +266,31 @@ def _jsonl_rows(path):
       yield where, row, None
 
 
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """`object_pairs_hook` that refuses a key given twice in one object."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise _DuplicateKey(key)
+    out[key] = value
+  return out
+
+
 def _json_rows(path):
   # Undecodable bytes survive as surrogates and are reported per record by the field checks.
   text = path.read_bytes().decode("utf-8", errors="surrogateescape")
   try:
-    rows = json.loads(text)
+    rows = json.loads(text, object_pairs_hook=_unique_keys)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+  except _DuplicateKey as e:
+    raise DataError(
+      f"{path}: duplicate key {e.args[0]!r} in one object (JSON readers keep one of them silently)"
+    ) from None
   if not isinstance(rows, list):
     raise DataError(f"{path}: expected a JSON list of objects")
   for n, row in enumerate(rows):

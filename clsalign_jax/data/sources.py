@@ -1,12 +1,15 @@
-"""The training loop's entry point: `make_data_iterator(config, split, shard_index, shard_count)`.
+"""The training loop's entry point: `make_data_iterator(config, split, shard_index, shard_count, inputs)`.
 
 It reads the training config (`clsalign_jax.config`) and returns a grain iterator over this shard's
-rows of each global batch, with JSON-able `get_state()` / `set_state()`. Fields it uses:
+rows of each global batch, with JSON-able `get_state()` / `set_state()`. `inputs` (`TextInputs`) are
+the tokenizer and chat template the run resolved once (`resolve_text_inputs`, which the training
+entry calls with the tokenizer `config.init_from` carries); without them they are resolved from the
+config. Fields it uses:
 
     config.data.source             'safety_mix' (SFT) or 'wiki_pretrain' / 'safety_pretrain_corpus'
     config.data.seq_len            row length (rows are padded to it unless bucket_lengths is set)
     config.data.global_batch_size  rows per global batch
-    config.train.mode, config.seed, config.init_from, config.model (for the vocabulary check)
+    config.train.mode, config.seed, config.model (for the vocabulary check)
 
 and these, declared with their defaults (in brackets) in clsalign_jax/config.py:
 
@@ -24,13 +27,14 @@ and these, declared with their defaults (in brackets) in clsalign_jax/config.py:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 
 from clsalign_jax import model as model_lib
 from clsalign_jax.data import builders, pipeline, streaming, templates, views
-from clsalign_jax.data.tokenizer import load_tokenizer
+from clsalign_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +42,21 @@ SFT_SOURCES = ("safety_mix",)
 PRETRAIN_SOURCES = ("wiki_pretrain", "safety_pretrain_corpus")
 
 
-def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
-  """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch.
+@dataclasses.dataclass(frozen=True)
+class TextInputs:
+  """The tokenizer and chat template a run's rows are made with, resolved once per run
+  (`resolve_text_inputs`) and handed to every iterator the run opens, so none works them out again."""
 
-  The pretraining train split is the exception: it streams (data/streaming.py), and a shard's b rows
-  per batch are its own documents (every shard_count-th of the shuffled order, from shard_index).
-  """
-  data = config.data
-  model_cfg = model_lib.config_from_fields(config.model)
-  tokenizer_spec = _tokenizer_spec(config)
+  tokenizer_spec: str  # what `tokenizer` was loaded from ('smollm2', 'mistral', a path); the run facts record it
+  tokenizer: Tokenizer  # its [CLS] / BOS / EOS ids fit the model (checked when resolved)
+  template: str  # chat template name of SFT rows: config.data.template, else templates.training_default
+
+
+def resolve_text_inputs(config, model_cfg: model_lib.ModelConfig, tokenizer_spec: str | None = None) -> TextInputs:
+  """Load the tokenizer `tokenizer_spec` (None or '': config.data.tokenizer), check that it fits
+  `model_cfg`, and pick the template. The data room never parses a checkpoint spec: the training
+  entry passes the tokenizer `config.init_from` carries (clsalign_jax.train.inputs)."""
+  tokenizer_spec = tokenizer_spec or _tokenizer_spec(config)
   tokenizer = load_tokenizer(tokenizer_spec)
   if (tokenizer.cls_id, tokenizer.bos_id, tokenizer.eos_id) != (
     model_cfg.vocab_size,
@@ -58,6 +68,20 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
       f"{tokenizer.eos_id}) does not fit the model (vocab {model_cfg.vocab_size}, bos "
       f"{model_cfg.bos_id}, eos {model_cfg.eos_id}); set config.data.tokenizer"
     )
+  return TextInputs(tokenizer_spec, tokenizer, config.data.template or templates.training_default(tokenizer))
+
+
+def make_data_iterator(config, split: str, shard_index: int, shard_count: int, inputs: TextInputs | None = None):
+  """A resumable iterator of this shard's rows [shard_index·b, (shard_index+1)·b) per batch.
+
+  The pretraining train split is the exception: it streams (data/streaming.py), and a shard's b rows
+  per batch are its own documents (every shard_count-th of the shuffled order, from shard_index).
+  `inputs`: the run's tokenizer and template (None: `resolve_text_inputs` from config.data).
+  """
+  data = config.data
+  if inputs is None:
+    inputs = resolve_text_inputs(config, model_lib.config_from_fields(config.model))
+  tokenizer = inputs.tokenizer
   training = split == "train"
   sft = data.source in SFT_SOURCES
   files = tuple(data.files)
@@ -85,14 +109,16 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
       )
     )
   if sft and config.views.enabled:
-    return iter(views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_count))
+    return iter(
+      views_pipeline(config, split, tokenizer, inputs.tokenizer_spec, shard_index, shard_count, inputs.template)
+    )
   corpus = _encoded(
     data.source,
     split,
     os.path.expanduser(data.data_dir or _default_data_dir()),
     files,
-    tokenizer_spec,
-    data.template or templates.training_default(tokenizer),
+    tokenizer,
+    inputs.template,
     int(data.seq_len),
     bool(data.skip_bad_records),
   )
@@ -125,7 +151,10 @@ def make_data_iterator(config, split: str, shard_index: int, shard_count: int):
   return iter(batches)
 
 
-def views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_count) -> views.ViewsPipeline:
+def views_pipeline(
+  config, split, tokenizer, tokenizer_spec, shard_index, shard_count, template: str | None = None
+) -> views.ViewsPipeline:
+  """`template`: the run's chat template name (None: config.data.template, else the tokenizer's default)."""
   data, v = config.data, config.views
   settings = views.ViewSettings(
     r2=int(v.r2), r3=int(v.r3), response_tokens=int(v.response_tokens), rule3_share=float(v.rule3_share)
@@ -134,8 +163,8 @@ def views_pipeline(config, split, tokenizer, tokenizer_spec, shard_index, shard_
     split,
     os.path.expanduser(data.data_dir or _default_data_dir()),
     tuple(data.files),
-    tokenizer_spec,
-    data.template or templates.training_default(tokenizer),
+    tokenizer,
+    template or data.template or templates.training_default(tokenizer),
     v.completions,
     settings,
     int(v.max_prompt_tokens),
@@ -170,9 +199,8 @@ def completions_path(spec: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _view_corpus(split, data_dir, files, tokenizer_spec, template_name, completions, settings, max_prompt_tokens):
+def _view_corpus(split, data_dir, files, tokenizer, template_name, completions, settings, max_prompt_tokens):
   # Cached like _encoded: validation reopens its split at every evaluation.
-  tokenizer = load_tokenizer(tokenizer_spec)
   config = builders.safety_mix_config([builders.UserFile(f) for f in files]) if files else None
   records = builders.prepare(builders.SafetyMix(data_dir=data_dir, config=config))[split]
   path = completions_path(completions)
@@ -187,8 +215,8 @@ def _view_corpus(split, data_dir, files, tokenizer_spec, template_name, completi
 
 
 def _tokenizer_spec(config) -> str:
-  # The training hook (train.make_data_iterator) fills data.tokenizer from init_from; the data
-  # room never parses a checkpoint spec itself.
+  # The training entry passes the tokenizer init_from carries (clsalign_jax.train.inputs); the
+  # data room never parses a checkpoint spec itself.
   if config.data.tokenizer:
     return config.data.tokenizer
   raise ValueError(
@@ -202,9 +230,9 @@ def _default_data_dir() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoded(source, split, data_dir, files, tokenizer_spec, template_name, seq_len, skip_bad_records):
-  # Cached: the eval split is re-opened at every evaluation, and encoding is the costly part.
-  tokenizer = load_tokenizer(tokenizer_spec)
+def _encoded(source, split, data_dir, files, tokenizer, template_name, seq_len, skip_bad_records):
+  # Cached: the eval split is re-opened at every evaluation, and encoding is the costly part. The
+  # tokenizer is part of the key by identity: a run hands the same one to every iterator it opens.
   if source in SFT_SOURCES:
     config = (
       builders.safety_mix_config([builders.UserFile(f) for f in files], skip_bad_records=skip_bad_records)

@@ -39,6 +39,9 @@ LLAMA2_SYSTEM_PROMPT = (
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+# What Qwen2.5-Instruct's chat template inserts when the conversation has no system turn.
+QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
 # What Llama-3.1's chat template puts at the top of its system turn (no tools, default date).
 LLAMA31_DATE_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
@@ -135,6 +138,12 @@ def chatml_template(system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT) -> ChatTe
   )
 
 
+def qwen2_5_template(system_prompt: str | None = QWEN25_SYSTEM_PROMPT) -> ChatTemplate:
+  """ChatML as Qwen2.5-Instruct's chat template renders one user turn with a generation prompt:
+  its default system turn first (`system_prompt=None` omits it), no BOS, turns end with <|im_end|>."""
+  return dataclasses.replace(chatml_template(system_prompt), name="qwen2_5")
+
+
 def llama3_template(system_prompt: str | None = None) -> ChatTemplate:
   """Llama-3.x instruct: header-delimited turns, each closed by `<|eot_id|>`, after BOS.
 
@@ -153,12 +162,14 @@ def llama3_template(system_prompt: str | None = None) -> ChatTemplate:
 
 
 def get_template(name: str, **kwargs) -> ChatTemplate:
-  """`llama2` (the paper's), `mistral`, `chatml` (alias `smollm2`) or `llama3`."""
+  """`llama2` (the paper's), `mistral`, `chatml` (alias `smollm2`), `qwen2_5` (ChatML with Qwen's
+  system prompt) or `llama3`."""
   factories = {
     "llama2": llama2_template,
     "mistral": mistral_template,
     "chatml": chatml_template,
     "smollm2": chatml_template,
+    "qwen2_5": qwen2_5_template,
     "llama3": llama3_template,
   }
   if name not in factories:

@@ -14,6 +14,10 @@ Resume: a cell is recomputed only when its output is missing or its fingerprint 
 everything that determines it: variant, attack, benchmark items, generation settings) differs.
 Generations and judgements are separate cells, so adding a judge re-judges without regenerating.
 
+Several processes (`evaluate --distributed`): every process runs the harness and decodes its rows
+on the shared mesh; process 0 alone reads and writes the output directory and broadcasts what it
+found (`multihost`), so every process takes the same branch.
+
 Config keys (configs/eval_tiny.py is a complete example):
   output_dir, seed, batch_size (rows per compiled call), max_new_tokens (default generation length),
   progress (print and show progress bars), save_cls_trace (p(malicious) per re-classification)
@@ -21,7 +25,11 @@ Config keys (configs/eval_tiny.py is a complete example):
   model             defaults for every variant: tokenizer, template, template_kwargs, model (ModelConfig
                     fields: all of them for random weights, dtype overrides for loaded ones)
   variants          (name, checkpoint, decode) rows or dicts with any Variant field; `decode` holds
-                    DecodeConfig fields (lm.py lists the checkpoint specs)
+                    DecodeConfig fields, each over the checkpoint's recorded setting (run facts, else
+                    the plain model's; lm.py lists the checkpoint specs)
+  mesh              optional {data, fsdp, tensor} over every device of every process (-1: the rest):
+                    params restored into their shards, rows split over data (sharding.Layout);
+                    without it, one device
   benchmarks        benchmark specs (benchmarks.load_benchmark) with a `name`
   attacks           attack specs (attacks.make_attack) with a `name`, optionally `benchmarks` (only those)
   judges            judge specs (judges.make_judge) with a `name`
@@ -45,7 +53,7 @@ from collections.abc import Callable, Mapping
 
 from absl import logging
 
-from clsalign_jax import files
+from clsalign_jax import files, multihost
 from clsalign_jax.artifacts import checkpoint_identity
 from clsalign_jax.decode import DecodeConfig
 from clsalign_jax.errors import ConfigError
@@ -56,6 +64,7 @@ from clsalign_jax.eval.judges import JudgeInput, KeywordJudge, load_labelled, ma
 from clsalign_jax.eval.lm import Sampling, TargetModel
 from clsalign_jax.eval.probe import run_probe
 from clsalign_jax.eval.utility import run_utility
+from clsalign_jax.sharding import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +110,7 @@ REQUIRED_KEYS = (
   "attacks",
   "judges",
 )
-OPTIONAL_KEYS = ("progress", "save_cls_trace", "sampling", "judge_validation", "utility", "probe")
+OPTIONAL_KEYS = ("progress", "save_cls_trace", "sampling", "judge_validation", "utility", "probe", "mesh")
 UTILITY_KINDS = ("over_refusal", "gsm8k", "mmlu")
 _PROBE_KEYS = ("benchmark", "limit", "top_k", "sharpness", "conditions", "prefill_text")
 
@@ -177,6 +186,22 @@ def _slug(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def generation_paths(out_dir, variant: str, benchmark: str, attack: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """(JSONL, meta) of a cell's generations under an output directory (the layout above)."""
+  stem = pathlib.Path(out_dir) / "generations" / _slug(variant) / _slug(benchmark) / _slug(attack)
+  return stem.with_suffix(".jsonl"), stem.with_suffix(".meta.json")
+
+
+def read_cell(out_dir, variant: str, benchmark: str, attack: str) -> tuple[list[dict], dict] | None:
+  """(generation records, meta) of a cell whose meta file exists (it is written after the JSONL, so
+  the cell finished, whatever settings it had), else None; for readers without the run's config."""
+  jsonl, meta = generation_paths(out_dir, variant, benchmark, attack)
+  if not (jsonl.exists() and meta.exists()):
+    return None
+  records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line]
+  return records, json.loads(meta.read_text(encoding="utf-8"))
+
+
 def fingerprint(obj) -> str:
   return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
@@ -193,14 +218,22 @@ def with_file_digests(obj):
   return obj
 
 
-def _cached(path: pathlib.Path, fp: str, compute: Callable[[], object]):
-  """The stored value if `path` holds one for fingerprint `fp`; else compute, store, return."""
-  if path.exists():
+def cached(path: pathlib.Path, fp: str, compute: Callable[[], object]):
+  """The stored value if `path` holds one for fingerprint `fp`; else compute, store, return. The
+  file is {"fingerprint", "value"} JSON; the main job's CLS metrics are cached the same way. On
+  several processes, process 0 reads and writes the file and every process computes (a compute
+  may decode on the shared mesh)."""
+  hit = None
+  if multihost.primary() and path.exists():
     stored = json.loads(path.read_text(encoding="utf-8"))
     if stored.get("fingerprint") == fp:
-      return stored["value"]
+      hit = {"value": stored["value"]}
+  hit = multihost.share(hit)
+  if hit is not None:
+    return hit["value"]
   value = compute()
-  files.atomic_write_json(path, {"fingerprint": fp, "value": value})
+  if multihost.primary():
+    files.atomic_write_json(path, {"fingerprint": fp, "value": value})
   return value
 
 
@@ -267,16 +300,6 @@ def refusal_hold_stats(gens, refusal_text: str) -> dict:
   }
 
 
-def _insert_char(model: TargetModel, g) -> int:
-  """Offset in `g.response` where the refusal prefix starts, -1 if none: the length of the text
-  before it, decoded as `Generation.response` is (decode/text.py computes TextResult.insert_char
-  the same way)."""
-  if g.insert_index < 0:
-    return -1
-  before = [i for i in g.response_ids[: g.insert_index] if i != model.eos_id]
-  return len(model.tokenizer.decode(before, skip_special_tokens=True))
-
-
 class Harness:
   def __init__(self, config):
     # Plain containers from here on: fingerprints hash them, and ConfigDicts do not serialise.
@@ -292,6 +315,11 @@ class Harness:
       self.attacks.append((make_attack(spec), tuple(only) if only else None))
     self.judge_specs = {j.get("name", j["kind"]): dict(j) for j in config["judges"]}
     self.sampling = dict(config.get("sampling") or {})
+    # Where variants are loaded and decoded: a mesh over every device (all processes), or one device.
+    try:
+      self.layout = Layout.make(config["mesh"]) if config.get("mesh") else None
+    except (KeyError, ValueError) as e:
+      raise ConfigError(f"config.mesh={config['mesh']!r}: {e}") from None
     self._items: dict[str, list[Item]] = {}
     self._judges: dict[str, object] = {}
     self._identity: dict[str, dict] = {}
@@ -329,8 +357,7 @@ class Harness:
     ]
 
   def gen_paths(self, v: Variant, a: Attack, b: str) -> tuple[pathlib.Path, pathlib.Path]:
-    stem = self.out / "generations" / _slug(v.name) / _slug(b) / _slug(a.name)
-    return stem.with_suffix(".jsonl"), stem.with_suffix(".meta.json")
+    return generation_paths(self.out, v.name, b, a.name)
 
   def variant_identity(self, v: Variant) -> dict:
     if v.name not in self._identity:
@@ -353,7 +380,11 @@ class Harness:
 
   def gen_done(self, v: Variant, a: Attack, b: str) -> bool:
     """The cell's generations are current and complete: a file cut short (a copy, a full disk, an
-    edit) or a meta file that does not parse means the cell is generated again."""
+    edit) or a meta file that does not parse means the cell is generated again. Process 0 decides
+    for every process."""
+    return multihost.agree(multihost.primary() and self._gen_current(v, a, b))
+
+  def _gen_current(self, v: Variant, a: Attack, b: str) -> bool:
     jsonl, meta = self.gen_paths(v, a, b)
     if not (jsonl.exists() and meta.exists()):
       return False
@@ -371,14 +402,16 @@ class Harness:
     return True
 
   def read_generations(self, v: Variant, a: Attack, b: str) -> list[dict]:
+    if not multihost.primary():
+      return multihost.share(None)
     jsonl, _ = self.gen_paths(v, a, b)
-    return [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line]
+    return multihost.share([json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line])
 
   def refusal_text(self, v: Variant, a: Attack, b: str) -> str:
     """The refusal prefix the cell was generated with; a cell whose meta file predates recording it
     falls back to the variant's decode settings."""
     _, meta = self.gen_paths(v, a, b)
-    recorded = json.loads(meta.read_text(encoding="utf-8")).get("refusal_text")
+    recorded = multihost.share(json.loads(meta.read_text(encoding="utf-8")).get("refusal_text") if multihost.primary() else None)
     return recorded if recorded is not None else DecodeConfig(**v.decode).refusal_text
 
   def _variant_fp(self, v: Variant, *extra) -> str:
@@ -402,7 +435,7 @@ class Harness:
     for it in items:
       path = self.out / "attack_cases" / fingerprint(target)[:12] / _slug(b) / _slug(a.name) / f"{_slug(it.id)}.json"
       fp_item = fingerprint([fp, it.id, it.query, it.target])
-      cases += [Case.from_json(c) for c in _cached(path, fp_item, lambda: [c.to_json() for c in a.cases(it, model)])]
+      cases += [Case.from_json(c) for c in cached(path, fp_item, lambda: [c.to_json() for c in a.cases(it, model)])]
       bar.update(1)
     bar.close()
     return cases
@@ -433,7 +466,7 @@ class Harness:
         "initial_malicious": g.initial_malicious,
         "refusal_inserted": g.refusal_inserted,
         "insert_index": g.insert_index,
-        "insert_char": _insert_char(model, g),
+        "insert_char": g.insert_char,
         "trigger_index": g.trigger_index,
         "false_alarms": g.false_alarms,
         "sampling": dataclasses.asdict(s),
@@ -442,6 +475,8 @@ class Harness:
       if keep_trace:
         rec["cls_trace"] = g.cls_trace
       lines.append(json.dumps(rec, ensure_ascii=False))
+    if not multihost.primary():
+      return
     jsonl, meta = self.gen_paths(v, a, b)
     files.atomic_write(jsonl, "".join(line + "\n" for line in lines))
     files.atomic_write_json(
@@ -470,6 +505,7 @@ class Harness:
       dict(v.model) or None,
       dict(v.decode),
       self.config["batch_size"],
+      self.layout,
     )
 
   def run_variant(self, v: Variant) -> dict:
@@ -501,7 +537,7 @@ class Harness:
         return {"summary": summary, "records": records}
 
       path = self.out / "utility" / _slug(v.name) / f"{_slug(task)}.json"
-      utility[task] = _cached(path, self._variant_fp(v, spec), compute_utility)
+      utility[task] = cached(path, self._variant_fp(v, spec), compute_utility)
     probe = None
     if self.config.get("probe"):
       spec = dict(self.config["probe"])
@@ -520,7 +556,7 @@ class Harness:
         return {"summary": summary, "records": records}
 
       fp = self._variant_fp(v, spec, fingerprint([(it.id, it.query) for it in items]))
-      probe = _cached(self.out / "probe" / f"{_slug(v.name)}.json", fp, compute_probe)
+      probe = cached(self.out / "probe" / f"{_slug(v.name)}.json", fp, compute_probe)
     model = None  # the next variant's weights should not share memory with these
     gc.collect()
     return {"utility": utility, "probe": probe}
@@ -538,7 +574,7 @@ class Harness:
       self._log(f"judging {v.name}/{b}/{a.name} with {judge_name}")
       return self.judge(judge_name).judge(inputs)
 
-    return _cached(path, fp, compute)
+    return cached(path, fp, compute)
 
   def summarize(self) -> tuple[list[dict], list[dict]]:
     """(one row per cell and judge, one row per decoding setting where a cell has several)."""
@@ -607,7 +643,7 @@ class Harness:
         self._log(f"validating judge {name} on {spec['path']}")
         return validate(self.judge(name), labelled)
 
-      rows.append({**_cached(path, fp, compute), "file": pathlib.Path(spec["path"]).name})
+      rows.append({**cached(path, fp, compute), "file": pathlib.Path(spec["path"]).name})
     return rows
 
   def run(self) -> dict:
@@ -622,6 +658,8 @@ class Harness:
     ]
     probe = {name: r["probe"]["summary"] for name, r in per_variant.items() if r["probe"]}
     probe_spec = self.config.get("probe") or {}
+    if not multihost.primary():
+      return {"summary": summary, "settings": settings, "utility": utility, "validation": validation, "probe": probe}
     report.write_report(
       self.out,
       summary,

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-import scipy.stats
 
 from clsalign_jax import model as model_lib
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
+from clsalign_jax.metrics import auc
 
 POOLINGS = ("mean", "last")  # mean over the query tokens; the last prompt token (the response is next)
 # Ascending: on equal validation AUC and F1 the stronger regularisation wins.
@@ -265,16 +265,6 @@ def predict_proba(model: Logistic, X: np.ndarray) -> np.ndarray:
 
 
 # ----- metrics and selection ----------------------------------------------------------------------
-
-
-def auc(score: np.ndarray, y: np.ndarray) -> float:
-  """Area under the ROC curve, ties counting half (rank-sum; nan without both classes)."""
-  score, y = np.asarray(score, np.float64), np.asarray(y)
-  pos, neg = score[y == 1], score[y == 0]
-  if len(pos) == 0 or len(neg) == 0:
-    return float("nan")
-  ranks = scipy.stats.rankdata(np.concatenate([pos, neg]))  # average ranks: ties count half
-  return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def binary_metrics(p: np.ndarray, y: np.ndarray, threshold: float = THRESHOLD) -> dict:

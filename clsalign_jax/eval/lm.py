@@ -26,48 +26,12 @@ from clsalign_jax import artifacts, masks
 from clsalign_jax import model as model_lib
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
-from clsalign_jax.decode import DecodeConfig, SamplingParams, bucket, decode, pack_inputs, refusal_ids, row_results
+from clsalign_jax.decode import DecodeConfig, bucket
+from clsalign_jax.decode.sampling import Sampling
+from clsalign_jax.decode.text import Decoder, Encoded, Generation, gather_rows
+from clsalign_jax.sharding import Layout
 
 Array = jax.Array
-
-
-# ----- encoded rows -------------------------------------------------------------------------------
-
-
-class Encoded(NamedTuple):
-  """One prompt row: `prompt` = [CLS, BOS, ...] ids, the query's half-open token span, and
-  attacker-prefilled response ids (fed as response tokens, not generated)."""
-
-  prompt: tuple[int, ...]
-  query_span: tuple[int, int]
-  prefill: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """Next-token choice of one generation (see `decode.SamplingParams`)."""
-
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  """One generated response. Indices are in continuation coordinates (0 = first token after
-  any attacker prefill); -1 means "did not happen"."""
-
-  response: str  # the model's continuation, special tokens dropped
-  response_ids: list[int]
-  prompt_tokens: int
-  p_initial: float  # prompt-time p(malicious)
-  initial_malicious: bool
-  refusal_inserted: bool
-  insert_index: int
-  trigger_index: int
-  false_alarms: int
-  cls_trace: list[float]  # p(malicious) at each re-classification
 
 
 class Scores(NamedTuple):
@@ -106,8 +70,7 @@ def next_token_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
   return jnp.pad(logp_BT, ((0, 0), (0, 1)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_jit(
+def _score(
   cfg: model_lib.ModelConfig, response_sees_cls: bool, params, tokens_BT, input_len_B, prompt_len_B, query_span_B2, at_B
 ):
   out = teacher_forced(
@@ -117,35 +80,26 @@ def _score_jit(
   return next_token_logprobs(out.logits_BTV, tokens_BT), logits_BV, jax.nn.sigmoid(out.cls_logit_B)
 
 
+_score_jit = jax.jit(_score, static_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_score(layout: Layout, cfg: model_lib.ModelConfig, response_sees_cls: bool):
+  """`_score` with explicit shardings: params by the layout's rules, rows split over its row shards."""
+  rows = layout.rows
+  return jax.jit(
+    functools.partial(_score, cfg, response_sees_cls),
+    in_shardings=(layout.params(model_lib.abstract_params(cfg)), rows(2), rows(1), rows(1), rows(2), rows(1)),
+    out_shardings=(rows(2), rows(2), rows(1)),
+  )
+
+
 # ----- the target model ---------------------------------------------------------------------------
 
 
-class TargetModel:
-  """A loaded model with its tokenizer, chat template and decode settings."""
-
-  def __init__(
-    self,
-    name: str,
-    cfg: model_lib.ModelConfig,
-    params: dict,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    dcfg: DecodeConfig = DecodeConfig(),
-    batch_size: int = 8,
-  ):
-    if cfg.vocab_size != tokenizer.vocab_size:
-      raise ValueError(
-        f"{name}: model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
-        f"{tokenizer.vocab_size} (the CLS id must be one past both)"
-      )
-    self.name, self.tokenizer, self.template, self.dcfg = name, tokenizer, template, dcfg
-    self.batch_size = batch_size
-    # Evaluation runs the plain per-layer layout: no remat, no scan bookkeeping at decode time.
-    self.cfg = cfg.replace(scan_layers=False, remat_policy="none")
-    # Onto the default device explicitly: a training run's params are restored onto the CPU, and a
-    # bare device_put would leave such committed arrays there (every decode would then run on the CPU).
-    self.params = jax.device_put(model_lib.to_layout(params, self.cfg), jax.devices()[0])
-    self.eos_id = template.end.id(tokenizer)
+class TargetModel(Decoder):
+  """A loaded model with its tokenizer, chat template and decode settings: `Decoder`'s generation
+  plus loading from a checkpoint spec and teacher-forced scoring."""
 
   @classmethod
   def load(
@@ -158,90 +112,21 @@ class TargetModel:
     model: dict | None = None,
     decode: dict | None = None,
     batch_size: int = 8,
+    layout: Layout | None = None,
   ) -> TargetModel:
-    """`tokenizer` / `template` 'auto': the run's (artifacts). `decode` None: the checkpoint's
-    decode settings (a CLS run's strategic decoding, else the plain model); a dict is a complete
-    variant on DecodeConfig's defaults, except that response rows read the CLS as the run was
-    trained to unless the dict says otherwise."""
+    """`tokenizer` / `template` 'auto': the run's (artifacts). Decode settings: `decode`'s keys over
+    the checkpoint's (`artifacts.Loaded.decode_config`: a CLS run's recorded settings, else the
+    plain model). `layout`: the mesh the params are restored onto and decoding runs on."""
     loaded = artifacts.load(
-      checkpoint, tokenizer=tokenizer, template=template, template_kwargs=template_kwargs, model_fields=model
+      checkpoint,
+      tokenizer=tokenizer,
+      template=template,
+      template_kwargs=template_kwargs,
+      model_fields=model,
+      layout=layout,
     )
-    if decode is None:
-      dcfg = loaded.decode_config()
-    else:
-      trained = {"response_sees_cls": loaded.facts.response_sees_cls} if loaded.facts.cls_trained else {}
-      dcfg = DecodeConfig(**{**trained, **decode})
-    return cls(name, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, batch_size)
-
-  # ----- rows ---------------------------------------------------------------------------------
-
-  def encode(self, query: str, prefill: str = "", raw: bool = False, raw_prefix: str = "") -> Encoded:
-    """The row for a user query. `raw` feeds `raw_prefix + query` without the chat template
-    (Huang et al.'s setting); the CLS then reads the query text itself."""
-    tok = self.tokenizer
-    if not raw:
-      enc = encode_prompt(tok, self.template, query, prefill)
-      p0, p1 = enc.prefill_span
-      return Encoded(tuple(enc.tokens[:p0].tolist()), tuple(enc.query_span), tuple(enc.tokens[p0:p1].tolist()))
-    head = [tok.cls_id, tok.bos_id] + (tok.encode(raw_prefix) if raw_prefix else [])
-    body = tok.encode_continuation(query) if raw_prefix else tok.encode(query)
-    prompt = head + body
-    fill = tok.encode_continuation(prefill) if prefill else []
-    return Encoded(tuple(prompt), (len(head), len(prompt)), tuple(fill))
-
-  # ----- generation ---------------------------------------------------------------------------
-
-  def generate(
-    self,
-    rows: Sequence[Encoded],
-    sampling: Sequence[Sampling],
-    dcfg: DecodeConfig | None = None,
-    on_batch: Callable[[int], None] | None = None,
-  ) -> list[Generation]:
-    """Generate for every row; rows are grouped by padded length and run in fixed-size batches
-    (short batches are filled with copies of their first row) so each bucket compiles once."""
-    dcfg = dcfg or self.dcfg
-    refusal_R = jnp.asarray(refusal_ids(self.tokenizer, dcfg), jnp.int32)
-    results: list[Generation | None] = [None] * len(rows)
-    for idx in self._batches(rows):
-      batch = [rows[i] for i in idx] + [rows[idx[0]]] * (self.batch_size - len(idx))
-      samp = [sampling[i] for i in idx] + [sampling[idx[0]]] * (self.batch_size - len(idx))
-      inputs = pack_inputs([r.prompt for r in batch], [r.query_span for r in batch], [r.prefill for r in batch])
-      params_B = SamplingParams(
-        jnp.asarray([s.temperature for s in samp], jnp.float32),
-        jnp.asarray([s.top_k for s in samp], jnp.int32),
-        jnp.asarray([s.top_p for s in samp], jnp.float32),
-        jnp.asarray([s.seed for s in samp], jnp.int32),
-      )
-      out = decode(self.params, inputs, refusal_R, params_B, cfg=self.cfg, dcfg=dcfg, eos_id=self.eos_id)
-      for i, res in zip(idx, row_results(out, inputs)):
-        results[i] = self._generation(rows[i], res)
-      if on_batch:
-        on_batch(len(idx))
-    return results
-
-  def _generation(self, row: Encoded, res) -> Generation:
-    ids = res.response_ids[res.prefill_len :]
-    shift = lambda i: i - res.prefill_len if i >= 0 else -1
-    return Generation(
-      response=self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True),
-      response_ids=ids,
-      prompt_tokens=len(row.prompt),
-      p_initial=res.p_initial,
-      initial_malicious=res.initial_malicious,
-      refusal_inserted=res.insert_index >= 0,
-      insert_index=shift(res.insert_index),
-      trigger_index=shift(res.trigger_index),
-      false_alarms=res.false_alarms,
-      cls_trace=[round(p, 4) for _, _, p in res.trace],
-    )
-
-  def _batches(self, rows: Sequence[Encoded]) -> list[list[int]]:
-    by_bucket: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-      by_bucket.setdefault(bucket(len(r.prompt) + len(r.prefill)), []).append(i)
-    B = self.batch_size
-    return [ids[k : k + B] for _, ids in sorted(by_bucket.items()) for k in range(0, len(ids), B)]
+    dcfg = loaded.decode_config(**dict(decode or {}))
+    return cls(name, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, batch_size, layout)
 
   # ----- scoring ------------------------------------------------------------------------------
 
@@ -271,14 +156,18 @@ class TargetModel:
         prompt_len_B[b] = len(rows[i].prompt)
         span_B2[b] = rows[i].query_span
         at_B[b] = len(rows[i].prompt) + len(rows[i].prefill) - 1
-      logp_BT, logits_BV, p_B = jax.device_get(
-        _score_jit(
-          self.cfg, self.dcfg.response_sees_cls, self.params, tokens_BT, input_len_B, prompt_len_B, span_B2, at_B
-        )
-      )
+      logp_BT, logits_BV, p_B = self._score_batch(tokens_BT, input_len_B, prompt_len_B, span_B2, at_B)
       for b, i in enumerate(idx):
         start = at_B[b]
         logps[i] = logp_BT[b, start : start + len(continuations[i])]
         next_logits[i] = logits_BV[b]
         p_mal[i] = p_B[b]
     return Scores(logps, next_logits, p_mal)
+
+  def _score_batch(self, *rows_host) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if self.layout is None:
+      return jax.device_get(_score_jit(self.cfg, self.dcfg.response_sees_cls, self.params, *rows_host))
+    fn = _sharded_score(self.layout, self.cfg, self.dcfg.response_sees_cls)
+    placed = [self.layout.place(x, self.layout.rows(x.ndim)) for x in rows_host]
+    with self.layout.activated():
+      return gather_rows(fn(self.params, *placed))

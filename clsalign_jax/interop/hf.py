@@ -8,6 +8,7 @@ directory that `transformers.AutoModelForCausalLM.from_pretrained` loads unchang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from clsalign_jax import files
+from clsalign_jax import families, files
 from clsalign_jax.data.templates import QUERY, Special
 from clsalign_jax.errors import CheckpointError
 from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
@@ -24,25 +25,24 @@ from clsalign_jax.model import ROPE_TYPES, ModelConfig, unstack_layers
 CLS_FILE = "clsalign_cls.safetensors"
 CLS_META = "clsalign.json"
 FORMAT_VERSION = 1
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _SHARD_BYTES = 4 * 1024**3
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
   archs = hf.get("architectures") or []
-  known = [a for a in archs if a in ARCHITECTURES]
+  known = [f for f in map(families.family_for_hf_architecture, archs) if f is not None]
   if not known:
-    raise CheckpointError(f"{source}: architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
+    raise CheckpointError(f"{source}: architectures={archs} is not supported; supported: {families.hf_architectures()}")
+  family = known[0]
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
-  for flag in ("attention_bias", "mlp_bias"):
+  for flag in family.hf_refused_flags:
     if hf.get(flag):
       raise CheckpointError(f"{source}: {flag}=true is not supported")
-  rope = rope_fields_from_hf(hf, source)
+  rope = rope_fields_from_hf(hf, source, family)
   n_heads = hf["num_attention_heads"]
   d_model = hf["hidden_size"]
-  family = ARCHITECTURES[known[0]]
-  window = hf.get("sliding_window") if family == "mistral" else None
+  default = family.hf_defaults
   return ModelConfig(
     vocab_size=hf["vocab_size"],
     d_model=d_model,
@@ -51,26 +51,44 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     n_kv_heads=hf.get("num_key_value_heads") or n_heads,
     head_dim=hf.get("head_dim") or d_model // n_heads,
     d_ff=hf["intermediate_size"],
-    rms_eps=hf.get("rms_norm_eps", 1e-6),
+    rms_eps=hf.get("rms_norm_eps", default["rms_norm_eps"]),
     **rope,
-    max_seq_len=hf.get("max_position_embeddings", 4096),
-    sliding_window=window,
-    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    bos_id=_first_id(hf.get("bos_token_id"), 1),
-    eos_id=_first_id(hf.get("eos_token_id"), 2),
-    family=family,
+    max_seq_len=hf.get("max_position_embeddings", default["max_position_embeddings"]),
+    sliding_window=_window_from_hf(hf, family, source),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", default["tie_word_embeddings"])),
+    bos_id=_first_id(hf.get("bos_token_id"), default["bos_token_id"]),
+    eos_id=_first_id(hf.get("eos_token_id"), default["eos_token_id"]),
+    family=family.name,
   )
 
 
-def rope_fields_from_hf(hf: dict, source: str) -> dict:
+def _window_from_hf(hf: dict, family: families.Family, source: str) -> int | None:
+  if family.hf_window == families.WINDOW_READ:
+    return hf.get("sliding_window")
+  if family.hf_window == families.WINDOW_REFUSE:
+    # transformers >= 5 spells the switch per layer (`layer_types`), older configs as one flag.
+    if hf.get("use_sliding_window"):
+      raise CheckpointError(f"{source}: use_sliding_window=true is not supported ({family.name}: full attention only)")
+    if "sliding_attention" in (hf.get("layer_types") or ()):
+      raise CheckpointError(
+        f"{source}: layer_types has 'sliding_attention' layers, not supported ({family.name}: full attention only)"
+      )
+  return None
+
+
+def rope_fields_from_hf(hf: dict, source: str, family: families.Family | None = None) -> dict:
   """ModelConfig rope_* fields from `rope_parameters` (transformers >= 5) or the older
-  `rope_theta` + `rope_scaling` pair; any scaling we do not implement is refused."""
+  `rope_theta` + `rope_scaling` pair; any scaling we (or the family) do not implement is refused."""
+  family = family or families.get("llama")
   rope = dict(hf.get("rope_scaling") or {})
   rope.update(hf.get("rope_parameters") or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ROPE_TYPES:
-    raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-  fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": rope_type}
+  if rope_type not in ROPE_TYPES or rope_type not in family.rope_types:
+    raise CheckpointError(
+      f"{source}: rope type {rope_type!r} is not supported (supported for {family.name}: {', '.join(family.rope_types)})"
+    )
+  theta = rope.get("rope_theta", hf.get("rope_theta", family.hf_defaults["rope_theta"]))
+  fields = {"rope_theta": float(theta), "rope_type": rope_type}
   if rope_type == "default":
     return fields
   # "dynamic" grows the base past max_position_embeddings, as in HF (which ignores any
@@ -113,10 +131,10 @@ def _first_id(value, default):
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
-  arch = "MistralForCausalLM" if cfg.family == "mistral" else "LlamaForCausalLM"
+  family = cfg.family_spec
   hf = {
-    "architectures": [arch],
-    "model_type": cfg.family,
+    "architectures": [family.hf_architectures[0]],
+    "model_type": family.name,
     "vocab_size": cfg.vocab_size,
     "hidden_size": cfg.d_model,
     "intermediate_size": cfg.d_ff,
@@ -132,18 +150,15 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     "tie_word_embeddings": cfg.tie_embeddings,
     "bos_token_id": cfg.bos_id,
     "eos_token_id": cfg.eos_id,
-    "attention_bias": False,
     "attention_dropout": 0.0,
     "initializer_range": 0.02,
     "use_cache": True,
     "torch_dtype": dtype,
     "dtype": dtype,
   }
-  if cfg.family == "mistral":
+  hf.update(family.hf_export_extra)
+  if family.hf_window == families.WINDOW_READ:
     hf["sliding_window"] = cfg.sliding_window
-  else:
-    hf["mlp_bias"] = False
-    hf["pretraining_tp"] = 1
   return hf
 
 
@@ -168,6 +183,9 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p + "post_attention_layernorm.weight": (D,),
       }
     )
+    if cfg.qkv_bias:
+      for proj, width in (("q", N * H), ("k", G * H), ("v", G * H)):
+        shapes[f"{p}self_attn.{proj}_proj.bias"] = (width,)
   return shapes
 
 
@@ -209,6 +227,10 @@ def params_from_hf_tensors(cfg: ModelConfig, get, source: str) -> dict:
       "input_norm": {"weight": t(p + "input_layernorm.weight")},
       "post_attn_norm": {"weight": t(p + "post_attention_layernorm.weight")},
     }
+    if cfg.qkv_bias:
+      attn = params[f"layers_{i}"]["attn"]
+      for proj, heads in (("q", N), ("k", G), ("v", G)):
+        attn[f"{proj}_bias"] = t(f"{p}self_attn.{proj}_proj.bias").reshape(heads, H)
   return params
 
 
@@ -224,6 +246,9 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> Iterator[tuple[str
     yield p + "self_attn.k_proj.weight", a(lp["attn"]["k_proj"]).reshape(D, G * H).T
     yield p + "self_attn.v_proj.weight", a(lp["attn"]["v_proj"]).reshape(D, G * H).T
     yield p + "self_attn.o_proj.weight", a(lp["attn"]["o_proj"]).reshape(N * H, D).T
+    if cfg.qkv_bias:
+      for proj in "qkv":
+        yield f"{p}self_attn.{proj}_proj.bias", a(lp["attn"][f"{proj}_bias"]).reshape(-1)
     yield p + "mlp.gate_proj.weight", a(lp["mlp"]["gate_proj"]).T
     yield p + "mlp.up_proj.weight", a(lp["mlp"]["up_proj"]).T
     yield p + "mlp.down_proj.weight", a(lp["mlp"]["down_proj"]).T
@@ -232,6 +257,17 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict) -> Iterator[tuple[str
   yield "model.norm.weight", a(params["final_norm"]["weight"])
   if not cfg.tie_embeddings:
     yield "lm_head.weight", a(params["lm_head"]).T
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str, tensor: str | None = None):
+  """A file the safetensors library refuses (a header that does not parse, or claims tensors the
+  file does not hold) is a CheckpointError naming it, not the library's bare SafetensorError."""
+  try:
+    yield
+  except safetensors.SafetensorError as e:
+    what = f" (tensor {tensor!r})" if tensor else ""
+    raise CheckpointError(f"{path}: not a readable safetensors file{what}: {e}") from None
 
 
 class _SafetensorsDir:
@@ -246,7 +282,7 @@ class _SafetensorsDir:
         raise CheckpointError(f"{index}: no 'weight_map' object")
       self.where = {name: os.path.join(directory, fname) for name, fname in weight_map.items()}
     elif os.path.exists(single):
-      with safetensors.safe_open(single, "np") as f:
+      with _safetensors_errors(single), safetensors.safe_open(single, "np") as f:
         self.where = {name: single for name in f.keys()}
     else:
       raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
@@ -259,8 +295,10 @@ class _SafetensorsDir:
     if path not in self._open:
       if not os.path.exists(path):
         raise CheckpointError(f"{path}: shard listed in the index is missing (needed for {name!r})")
-      self._open[path] = safetensors.safe_open(path, "np").__enter__()
-    return self._open[path].get_tensor(name)
+      with _safetensors_errors(path):
+        self._open[path] = safetensors.safe_open(path, "np").__enter__()
+    with _safetensors_errors(path, name):
+      return self._open[path].get_tensor(name)
 
   def close(self):
     for f in self._open.values():
@@ -269,8 +307,9 @@ class _SafetensorsDir:
 
 
 def load_hf(directory: str) -> tuple[ModelConfig, dict]:
-  """Import an HF Llama/Mistral directory. The CLS extras come from our export when present,
-  otherwise the CLS row is the mean embedding and the head is zero (p(malicious) = 0.5)."""
+  """Import an HF directory of any family in `families.FAMILIES`. The CLS extras come from our
+  export when present, otherwise the CLS row is the mean embedding and the head is zero
+  (p(malicious) = 0.5)."""
   cfg_path = os.path.join(directory, "config.json")
   cfg = config_from_hf(files.read_json(cfg_path), cfg_path)
   tensors = _SafetensorsDir(directory)
@@ -304,7 +343,8 @@ def fresh_cls_extras(embedding_VD) -> dict:
 
 
 def _load_cls_extras(path: str, cfg: ModelConfig) -> dict:
-  tensors = safetensors.numpy.load_file(path)
+  with _safetensors_errors(path):
+    tensors = safetensors.numpy.load_file(path)
   expected = {"cls_embedding": (cfg.d_model,), "cls_head.weight": (1, cfg.d_model), "cls_head.bias": (1,)}
   for name, shape in expected.items():
     if name not in tensors:

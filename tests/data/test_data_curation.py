@@ -1,7 +1,6 @@
 """Mixture v2 (`data/curation.py`): sources, form balance, the form-only baseline, splits."""
 
 import collections
-import itertools
 import json
 
 import numpy as np
@@ -66,15 +65,6 @@ def test_rewrites_by_hand():
   assert curation.rewrite(imp, "Can you {imp_lc}?") == "Can you outline the steps of a job interview?"
   # "Given ..." is no instruction to put after "Can you".
   assert "Can you {imp_lc}?" not in curation.fitting_templates("Given a list of numbers, sort it.")
-
-
-def test_auc_against_brute_force():
-  rng = np.random.default_rng(0)
-  score = rng.integers(0, 5, 40).astype(float)  # ties on purpose
-  y = rng.integers(0, 2, 40)
-  pairs = [(s1, s0) for (s1, y1), (s0, y0) in itertools.product(zip(score, y), repeat=2) if y1 == 1 and y0 == 0]
-  brute = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-  assert curation.auc(score, y) == pytest.approx(brute)
 
 
 def test_form_only_baseline_finds_a_planted_shortcut():
@@ -165,7 +155,7 @@ def test_v2_splits_disjoint_stratified_deterministic_and_free_of_eval_prompts(v2
 def test_curation_command_rewrites_the_docs_section(tmp_path, capsys):
   doc = tmp_path / "data.md"
   doc.write_text(f"# Data\n\nbefore\n{curation.BEGIN}\nold\n{curation.END}\nafter\n")
-  assert curation.main(["--docs", str(doc)]) == 0
+  assert curation.main(["curation", "--docs", str(doc)]) == 0
   text = doc.read_text()
   assert "before" in text and "after" in text and "old" not in text
   assert "Form-only baseline" in text and "| first word | benign | malicious |" in text
@@ -287,6 +277,6 @@ def test_contrast_checks_bypass_only_the_safety_topic_filter(tmp_path):
 
 def test_curation_command_counts_the_contrast_rows_with_given_answers(tmp_path, capsys):
   answers = _stand_in_answers(tmp_path / "answers.jsonl")
-  assert curation.main([f"--contrast_answers={answers}"]) == 0
+  assert curation.main(["curation", f"--contrast_answers={answers}"]) == 0
   out = capsys.readouterr().out
   assert "| contrast | benign |" in out and "Contrast rows joined with their answers" in out

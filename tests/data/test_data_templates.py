@@ -172,3 +172,13 @@ def test_encode_document_chunks(smollm2):
   last = chunks[-1]
   assert last.query_span == (2, len(last)) and last.response_span == (len(last), len(last))
   assert last.loss_mask.tolist() == [0, 0] + [1] * (len(last) - 2)
+
+
+def test_qwen2_5_is_chatml_with_qwen_system_turn():
+  # What Qwen2.5-Instruct's own chat template renders for one user message "Q" with a generation
+  # prompt (its default system turn included), and the reply closed by <|im_end|>.
+  assert render(get_template("qwen2_5"), "Q", "A").text == (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>"
+  )
+  assert get_template("qwen2_5", system_prompt=None).prompt == chatml_template(system_prompt=None).prompt

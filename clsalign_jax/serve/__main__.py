@@ -1,0 +1,168 @@
+"""`python -m clsalign_jax.serve --checkpoint=runs/smollm2_135m` (installed: `clsalign-serve`).
+
+Serves one checkpoint over the OpenAI chat and completions API (docs/serving.md), with the
+playground at `/`. Decode settings follow clsalign_jax.generate: a flag given on the command line
+wins, else the run's facts, else the plain model's. Sampling flags are the defaults of a request
+that leaves the field out. The decode loop is compiled for every bucket combination before the
+port opens (`--warmup`), so no request pays a compile.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags, logging
+
+from clsalign_jax import artifacts, cli
+from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
+from clsalign_jax.errors import UsageError
+
+_RUN = " Default: the run's (run facts), else the plain model's."
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("checkpoint", "smollm2", f"A clsalign_jax.artifacts spec: {artifacts.GRAMMAR}.", **d)
+  flags.DEFINE_string("tokenizer", "auto", "auto (the run's), smollm2, mistral, or a tokenizer path.", **d)
+  flags.DEFINE_string("template", "auto", "Chat template: llama2, mistral, chatml, llama3, or auto (the run's).", **d)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).", **d)
+  flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535, **d)
+  flags.DEFINE_string("model_name", None, "Model id clients send; default: the checkpoint directory's name.", **d)
+  flags.DEFINE_list("batch_sizes", "1,8", "Batch-size buckets (rows decoded together).", **d)
+  flags.DEFINE_list(
+    "prompt_buckets", "256,1024", "Padded prompt lengths, in tokens ([CLS] and template included).", **d
+  )
+  flags.DEFINE_list("max_tokens_buckets", "64,256", "Generation-length buckets; the largest is max_tokens' limit.", **d)
+  flags.DEFINE_float("max_wait_ms", 5.0, "How long a request waits for others to fill its batch.", lower_bound=0, **d)
+  flags.DEFINE_integer("max_queue", 256, "Waiting requests beyond this get a 503.", lower_bound=1, **d)
+  flags.DEFINE_bool("warmup", True, "Compile every bucket combination before serving.", **d)
+  flags.DEFINE_integer("max_new_tokens", 64, "max_tokens of a request that gives none.", lower_bound=1, **d)
+  flags.DEFINE_float("temperature", 0.0, "Default temperature (0: greedy).", lower_bound=0.0, **d)
+  flags.DEFINE_integer("top_k", 0, "Default top-k (0: off).", lower_bound=0, **d)
+  flags.DEFINE_float("top_p", 1.0, "Default top-p (1: off).", lower_bound=0.0, upper_bound=1.0, **d)
+  flags.DEFINE_integer("seed", 0, "Default sampling seed.", **d)
+  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
+  flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
+  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of annealing." + _RUN, lower_bound=1, **d)
+  flags.DEFINE_float(
+    "threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0, upper_bound=1.0, **d
+  )
+  flags.DEFINE_integer(
+    "tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN, lower_bound=1, **d
+  )
+  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
+  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
+  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
+  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
+  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot." + _RUN, **d)
+  flags.DEFINE_bool("end_after_refusal", False, "End a response on its inserted refusal prefix." + _RUN, **d)
+
+
+_DECODE_FLAGS = (
+  "threshold",
+  "tau",
+  "schedule",
+  "period",
+  "anneal_cutoff",
+  "refusal",
+  "strategic_attention",
+  "strategic_decoding",
+  "response_sees_cls",
+  "end_after_refusal",
+)
+
+
+def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
+  """Flags given on the command line over the checkpoint's decode settings (as the generate command)."""
+  explicit = {name: fv[name].value for name in _DECODE_FLAGS if fv[name].present}
+  if "refusal" in explicit:
+    explicit["refusal_text"] = explicit.pop("refusal")
+  if fv["r"].present:
+    try:
+      explicit["r1"], explicit["r2"], explicit["r3"] = (int(x) for x in fv.r)
+    except ValueError:
+      raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
+  try:
+    return loaded.decode_config(max_new_tokens=fv.max_new_tokens, **explicit)
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
+
+
+def _ints(fv: flags.FlagValues, name: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in fv[name].value)
+  except ValueError:
+    raise UsageError(f"--{name}={','.join(fv[name].value)}: expected integers") from None
+
+
+def model_id_of(spec: str) -> str:
+  """The id clients send: the run's or file's name (`runs/smollm2_135m` -> `smollm2_135m`)."""
+  path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
+  path = path.split("@", 1)[0].rstrip("/")
+  return os.path.splitext(os.path.basename(path))[0] or spec
+
+
+def build(fv: flags.FlagValues):
+  """(app, engine) for the flags: the checkpoint loaded, the engine started and warmed up."""
+  # Imported here: --help and flag errors should not wait for jax and fastapi.
+  from clsalign_jax.decode.text import Decoder  # noqa: PLC0415
+  from clsalign_jax.serve.app import Defaults, create_app  # noqa: PLC0415
+  from clsalign_jax.serve.engine import Buckets, Engine  # noqa: PLC0415
+
+  if fv["r"].present and len(fv.r) != 3:
+    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3")
+  if fv["refusal"].present and not fv.refusal.strip():
+    raise UsageError("--refusal is empty or whitespace-only")
+  try:
+    buckets = Buckets(
+      batch=_ints(fv, "batch_sizes"),
+      prompt=_ints(fv, "prompt_buckets"),
+      max_tokens=_ints(fv, "max_tokens_buckets"),
+      max_wait_ms=fv.max_wait_ms,
+      max_queue=fv.max_queue,
+    )
+  except ValueError as e:
+    raise UsageError(f"--{str(e).replace('buckets.', '')}") from None
+  if fv.max_new_tokens > buckets.max_tokens[-1]:
+    raise UsageError(
+      f"--max_new_tokens={fv.max_new_tokens} exceeds the largest --max_tokens_buckets ({buckets.max_tokens[-1]})"
+    )
+  loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template)
+  dcfg = decode_config(fv, loaded)
+  name = fv.model_name or model_id_of(fv.checkpoint)
+  decoder = Decoder(name, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg)
+  try:
+    engine = Engine(decoder, buckets)
+  except ValueError as e:
+    raise UsageError(f"--prompt_buckets/--max_tokens_buckets: {e}") from None
+  if fv.warmup:
+    logging.info("compiling %d bucket combinations", len(buckets.shapes()))
+    engine.warmup()
+    logging.info("warm-up done: %d compilations", engine.compiles)
+  engine.start()
+  defaults = Defaults(fv.max_new_tokens, fv.temperature, fv.top_p, fv.top_k, fv.seed)
+  info = {"spec": fv.checkpoint, "step": loaded.step, "template": loaded.template_name, "facts": loaded.facts.source}
+  return create_app(engine, name, defaults, info), engine
+
+
+def body(fv: flags.FlagValues, args: list[str]) -> None:
+  if args:
+    raise UsageError(f"unexpected arguments: {args}")
+  import uvicorn  # noqa: PLC0415
+
+  app, engine = build(fv)
+  try:
+    logging.info("serving on http://%s:%d/ (playground at /, API at /v1)", fv.host, fv.port)
+    uvicorn.run(app, host=fv.host, port=fv.port, log_level="warning", timeout_graceful_shutdown=5)
+  finally:
+    engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command line `argv` (default sys.argv); returns the exit code."""
+  return cli.run(body, define_flags, argv)
+
+
+if __name__ == "__main__":
+  cli.exit_with(main)

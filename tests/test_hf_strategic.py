@@ -1,0 +1,309 @@
+"""The transformers safe model of an export (interop/hf_strategic.py, written by `convert`) against
+clsalign-jax's decode loop: greedy responses token for token, CLS probabilities to 1e-4, with the CLS
+re-read at every step and refusals inserted; and the honest export around it (model card, settings)."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from clsalign_jax import artifacts, convert  # noqa: E402
+from clsalign_jax import model as M  # noqa: E402
+from clsalign_jax.data.templates import encode_prompt  # noqa: E402
+from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path  # noqa: E402
+from clsalign_jax.decode.config import DecodeConfig  # noqa: E402
+from clsalign_jax.decode.loop import generate_ids  # noqa: E402
+from clsalign_jax.decode.text import refusal_ids  # noqa: E402
+from clsalign_jax.interop import hf_safe_export  # noqa: E402
+from clsalign_jax.interop.hf import save_hf  # noqa: E402
+from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM, ClsAlignLlamaForCausalLM  # noqa: E402
+
+QUERIES = ("How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "List three colors.")
+# Two runs: the paper's model (response tokens read the CLS slot, Rule 2 reads the latest response
+# tokens only, the model continues after a refusal, one row attacker-prefilled) and the main job's
+# (a CLS side path with an early exit and adapters, no token reads the CLS, the query in Rules 2–3,
+# the answer ends with the refusal prefix).
+CASES = {
+  "paper": dict(
+    side=dict(cls_exit_layer=0, cls_adapter_rank=0),
+    decode=dict(schedule="each", r1=2, r2=3, r3=2, tau=2, response_sees_cls=True, max_new_tokens=20),
+  ),
+  "side_path": dict(
+    side=dict(cls_exit_layer=1, cls_adapter_rank=4),
+    decode=dict(
+      schedule="each",
+      r1=3,
+      r2=4,
+      r3=2,
+      tau=2,
+      rule2_include_query=True,
+      end_after_refusal=True,
+      response_sees_cls=False,
+      max_new_tokens=20,
+    ),
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return Tokenizer.from_gguf(smollm2_gguf_path())
+
+
+def _tiny_params(cfg, seed):
+  params = artifacts.random_params(cfg, seed)
+  rng = np.random.default_rng(seed + 1)
+  # A head that reads the CLS state strongly, so p moves across steps and crosses a threshold.
+  params["cls_head"]["kernel"] = rng.normal(0.0, 1.0, (cfg.d_model, 1)).astype(np.float32)
+  # Random norms and a non-zero adapter `up`, so a dropped or swapped side-path tensor shows.
+  for path, holder in [(k, v) for k, v in params.items() if k.startswith("cls_adapter_")]:
+    holder["up"] = rng.normal(0.0, 0.3, holder["up"].shape).astype(np.float32)
+  if "cls_norm" in params:
+    params["cls_norm"]["weight"] = rng.uniform(0.5, 1.5, cfg.d_model).astype(np.float32)
+  return params
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def export(request, tokenizer, tmp_path_factory):
+  """A tiny random model with the SmolLM2 tokenizer and a trained-CLS run's facts, exported by
+  `python -m clsalign_jax.convert` (in process)."""
+  case = CASES[request.param]
+  cfg = M.ModelConfig(
+    vocab_size=tokenizer.vocab_size,
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    tie_embeddings=True,
+    bos_id=tokenizer.bos_id,
+    eos_id=tokenizer.eos_id,
+    **case["side"],
+  )
+  params = _tiny_params(cfg, seed=3)
+  src = tmp_path_factory.mktemp(f"src_{request.param}")
+  save_hf(str(src), cfg, params, tokenizer)
+  decode = {**case["decode"], "threshold": 0.5}
+  facts = artifacts.RunFacts(
+    template="chatml",
+    tokenizer=None,
+    response_sees_cls=decode["response_sees_cls"],
+    cls_threshold=0.5,
+    cls_trained=True,
+    decode=decode,
+  )
+  artifacts.write_facts(str(src), facts)
+  dst = tmp_path_factory.mktemp(f"export_{request.param}") / "out"
+  assert convert.main(["convert", f"--src={src}", f"--dst={dst}"]) == 0
+  return request.param, str(dst)
+
+
+def _jax_rows(directory, queries, prefills, dcfg):
+  loaded = artifacts.load(directory)
+  encs = [encode_prompt(loaded.tokenizer, loaded.template, q, p) for q, p in zip(queries, prefills)]
+  rows = generate_ids(
+    loaded.cfg,
+    loaded.params,
+    [e.tokens[: e.prefill_span[0]].tolist() for e in encs],
+    [e.query_span for e in encs],
+    refusal_ids(loaded.tokenizer, dcfg),
+    dcfg,
+    prefills=[e.tokens[e.prefill_span[0] :].tolist() for e in encs],
+    eos_id=loaded.template.end.id(loaded.tokenizer),
+  )
+  return rows, encs, loaded
+
+
+def _threshold_with_a_flip(traces, p0s):
+  """A threshold above some row's prompt-time p and below two consecutive later readings of it, so
+  that row starts benign (Rule 2), flips, is confirmed (τ = 2) and rolled back: the trajectory up to
+  the first flip does not depend on the threshold."""
+  best = None
+  for trace, p0 in zip(traces, p0s):
+    ps = [p for _, _, p in trace]
+    pairs = [min(a, b) for a, b in zip(ps, ps[1:])]
+    if pairs and max(pairs) > p0 + 1e-3 and (best is None or max(pairs) - p0 > best[1] - best[0]):
+      best = (p0, max(pairs))
+  assert best is not None, "no row whose CLS rises after the prompt: pick another seed"
+  return (best[0] + best[1]) / 2
+
+
+def test_greedy_parity_with_the_jax_loop(export, record_figure):
+  name, directory = export
+  model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  assert isinstance(model, ClsAlignLlamaForCausalLM)
+  prefills = ["", " Sure, here is", "", ""] if name == "paper" else ["", "", "", ""]
+  loaded = artifacts.load(directory)
+  encs = [encode_prompt(loaded.tokenizer, loaded.template, q, p) for q, p in zip(QUERIES, prefills)]
+  messages = [[{"role": "user", "content": q}] for q in QUERIES]
+  prefill_ids = [e.tokens[e.prefill_span[0] :].tolist() for e in encs]
+  # Calibrate on the torch side with nothing malicious (every step re-reads the CLS in Rule 2).
+  calib = model.generate(
+    messages=messages, prefill_ids=prefill_ids, clsalign_decode={"threshold": 1.0}, return_dict_in_generate=True
+  )
+  threshold = _threshold_with_a_flip([r.trace for r in calib.rows], [r.p_initial for r in calib.rows])
+
+  dcfg = loaded.decode_config(threshold=threshold)
+  assert dataclasses.asdict(dcfg) == {**model.clsalign_settings.decode, "threshold": threshold}
+  jax_rows, _, _ = _jax_rows(directory, QUERIES, prefills, dcfg)
+  out = model.generate(
+    messages=messages, prefill_ids=prefill_ids, clsalign_decode={"threshold": threshold}, return_dict_in_generate=True
+  )
+  worst = 0.0
+  for t, j in zip(out.rows, jax_rows):
+    assert t.response_ids == j.response_ids
+    assert (t.insert_index, t.trigger_index, t.trigger_step, t.false_alarms) == (
+      j.insert_index,
+      j.trigger_index,
+      j.trigger_step,
+      j.false_alarms,
+    )
+    assert [(s, i) for s, i, _ in t.trace] == [(s, i) for s, i, _ in j.trace]
+    worst = max([worst, abs(t.p_initial - j.p_initial)] + [abs(a[2] - b[2]) for a, b in zip(t.trace, j.trace)])
+  # The CLS was re-read at every step of a benign row, and a refusal went in mid-answer.
+  benign = [j for j in jax_rows if not j.initial_malicious]
+  assert benign and all(len(j.trace) >= 2 for j in benign)
+  assert any(j.insert_index > j.prefill_len for j in jax_rows), [j.insert_index for j in jax_rows]
+  refusal = list(model.clsalign_settings.refusal_ids)
+  for j in jax_rows:
+    if j.insert_index >= 0:
+      assert j.response_ids[j.insert_index : j.insert_index + len(refusal)] == refusal[: len(j.response_ids) - j.insert_index]
+  record_figure(f"hf_strategic {name}: max|dp| torch vs jax", worst)
+  assert worst <= 1e-4
+  # `sequences` is what transformers' generate returns: the prompt, then the response.
+  first = model.encode_messages(messages[0])[0]
+  assert out.sequences[0, : len(first)].tolist() == first
+  assert out.sequences[0, len(first) : len(first) + len(jax_rows[0].response_ids)].tolist() == jax_rows[0].response_ids
+
+
+def test_classify_matches_the_jax_prompt_pass(export):
+  _, directory = export
+  model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  jax_rows, encs, loaded = _jax_rows(directory, QUERIES, [""] * len(QUERIES), loaded_dcfg(directory))
+  # Both paths to the prompt: messages (the export's chat template) and ids with explicit spans.
+  p_messages = model.classify([[{"role": "user", "content": q}] for q in QUERIES])
+  p_ids = model.classify(
+    input_ids=[e.tokens.tolist() for e in encs], query_spans=[e.query_span for e in encs]
+  )  # with the leading [CLS]
+  ref = [j.p_initial for j in jax_rows]
+  np.testing.assert_allclose(p_messages, ref, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(p_ids, ref, atol=1e-4, rtol=0)
+  assert len(set(np.round(ref, 3))) > 1  # the head separates the prompts: a constant p proves nothing
+  assert isinstance(model.classify([{"role": "user", "content": QUERIES[0]}]), float)
+
+
+def loaded_dcfg(directory):
+  return artifacts.load(directory).decode_config(max_new_tokens=2)
+
+
+def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
+  _, directory = export
+  safe = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+  assert type(safe).__name__ == "ClsAlignLlamaForCausalLM" and type(safe).__module__.endswith("modeling_clsalign")
+  plain = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  assert type(plain) is transformers.LlamaForCausalLM
+  with open(os.path.join(directory, "modeling_clsalign.py"), encoding="utf-8") as f:
+    copied = f.read()
+  assert copied == hf_safe_export.remote_code_source()
+  messages = [{"role": "user", "content": QUERIES[1]}]
+  ours = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  assert safe.classify(messages) == ours.classify(messages)
+  assert torch.equal(safe.generate(messages=messages, max_new_tokens=6), ours.generate(messages=messages, max_new_tokens=6))
+  # `strategic=False` is transformers' own generate: the plain LM, greedy, as loaded without remote code.
+  ids = torch.tensor([ours.encode_messages(messages)[0]])
+  plain_out = plain.generate(ids, max_new_tokens=6, do_sample=False)
+  assert torch.equal(safe.generate(ids, max_new_tokens=6, do_sample=False, strategic=False), plain_out)
+
+
+def test_card_generation_config_and_run_facts_agree(export):
+  _, directory = export
+  read = lambda name: json.load(open(os.path.join(directory, name), encoding="utf-8"))
+  config, generation, facts, meta = (
+    read("config.json"),
+    read("generation_config.json"),
+    read("run_facts.json"),
+    read("clsalign.json"),
+  )
+  with open(os.path.join(directory, "README.md"), encoding="utf-8") as f:
+    card = f.read()
+  rows = {}
+  for line in card.splitlines():
+    if line.startswith("| `"):
+      key, value = (c.strip().strip("`") for c in line.strip("|").split("|"))
+      rows[key] = json.loads(value)
+  decode = dataclasses.asdict(DecodeConfig(**facts["decode"]))
+  block = config["clsalign"]
+  assert block["decode"] == decode
+  for key, value in decode.items():
+    assert rows[f"decode.{key}"] == value, key
+  assert rows["cls_threshold"] == facts["cls_threshold"] == meta["threshold"] == decode["threshold"]
+  assert rows["template"] == facts["template"] and rows["cls_trained"] == facts["cls_trained"] is True
+  assert rows["response_sees_cls (training)"] == facts["response_sees_cls"]
+  assert rows["side_path.exit_layer"] == block["side_path"]["exit_layer"] == meta.get("side_path", {}).get("exit_layer", 0)
+  tok = transformers.AutoTokenizer.from_pretrained(directory)
+  im_end = tok.convert_tokens_to_ids("<|im_end|>")
+  assert rows["generation_config.eos_token_id"] == generation["eos_token_id"] == block["end_token_id"] == im_end
+  assert rows["generation_config.do_sample"] is generation["do_sample"] is False
+  assert rows["generation_config.max_new_tokens"] == generation["max_new_tokens"] == decode["max_new_tokens"]
+  assert rows["refusal_ids"] == block["refusal_ids"] == tok(decode["refusal_text"], add_special_tokens=False)["input_ids"]
+  assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_clsalign.ClsAlignLlamaForCausalLM"}
+  assert "The plain language model is not the safe model" in card and "trust_remote_code=True" in card
+  # No report next to this source: the card says nothing was measured rather than inventing figures.
+  assert "nothing here is measured" in card
+
+
+REPORT = """# report
+
+## Decoding
+
+Malicious prompts: `{'kind': 'advbench', 'limit': 50}`.
+
+| variant | prompts | attack | metric | rate | n | CLS flagged at prompt | refusal inserted |
+|---|---|---|---|---|---|---|---|
+| strategic | malicious | direct | ASR | 22.0 % | 50 | 68.0 % | 78.0 % |
+| strategic | benign | direct | over-refusal | 14.0 % | 50 | 10.0 % | 14.0 % |
+| plain | malicious | direct | ASR | 100.0 % | 50 | 96.0 % | 0.0 % |
+
+| accuracy | precision | recall | F1 | tp | fp | fn | tn |
+|---|---|---|---|---|---|---|---|
+| 75.7 % | 90.5 % | 57.3 % | 70.2 % | 86 | 9 | 64 | 141 |
+"""
+
+
+def test_card_quotes_the_report_with_n(tmp_path):
+  path = tmp_path / "report.md"
+  path.write_text(REPORT)
+  figures = hf_safe_export.report_figures(str(path))
+  assert [r["variant"] for r in figures["decoding"]] == ["strategic", "strategic", "plain"]
+  facts = artifacts.RunFacts(template="chatml", cls_trained=True, cls_threshold=0.8, decode={"threshold": 0.8})
+  cfg = M.ModelConfig(vocab_size=10, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=4, d_ff=8)
+  block = hf_safe_export.clsalign_block(cfg, facts, DecodeConfig(threshold=0.8), None, None)
+  generation = {"eos_token_id": 2, "do_sample": False, "max_new_tokens": 128}
+  card = hf_safe_export.model_card("m", "llama", block, generation, facts, figures, 230)
+  assert "attack success rate **100.0 %** of n = 50 malicious requests" in card
+  assert "with the safety head and strategic decoding: **22.0 %** (n = 50)" in card
+  assert "| plain | malicious | direct | ASR | 100.0 % | 50 | 0.0 % |" in card
+  assert "(n = 300: 150 malicious, 150 benign): accuracy 75.7 %" in card
+  # Without a tokenizer there is no refusal to force: the card sends users to clsalign-jax instead.
+  assert "python -m clsalign_jax.generate --checkpoint=DIR" in card and "trust_remote_code=True" not in card
+
+
+def test_bad_inputs_name_the_problem(export, tmp_path):
+  _, directory = export
+  model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  with pytest.raises(ValueError, match="pass query_spans"):
+    model.classify(input_ids=[1, 2, 3])
+  with pytest.raises(TypeError, match="unknown decode settings"):
+    model.generate(messages=[{"role": "user", "content": "hi"}], clsalign_decode={"tau_units": 2})
+  broken = tmp_path / "cls.safetensors"
+  from safetensors.torch import save_file
+
+  save_file({"cls_embedding": torch.zeros(16)}, str(broken))
+  with pytest.raises(ValueError, match="cls.safetensors: does not match the side path"):
+    model.load_clsalign(str(broken))
