@@ -349,3 +349,55 @@ INFERRED = [
 def test_inferred_template_follows_the_family(family, vocab, want):
   cfg = M.ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8, family=family)
   assert artifacts.inferred_template(cfg, _Vocabulary(*vocab)) == want
+
+
+_SHARDED_LOAD = r"""
+import sys
+import jax, flax.linen as nn, numpy as np
+from clsalign_jax import artifacts, model, sharding
+assert jax.device_count() == 8, jax.devices()
+run, hf_dir = sys.argv[1], sys.argv[2]
+one = artifacts.load(run, tokenizer="none")
+for shape in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 1, "tensor": 2}):
+  layout = sharding.Layout.make(shape)
+  for spec in (run, f"hf:{hf_dir}"):
+    loaded = artifacts.load(spec, tokenizer="none", layout=layout)
+    expected = layout.params(model.abstract_params(loaded.cfg))
+    got = jax.tree.map(lambda x: x.sharding, loaded.params)
+    assert jax.tree.structure(got) == jax.tree.structure(expected), spec
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert a.is_equivalent_to(b, 2) or a == b, (spec, a, b)
+    # Every device holds only its shard, and the shards make the one-device tensors.
+    if spec == run:
+      for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(one.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert all(s.data.shape == x.sharding.shard_shape(x.shape) for s in x.addressable_shards)
+  print("sharded", layout.describe())
+"""
+
+
+def test_the_loader_restores_into_the_shards_of_a_mesh(tmp_path):
+  """8 forced CPU devices: a training run's step and HF weights come back laid out by the decode
+  rules on 2×2×2 and 4×1×2 meshes; the run's shards make its one-device tensors."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  REPO = pathlib.Path(__file__).resolve().parents[1]
+  from clsalign_jax.interop.hf import save_hf
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = tmp_path / "run"
+  cmd = [sys.executable, "-m", "clsalign_jax.main", "--config=configs/tiny.py", f"--workdir={run}",
+         "--config.train.num_steps=2", "--config.metrics.progress_bar=false", "--config.after_training.evaluate=false"]
+  trained = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  loaded = artifacts.load(str(run), tokenizer="none")
+  save_hf(str(tmp_path / "hf"), loaded.cfg, loaded.params)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  out = subprocess.run(
+    [sys.executable, "-c", _SHARDED_LOAD, str(run), str(tmp_path / "hf")], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  assert out.stdout.count("sharded") == 2, out.stdout

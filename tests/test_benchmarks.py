@@ -89,3 +89,16 @@ def test_cls_views_benchmark_smoke():
   stdout = _bench("cls_views.py", "--smoke", timeout=300, env=CPU)
   rows = [line for line in stdout.splitlines() if line.startswith("| views, exit")]
   assert len(rows) == 2 and "(baseline)" in stdout
+
+
+def test_decode_mesh_benchmark_smoke():
+  """8 forced CPU devices: every mesh row reports tokens equal to the one-device run; the 7B plan
+  prints one row per model and mesh, with Llama-3-8B's params at 1/8 per chip under tensor=8."""
+  stdout = _bench("decode_mesh.py", "--smoke")
+  rows = [r.split("|")[1:-1] for r in stdout.splitlines() if r.startswith("| data=")]
+  assert len(rows) == 3 and all(r[1].strip() == "True" for r in rows), stdout
+  plan = _bench("decode_mesh.py", "--plan", env=CPU)
+  rows = [r.split("|")[1:-1] for r in plan.splitlines() if r.startswith("| llama")]
+  assert len(rows) == 8
+  llama3 = {r[1].strip(): float(r[2].split()[0]) for r in rows if r[0].strip() == "llama3_8b"}
+  assert abs(llama3["data=8 x fsdp=1 x tensor=1"] / llama3["data=1 x fsdp=1 x tensor=8"] - 8) < 0.05

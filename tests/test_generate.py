@@ -2,6 +2,7 @@
 tokenizer: exported with save_hf (tokenizer alongside) or as orbax params (`--tokenizer`). Neither
 has run facts (no trained CLS), so the default is the plain model; the CLS is switched on by flags."""
 
+import os
 import subprocess
 import sys
 
@@ -166,3 +167,47 @@ def test_end_after_refusal_flag_over_the_run_facts(trained, argv, expected):
   facts = artifacts.RunFacts(cls_trained=True, decode={**CLS_RUN, "end_after_refusal": True}) if trained else None
   loaded = artifacts.Loaded(spec=None, cfg=None, params={}, facts=facts or artifacts.RunFacts())
   assert generate.decode_config(fv, loaded).end_after_refusal is expected
+
+
+_PLACEMENT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax
+import numpy as np
+from clsalign_jax import artifacts, generate, sharding
+from clsalign_jax.decode import Decoder
+assert jax.device_count() == 2, jax.devices()
+hf_dir = sys.argv[2]
+# A run restored onto "the CPU" while decoding belongs elsewhere: params committed to device 1.
+loaded = artifacts.load(f"hf:{hf_dir}")
+elsewhere = jax.device_put(loaded.params, jax.devices()[1])
+layout = sharding.Layout.make({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+decoder = Decoder("t", loaded.cfg, elsewhere, loaded.tokenizer, loaded.template, loaded.decode_config(max_new_tokens=4), 1, layout)
+assert {d for x in jax.tree.leaves(decoder.params) for d in x.devices()} == {jax.devices()[0]}
+(g,) = decoder.generate_text(["Hi"])
+assert len(g.response_ids) > 0
+# The command line hands its mesh to the loader, so a run's step is restored onto the decode devices.
+seen = {}
+real_load = artifacts.load
+def spy(*args, **kwargs):
+  seen.update(kwargs)
+  return real_load(*args, **kwargs)
+artifacts.load = spy
+assert generate.main(["generate", f"--checkpoint={hf_dir}", "--prompt=Hi", "--max_new_tokens=3"]) == 0
+assert seen["layout"].mesh.devices.size == 2, seen
+print("placed")
+"""
+
+
+def test_params_committed_elsewhere_decode_on_the_mesh(tiny_dir):
+  """Two host devices stand in for "restored onto the CPU, decoded on the accelerator": the decoder
+  moves params committed to another device onto its mesh, and `generate` loads onto its mesh."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = subprocess.run(
+    [sys.executable, "-c", _PLACEMENT, os.path.dirname(__file__), str(tiny_dir)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0 and "placed" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
