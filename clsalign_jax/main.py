@@ -22,7 +22,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clsalign_jax import after_training, cli, operating_point, train  # noqa: E402
+from clsalign_jax import after_training, cli, multihost, operating_point, train  # noqa: E402
 from clsalign_jax import config as config_lib  # noqa: E402
 
 
@@ -51,10 +51,13 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   # The lock spans training and the after-training stages: both write into the workdir.
   with train.workdir_lock(fv.workdir, enabled=jax.process_index() == 0):
     train.train_and_evaluate(config, fv.workdir)
-    if config.views.enabled and jax.process_index() == 0:
-      point = operating_point.ensure(config, fv.workdir)
-      logging.info("CLS threshold %.4f (validation FPR target %.3f)", point["threshold"], point["target_fpr"])
-    if config.after_training.evaluate and jax.process_index() == 0:
+    if config.views.enabled:
+      if multihost.primary():
+        point = operating_point.ensure(config, fv.workdir)
+        logging.info("CLS threshold %.4f (validation FPR target %.3f)", point["threshold"], point["target_fpr"])
+      multihost.barrier("operating_point")  # the others read the threshold it wrote
+    if config.after_training.evaluate:
+      # Every process: the harness decodes on the mesh of every device; process 0 writes.
       after_training.run(config, fv.workdir)
 
 

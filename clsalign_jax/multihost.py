@@ -38,3 +38,9 @@ def share(obj):
   buf[: data.size] = data[:n]
   out = multihost_utils.broadcast_one_to_all(buf)
   return json.loads(np.asarray(out, np.uint8).tobytes().decode("utf-8"))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

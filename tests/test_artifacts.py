@@ -2,6 +2,7 @@
 their precedence, and the chains after a (tiny) main job: `generate --checkpoint=RUN_DIR` and
 `convert --src=RUN_DIR` -> an HF directory that transformers loads, chat template included."""
 
+import dataclasses
 import json
 import shutil
 
@@ -363,10 +364,9 @@ for shape in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 1, "tenso
   for spec in (run, f"hf:{hf_dir}"):
     loaded = artifacts.load(spec, tokenizer="none", layout=layout)
     expected = layout.params(model.abstract_params(loaded.cfg))
-    got = jax.tree.map(lambda x: x.sharding, loaded.params)
-    assert jax.tree.structure(got) == jax.tree.structure(expected), spec
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-      assert a.is_equivalent_to(b, 2) or a == b, (spec, a, b)
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(expected), spec
+    for x, s in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected)):
+      assert x.sharding.is_equivalent_to(s, x.ndim), (spec, x.sharding, s)
     # Every device holds only its shard, and the shards make the one-device tensors.
     if spec == run:
       for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(one.params)):
@@ -401,3 +401,57 @@ def test_the_loader_restores_into_the_shards_of_a_mesh(tmp_path):
   )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   assert out.stdout.count("sharded") == 2, out.stdout
+
+
+# ----- Qwen2.5: a vocabulary padded past the tokenizer, no BOS in the tokenizer files ----------------
+
+
+@pytest.fixture(scope="module")
+def qwen_hf(tmp_path_factory):
+  import qwen2_tokenizer
+
+  return qwen2_tokenizer.build_model(tmp_path_factory.mktemp("qwen") / "hf")
+
+
+def test_qwen2_5_directory_loads_with_cls_past_the_padded_rows(qwen_hf, tmp_path):
+  directory, cfg = qwen_hf
+  base = transformers.AutoTokenizer.from_pretrained(str(directory))
+  loaded = artifacts.load(f"hf:{directory}")
+  tok = loaded.tokenizer
+  assert tok.base_vocab_size == len(base) < cfg.vocab_size
+  assert tok.cls_id == tok.vocab_size == loaded.cfg.cls_id == cfg.vocab_size
+  # tokenizer_config.json names no BOS: the model's (config.json's <|endoftext|>), not a guess.
+  assert tok.bos_id == loaded.cfg.bos_id == base.convert_tokens_to_ids("<|endoftext|>")
+  assert tok.eos_id == loaded.cfg.eos_id == base.convert_tokens_to_ids("<|im_end|>")
+  assert loaded.template_name == "qwen2_5"
+  # The same tokenizer given on its own (not next to the weights) is fitted by the loader.
+  alone = tmp_path / "tok"
+  alone.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(directory / name, alone / name)
+  other = artifacts.load(f"hf:{directory}", tokenizer=str(alone / "tokenizer.json"))
+  assert (other.tokenizer.cls_id, other.tokenizer.bos_id) == (tok.cls_id, tok.bos_id)
+  # A tokenizer with more tokens than the model has rows is still refused, by name.
+  fields = {**dataclasses.asdict(cfg), "vocab_size": len(base) - 1}
+  with pytest.raises(CheckpointError, match=rf"tokenizer .* has {len(base)} tokens, the model {len(base) - 1}"):
+    artifacts.load("random:0", tokenizer=str(alone / "tokenizer.json"), model_fields=fields)
+
+
+def test_qwen2_5_decode_drops_sampled_padded_ids(qwen_hf):
+  from clsalign_jax.decode import Decoder, Sampling
+
+  directory, cfg = qwen_hf
+  loaded = artifacts.load(f"hf:{directory}")
+  tok = loaded.tokenizer
+  # Larger padded rows of the tied embedding make the LM head sample padded ids among real ones.
+  params = jax.tree.map(np.asarray, loaded.params)
+  emb = params["embedding"].copy()
+  emb[tok.base_vocab_size :] *= 4.0
+  params["embedding"] = emb
+  decoder = Decoder("qwen", loaded.cfg, params, tok, loaded.template, loaded.decode_config(max_new_tokens=24), 1)
+  (g,) = decoder.generate_text([QUERY], sampling=Sampling(temperature=1.0, seed=3))
+  ids = list(g.response_ids)
+  assert any(tok.is_padded(i) for i in ids) and any(i < tok.base_vocab_size for i in ids)
+  hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+  assert g.response == hf.decode([i for i in ids if i != tok.eos_id], skip_special_tokens=True)
+  assert g.prompt_tokens == len(encode_prompt(tok, loaded.template, QUERY).tokens)

@@ -91,12 +91,9 @@ def test_cls_views_benchmark_smoke():
   assert len(rows) == 2 and "(baseline)" in stdout
 
 
-def test_decode_mesh_benchmark_smoke():
-  """8 forced CPU devices: every mesh row reports tokens equal to the one-device run; the 7B plan
-  prints one row per model and mesh, with Llama-3-8B's params at 1/8 per chip under tensor=8."""
-  stdout = _bench("decode_mesh.py", "--smoke")
-  rows = [r.split("|")[1:-1] for r in stdout.splitlines() if r.startswith("| data=")]
-  assert len(rows) == 3 and all(r[1].strip() == "True" for r in rows), stdout
+def test_decode_mesh_plan():
+  """The 7B plan prints one row per model and mesh, with Llama-3-8B's params at 1/8 per chip under
+  tensor=8 (the correctness half of the script is what tests/test_decode_loop.py checks on a mesh)."""
   plan = _bench("decode_mesh.py", "--plan", env=CPU)
   rows = [r.split("|")[1:-1] for r in plan.splitlines() if r.startswith("| llama")]
   assert len(rows) == 8

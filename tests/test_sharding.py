@@ -96,3 +96,23 @@ def test_sharded_step_matches_single_device(tmp_path, tmp_path_factory, record_f
       name, value = line.split(" = ")
       record_figure(f"{name} vs 1 device (8 CPU devices)", float(value))
   assert "sharded+accumulated: max" in result.stdout
+
+
+def test_decode_layout_splits_rows_and_replicates_what_does_not_divide():
+  """Decode rules on a device-free 2×1×2 mesh: weights split over `tensor` only (never over `data`),
+  a dimension the axis does not divide is replicated, and batches round up to the row shards."""
+  import jax
+  from jax.sharding import AbstractMesh
+
+  from clsalign_jax import model as M
+
+  layout = sharding.Layout(AbstractMesh((2, 1, 2), sharding.MESH_AXES), sharding.DECODE_LOGICAL_AXIS_RULES)
+  cfg = M.ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=6, n_kv_heads=3, head_dim=8, d_ff=64)
+  specs = jax.tree.map(lambda s: tuple(s.spec), layout.params(M.abstract_params(cfg)))
+  layer = specs["layers_0"]
+  assert layer["mlp"]["up_proj"] == ("fsdp", "tensor")  # d_ff 64 over tensor=2; embed over fsdp=1
+  assert specs["embedding"] == (None, "fsdp")  # vocab 97 does not divide over tensor=2: replicated
+  assert layer["attn"]["k_proj"][1] is None  # 3 kv heads over tensor=2: replicated
+  assert all("data" not in str(s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple)))
+  assert [layout.pad_rows(n) for n in (1, 2, 3, 8)] == [2, 2, 4, 8]
+  assert layout.rows(2).spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
