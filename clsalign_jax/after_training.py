@@ -44,7 +44,7 @@ import time
 
 from absl import flags, logging
 
-from clsalign_jax import artifacts, cli, files
+from clsalign_jax import artifacts, cli, files, multihost
 from clsalign_jax import config as config_lib
 from clsalign_jax.decode.config import NO_INTERVENTION, DecodeConfig
 from clsalign_jax.errors import CheckpointError
@@ -195,6 +195,9 @@ def run(config, workdir: str) -> pathlib.Path:
   for v in h.variants:
     h.run_variant(v)
   summary, _ = h.summarize()
+  traces = _traces(h)  # on every process: the harness shares process 0's generations
+  if not multihost.primary():  # process 0 writes the report
+    return pathlib.Path(workdir, "report.md")
   train, evals = read_metrics(workdir)
   point_path = pathlib.Path(workdir, artifacts.OPERATING_POINT)
   strategic = h.variants[0]
@@ -208,7 +211,7 @@ def run(config, workdir: str) -> pathlib.Path:
       summary=summary,
       rates=report_lib.rate_rows(summary, malicious_benchmarks(config)),
       strategic=strategic.name,
-      traces=_traces(h),
+      traces=traces,
       trace_threshold=DecodeConfig(**strategic.decode).threshold,
       threshold=artifacts.run_threshold(config, workdir),
       adversarial=adversarial_cells(config),
@@ -244,23 +247,34 @@ def cls_test(workdir: str, examples: int = -1, batch_size: int = 64) -> dict:
 
 
 def run_config(workdir: str):
-  """The config a run was trained with: the defaults updated from the workdir's config.json. A key
-  the run's config lacks keeps its default (a key added since the run was trained); a dict the run
-  replaced as a whole (a benchmark spec with keys of its own) is taken as saved, not merged."""
+  """The config a run was trained with: the defaults updated from the workdir's config.json.
+
+  A dict of the saved config with keys the default lacks was replaced as a whole by the run (a
+  benchmark spec of its own): it is taken as saved. Otherwise it is merged key by key: a named
+  entry the run's dict does not have (an `over_refusal` set it dropped) is dropped, a plain value it
+  does not have is a key added since the run was trained and keeps its default, as does a whole
+  top-level section."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: not found (is {workdir} a training run directory?)")
   config = config_lib.default_config()
   with config.unlocked():
-    _merge(config, files.read_json(path))
+    _merge(config, files.read_json(path), top=True)
   return config
 
 
-def _merge(node, saved: dict) -> None:
+def _is_dict(x) -> bool:
+  return hasattr(x, "keys")
+
+
+def _merge(node, saved: dict, top: bool = False) -> None:
   as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v  # JSON lists: the tuples
+  # Top-level sections are never replaced by a run: one missing from config.json is newer than it.
+  for key in [k for k in node.keys() if k not in saved and _is_dict(node[k]) and not top]:
+    del node[key]
   for key, value in saved.items():
     child = node[key] if key in node else None
-    if isinstance(value, dict) and value and hasattr(child, "keys") and set(value) <= set(child.keys()):
+    if isinstance(value, dict) and value and _is_dict(child) and set(value) <= set(child.keys()):
       _merge(child, value)
     else:
       node[key] = value if isinstance(value, dict) else as_tuple(value)
@@ -292,7 +306,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def _lm_leak_lines(value: dict) -> list[str]:
-  return [f"{k}: LM loss {v['lm_loss']:.4f} over {v['tokens']} tokens ({v['batches']} batches)" for k, v in value.items()]
+  return [
+    f"{k}: LM loss {v['lm_loss']:.4f} over {v['tokens']} tokens ({v['batches']} batches)" for k, v in value.items()
+  ]
 
 
 def body(fv: flags.FlagValues, args: list[str]) -> None:

@@ -358,8 +358,18 @@ def run_facts_of(config, workdir: str, tokenizer: str | None = None, template: s
   facts = facts_from_config(config, os.path.join(workdir, RUN_FACTS), workdir, tokenizer=tokenizer)
   facts = dataclasses.replace(facts, tokenizer=_abs_tokenizer(facts.tokenizer))
   if facts.template is None and facts.tokenizer:
-    facts = dataclasses.replace(facts, template=template or training_default(load_tokenizer(facts.tokenizer)))
+    if template is None:
+      template = training_default(load_tokenizer(facts.tokenizer), _family_of(config))
+    facts = dataclasses.replace(facts, template=template)
   return facts
+
+
+def _family_of(config):
+  """The model family a run config's `model` fields name (None when they name no architecture)."""
+  try:
+    return model_lib.config_from_fields(_get(config, "model", {}) or {}).family_spec
+  except (TypeError, ValueError, KeyError):
+    return None
 
 
 def write_facts(directory: str, facts: RunFacts) -> None:
@@ -445,7 +455,11 @@ def _run_params(
       # A step exists under its final name only once complete (digests inside), so the newest one
       # is safe to read; rotation may still delete it if the run saves twice meanwhile.
       logging.warning(
-        "%s: run in progress (%s), newest complete step %d; loading step %d", spec.root, busy, source.latest_step(), step
+        "%s: run in progress (%s), newest complete step %d; loading step %d",
+        spec.root,
+        busy,
+        source.latest_step(),
+        step,
       )
     source.verify(step)  # the digests recorded at save: never load flipped bytes
     meta = source.read_meta(step)
@@ -560,7 +574,7 @@ def load(
   loaded = Loaded(s, cfg, params, facts, step=step)
   if tokenizer == "none":
     return loaded
-  loaded.tokenizer = resolve_tokenizer(s, facts, tokenizer)
+  loaded.tokenizer = resolve_tokenizer(s, facts, tokenizer, cfg)
   if loaded.tokenizer is None:
     if need_tokenizer:
       raise CheckpointError(
@@ -581,8 +595,14 @@ def load(
   return loaded
 
 
-def resolve_tokenizer(spec: Spec, facts: RunFacts, explicit: str | None) -> Tokenizer | None:
-  """explicit > run facts > the tokenizer inside the GGUF / tokenizer.json next to the weights."""
+def resolve_tokenizer(
+  spec: Spec, facts: RunFacts, explicit: str | None, model: model_lib.ModelConfig | None = None
+) -> Tokenizer | None:
+  """explicit > run facts > the tokenizer inside the GGUF / tokenizer.json next to the weights.
+  `model`: the checkpoint's config, which the tokenizer is fitted to (`Tokenizer.for_model`): rows
+  past its tokens (a vocabulary padded for the hardware, Qwen2.5) become padded ids, and a
+  tokenizer that names no BOS takes the model's. A tokenizer larger than the model is left as it
+  is, for the caller to refuse."""
   choice = explicit if explicit and explicit != "auto" else facts.tokenizer
   if choice is None:
     if spec.kind == "gguf":
@@ -592,10 +612,11 @@ def resolve_tokenizer(spec: Spec, facts: RunFacts, explicit: str | None) -> Toke
   if choice is None:
     return None
   try:
-    return load_tokenizer(choice)
+    tok = load_tokenizer(choice)
   except (OSError, ValueError) as e:
     where = "given" if explicit and explicit != "auto" else f"from {facts.source if facts.tokenizer else spec.text}"
     raise CheckpointError(f"{spec.text}: tokenizer {choice!r} ({where}) cannot be loaded: {e}") from None
+  return tok if model is None else tok.for_model(model.vocab_size, model.bos_id)
 
 
 def _has_tokenizer(directory: str) -> bool:
@@ -623,7 +644,7 @@ def resolve_template(
   if facts.template:
     return facts.template, {**facts.template_kwargs, **(explicit_kwargs or {})}
   if facts.cls_trained:  # a run from before run facts, trained with the data pipeline's default
-    return training_default(tokenizer), dict(explicit_kwargs or {})
+    return training_default(tokenizer, cfg.family_spec), dict(explicit_kwargs or {})
   return inferred_template(cfg, tokenizer), dict(explicit_kwargs or {})
 
 

@@ -324,7 +324,8 @@ class Checkpointer:
         return
       raise UnverifiedCheckpointError(
         f"{step_dir}: no {DIGESTS}, so its files cannot be checked (written by an older version, or "
-        f"copied without it); to restore it anyway, rerun with --config.checkpoint.allow_unverified=true"
+        f"copied without it); to restore it anyway, rerun with --config.checkpoint.allow_unverified=true "
+        f"(training, init_from) or --allow_unverified (convert)"
       )
     try:
       with open(path) as f:

@@ -86,6 +86,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("dst", None, "output directory (must not exist or be empty)", **d)
   flags.DEFINE_enum("dst_format", "hf", ["hf", "orbax"], "output format", **d)
   flags.DEFINE_enum("dtype", "keep", ["keep", "float32", "bfloat16", "float16"], "output param dtype", **d)
+  flags.DEFINE_bool(
+    "allow_unverified", False, "Read a training run's step that has no digests.json (else refused).", **d
+  )
   flags.DEFINE_string(
     "tokenizer",
     "auto",
@@ -120,6 +123,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
     tokenizer="none" if fv.dst_format == "orbax" and fv.tokenizer == "auto" else fv.tokenizer,
     template=fv.template,
     need_tokenizer=False,
+    allow_unverified=fv.allow_unverified,
   )
   cfg, params = loaded.cfg, cast_params(loaded.params, fv.dtype)
   tokenizer = loaded.tokenizer

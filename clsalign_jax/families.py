@@ -37,6 +37,19 @@ LLAMA_GGUF_TOP_NAMES: Mapping[str, str] = MappingProxyType(
   {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 )
 
+# What HF's Llama-style config classes assume for keys a config.json leaves out (max_position_embeddings
+# as this code has always defaulted it).
+LLAMA_HF_DEFAULTS = MappingProxyType(
+  {
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+  }
+)
+
 # Every RoPE scaling the model implements (model.ROPE_TYPES names the same four).
 ALL_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -64,7 +77,7 @@ class Family:
   hf_refused_flags: tuple[str, ...] = ()
   # Values this family's config.json may leave out, as the key reads there (rms_norm_eps,
   # max_position_embeddings, rope_theta, tie_word_embeddings, bos_token_id, eos_token_id).
-  hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=lambda: LLAMA_HF_DEFAULTS)
   # Keys an export writes besides the ones every family shares (config_to_hf), so that
   # transformers' config class reads back exactly our model.
   hf_export_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -92,23 +105,13 @@ class Family:
       raise ValueError(f"family {self.name!r}: hf_architectures is empty")
     if self.hf_window not in (WINDOW_NONE, WINDOW_READ, WINDOW_REFUSE):
       raise ValueError(f"family {self.name!r}: hf_window={self.hf_window!r}")
+    missing = set(LLAMA_HF_DEFAULTS) - set(self.hf_defaults)
+    if missing:
+      raise ValueError(f"family {self.name!r}: hf_defaults lacks {sorted(missing)}")
     unknown = set(self.rope_types) - set(ALL_ROPE_TYPES)
     if unknown or "default" not in self.rope_types:
       raise ValueError(f"family {self.name!r}: rope_types={self.rope_types} (known: {ALL_ROPE_TYPES})")
 
-
-# What HF's Llama-style config classes assume for keys a config.json leaves out (max_position_embeddings
-# as this code has always defaulted it).
-_LLAMA_HF_DEFAULTS = MappingProxyType(
-  {
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 4096,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-  }
-)
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
   {
@@ -117,7 +120,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
       name="llama",
       hf_architectures=("LlamaForCausalLM",),
       hf_refused_flags=("attention_bias", "mlp_bias"),
-      hf_defaults=_LLAMA_HF_DEFAULTS,
       hf_export_extra=MappingProxyType({"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
       chat_template="llama2",
       gguf_architectures=("llama",),
@@ -129,7 +131,6 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
       hf_architectures=("MistralForCausalLM",),
       hf_window=WINDOW_READ,
       hf_refused_flags=("attention_bias", "mlp_bias"),
-      hf_defaults=_LLAMA_HF_DEFAULTS,
       chat_template="mistral",
     ),
     # Qwen2 / Qwen2.5: Llama layers with q/k/v biases, ChatML. Its optional sliding window

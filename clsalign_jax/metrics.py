@@ -9,7 +9,6 @@ import json
 import math
 import os
 import time
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,6 +77,30 @@ def auc(score, y) -> float:
   return float((below.sum() + 0.5 * equal.sum()) / (len(pos) * len(neg)))
 
 
+def kept_jsonl_lines(path: str, start_step: int, warn: bool = True) -> list[str]:
+  """The records of a metrics.jsonl up to `start_step` (what a resumed run keeps), without
+  writing: training calls it before it writes anything, so a bad line refuses the run untouched."""
+  with open(path) as f:
+    lines = f.read().split("\n")
+  kept = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      step = record["step"]
+    except (ValueError, KeyError, TypeError) as e:
+      if not any(rest.strip() for rest in lines[number:]):
+        # A run killed mid-write leaves a torn last record; it is past the checkpoint anyway.
+        if warn:
+          logging.warning("%s:%d: dropped a torn last line (%s)", path, number, e)
+        continue
+      raise ValueError(f"{path}:{number}: not a metrics record ({e}); fix or remove that line") from None
+    if step <= start_step:
+      kept.append(line + "\n")
+  return kept
+
+
 class MetricWriter:
   """Writes scalars from process 0 only; on resume, forgets records past the restored step."""
 
@@ -101,26 +124,8 @@ class MetricWriter:
     )
 
   def _truncate_jsonl(self, start_step: int) -> None:
-    if not os.path.exists(self.jsonl_path):
-      return
-    with open(self.jsonl_path) as f:
-      lines = f.read().split("\n")
-    kept = []
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        step = record["step"]
-      except (ValueError, KeyError, TypeError) as e:
-        if not any(rest.strip() for rest in lines[number:]):
-          # A run killed mid-write leaves a torn last record; it is past the checkpoint anyway.
-          logging.warning("%s:%d: dropped a torn last line (%s)", self.jsonl_path, number, e)
-          continue
-        raise ValueError(f"{self.jsonl_path}:{number}: not a metrics record ({e}); fix or remove that line") from None
-      if step <= start_step:
-        kept.append(line + "\n")
-    files.atomic_write(self.jsonl_path, "".join(kept))
+    if os.path.exists(self.jsonl_path):
+      files.atomic_write(self.jsonl_path, "".join(kept_jsonl_lines(self.jsonl_path, start_step)))
 
   def write(self, step: int, split: str, scalars: dict) -> None:
     if not self.enabled:

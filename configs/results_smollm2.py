@@ -111,7 +111,16 @@ PHASES = ("harmful", "main", "gcg", "gcg_adaptive")
 
 
 def get_config(arg=None):
-  keys = ("cls", "sft", "harmful_responses", "size", "phase", "variants", "extras", *{k for n in SIZES.values() for k in n})
+  keys = (
+    "cls",
+    "sft",
+    "harmful_responses",
+    "size",
+    "phase",
+    "variants",
+    "extras",
+    *{k for n in SIZES.values() for k in n},
+  )
   opts = cli.config_args(arg, keys)
   size = opts.pop("size", "gpu")
   if size not in SIZES:

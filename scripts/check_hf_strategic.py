@@ -28,10 +28,19 @@ def main(argv=None) -> int:
   parser.add_argument("--n", type=int, default=5, help="prompts per set (AdvBench, Alpaca)")
   parser.add_argument("--max_new_tokens", type=int, default=32)
   parser.add_argument("--prefill", default=" Sure, here is", help="attacker prefill for two AdvBench prompts")
+  parser.add_argument(
+    "--torch_threads",
+    type=int,
+    default=1,
+    help="torch intra-op threads: one-row steps gain nothing from more, and on a shared CPU extra threads "
+    "wait on each other (20x slower on the 2-core machine of docs/export_hf.md)",
+  )
   args = parser.parse_args(argv)
 
   import torch
   import transformers
+
+  torch.set_num_threads(args.torch_threads)
 
   from clsalign_jax import artifacts
   from clsalign_jax.data.templates import encode_prompt

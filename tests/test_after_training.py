@@ -7,13 +7,14 @@ import json
 import subprocess
 
 import pytest
+from train_utils import REPO, load_config
 
 from clsalign_jax import after_training, train
 from clsalign_jax.decode.config import CLS_RUN
 from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval import report as report_lib
 from clsalign_jax.eval.benchmarks import SHIPPED_DIR
-from train_utils import REPO, load_config
+from clsalign_jax.train import lm_leak
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 GCG_DIR = SHIPPED_DIR / "advbench_gcg_transfer"
@@ -220,8 +221,8 @@ def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_pa
   assert (config.mask.cls_response, config.mask.cls_window) == ("window", 5)
   assert config.to_dict() == c.to_dict()
 
-  value = after_training.lm_leak(str(workdir))  # synthetic data: the run's eval.num_batches (2)
-  assert list(value) == [name for name, _ in after_training.LEAK_MASKS]
+  value = lm_leak.lm_leak(config, str(workdir))  # synthetic data: the run's eval.num_batches (2)
+  assert list(value) == [name for name, _ in lm_leak.LEAK_MASKS]
   # The training mask on the eval batches is what the training loop's own eval measured at the end.
   last_eval = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
   assert last_eval["step"] == 4
@@ -232,7 +233,8 @@ def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_pa
   assert value["response rows do not read the CLS"]["lm_loss"] != value["training mask"]["lm_loss"]
 
   out = tmp_path / "leak.json"
-  assert after_training.main(["lm-leak", "--workdir", str(workdir), "--out", str(out), "--batches", "2"]) == 0
+  argv = ["after_training", "lm-leak", "--workdir", str(workdir), "--out", str(out), "--batches", "2"]
+  assert after_training.main(argv) == 0
   written = json.loads(out.read_text())
   assert {k: round(v["lm_loss"], 6) for k, v in written.items()} == {
     k: round(v["lm_loss"], 6) for k, v in value.items()
@@ -241,6 +243,25 @@ def test_lm_leak_reads_the_run_config_and_matches_the_training_loops_eval(tmp_pa
   # Not a run directory: one line naming the missing file, nothing written.
   capsys.readouterr()
   missing, out2 = tmp_path / "nowhere", tmp_path / "leak2.json"
-  assert after_training.main(["lm-leak", "--workdir", str(missing), "--out", str(out2)]) == 1
+  assert after_training.main(["after_training", "lm-leak", f"--workdir={missing}", f"--out={out2}"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith(f"error: {missing}/config.json: not found") and not out2.exists()
+
+
+def test_run_config_round_trips_replaced_specs_and_keeps_newer_keys(tmp_path):
+  c = load_config("tiny")
+  a = c.after_training
+  a.malicious = dict(kind="generic", path="/data/harmful.jsonl", fields=dict(id="id", query="prompt"))  # no limit
+  a.over_refusal = dict(jbb_benign=dict(kind="jailbreakbench", side="benign", stride=25))  # alpaca_eval dropped
+  a.adversarial.gcg_transfer.update(kind="generic", limit=2)
+  c.model.update(vocab_size=259, max_seq_len=256)
+  (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2))
+  assert after_training.run_config(str(tmp_path)).to_dict() == c.to_dict()
+  # A run saved before a key existed: the key keeps its default (a plain value, a whole section).
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["checkpoint"]["fallback_to_intact"], saved["metrics"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = after_training.run_config(str(tmp_path))
+  assert config.checkpoint.fallback_to_intact is False and config.metrics.progress_bar is True
+  assert sorted(config.after_training.over_refusal.keys()) == ["jbb_benign"]
+  assert "limit" not in config.after_training.malicious

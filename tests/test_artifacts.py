@@ -432,6 +432,19 @@ def test_qwen2_5_directory_loads_with_cls_past_the_padded_rows(qwen_hf, tmp_path
   other = artifacts.load(f"hf:{directory}", tokenizer=str(alone / "tokenizer.json"))
   assert (other.tokenizer.cls_id, other.tokenizer.bos_id) == (tok.cls_id, tok.bos_id)
   # A tokenizer with more tokens than the model has rows is still refused, by name.
+  # An export keeps [CLS] past the padded rows: in clsalign.json, for transformers, and read back.
+  from clsalign_jax.interop.hf import save_hf
+
+  save_hf(str(tmp_path / "export"), loaded.cfg, loaded.params, tok)
+  exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+  cls_meta = json.loads((tmp_path / "export" / "clsalign.json").read_text())
+  assert exported.cls_token_id == cls_meta["cls_token_id"] == cfg.vocab_size
+  again = artifacts.load(str(tmp_path / "export"))
+  assert (again.tokenizer.base_vocab_size, again.tokenizer.cls_id, again.tokenizer.bos_id) == (
+    tok.base_vocab_size,
+    tok.cls_id,
+    tok.bos_id,
+  )
   fields = {**dataclasses.asdict(cfg), "vocab_size": len(base) - 1}
   with pytest.raises(CheckpointError, match=rf"tokenizer .* has {len(base)} tokens, the model {len(base) - 1}"):
     artifacts.load("random:0", tokenizer=str(alone / "tokenizer.json"), model_fields=fields)
@@ -440,7 +453,7 @@ def test_qwen2_5_directory_loads_with_cls_past_the_padded_rows(qwen_hf, tmp_path
 def test_qwen2_5_decode_drops_sampled_padded_ids(qwen_hf):
   from clsalign_jax.decode import Decoder, Sampling
 
-  directory, cfg = qwen_hf
+  directory, _ = qwen_hf
   loaded = artifacts.load(f"hf:{directory}")
   tok = loaded.tokenizer
   # Larger padded rows of the tied embedding make the LM head sample padded ids among real ones.

@@ -693,6 +693,7 @@ def test_evaluate_takes_the_lock_of_its_output_directory(tmp_path, capsys):
 
 
 def test_step_without_digests_is_refused_unless_allowed(run_copy, capsys):
+  """An undigested step (an older version wrote it) is refused by name; the flag restores it."""
   (run_copy / "checkpoints" / "6" / "digests.json").unlink()
   check(
     main.main,
@@ -703,11 +704,17 @@ def test_step_without_digests_is_refused_unless_allowed(run_copy, capsys):
     run_copy,
   )
   _, line = call(main.main, [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9"], capsys)
-  assert line.endswith("rerun with --config.checkpoint.allow_unverified=true")
+  assert "rerun with --config.checkpoint.allow_unverified=true (training, init_from)" in line
   # Allowed: the step is restored (nothing is left to train at 6 of 6).
   capsys.readouterr()
   assert main.main(["prog", *TINY, f"--workdir={run_copy}", "--config.checkpoint.allow_unverified=true"]) == 0
   assert "training is complete: checkpoint at step 6" in capsys.readouterr().out
+  # Readers refuse it the same way; convert has its own flag.
+  dst = run_copy.parent / "export"
+  check(convert.main, [f"--src={run_copy}", f"--dst={dst}"], 1, "no digests.json", capsys, run_copy)
+  assert not dst.exists()
+  assert convert.main(["prog", f"--src={run_copy}", f"--dst={dst}", "--allow_unverified"]) == 0
+  assert (dst / "model.safetensors").exists()
 
 
 def test_file_not_in_the_digests_is_refused(run_copy, capsys):
@@ -723,14 +730,31 @@ def test_file_not_in_the_digests_is_refused(run_copy, capsys):
 
 
 def test_corrupted_step_that_cannot_be_moved_aside(run_copy, capsys):
+  """fallback_to_intact with nowhere to move the corrupted step: refused before anything is written."""
   _flip_a_byte(_params_files(run_copy / "checkpoints" / "6")[0])
   (run_copy / "corrupt_checkpoints").write_text("a file where the directory should go")
-  code, line = call(
-    main.main, [*TINY, f"--workdir={run_copy}", "--config.checkpoint.fallback_to_intact=true"], capsys
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9", "--config.checkpoint.fallback_to_intact=true"],
+    1,
+    f"{run_copy / 'corrupt_checkpoints'}: exists and is not a directory, so the corrupted steps [6] cannot be moved",
+    capsys,
+    run_copy,
   )
-  assert code == 1, line
-  assert line.startswith(f"error: {run_copy / 'checkpoints' / '6'}: cannot move this step aside to "), line
-  assert sorted(os.listdir(run_copy / "checkpoints")) == ["3", "6"]
+
+
+def test_move_aside_failure_is_one_line(tmp_path):
+  from clsalign_jax import checkpoint
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(1, {"w": np.arange(3.0)}, {"c": np.arange(2)}, {"step": np.array(1)}, {}, {})
+  (tmp_path / "aside").write_text("a file")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.move_aside(1, str(tmp_path / "aside"))
+  ckpt.close()
+  assert str(e.value).startswith(f"{tmp_path / 'checkpoints' / '1'}: cannot move this step aside to ")
+  assert "FileExistsError" in str(e.value) and "\n" not in str(e.value)
+  assert (tmp_path / "checkpoints" / "1").is_dir()
 
 
 def test_reading_a_run_in_progress_names_its_newest_complete_step(run_dir, run_digest, caplog):
@@ -753,10 +777,11 @@ def test_reading_a_run_in_progress_names_its_newest_complete_step(run_dir, run_d
   assert tree_digest(run_dir) == run_digest
 
 
-@pytest.mark.parametrize("keep", [1, 3])
-def test_disk_full_during_a_save_keeps_the_earlier_steps(tmp_path, monkeypatch, capsys, keep):
-  """The step-6 save fails (an injected ENOSPC in one item's write): one line, step 3 stays and is
-  intact, no fake step 6; rerunning resumes from 3. A real full tmpfs: test_checkpoint.py."""
+def test_disk_full_during_a_save_keeps_the_earlier_steps(tmp_path, monkeypatch, capsys):
+  """The step-6 save fails (an injected ENOSPC in one item's write) with checkpoint.keep=1: one line,
+  the only good step 3 stays and is intact, no fake step 6; rerunning resumes from 3. keep 1 and 3
+  against the Checkpointer, and a really full tmpfs: test_checkpoint.py."""
+  keep = 1
   import errno
 
   from clsalign_jax import checkpoint
@@ -781,4 +806,57 @@ def test_disk_full_during_a_save_keeps_the_earlier_steps(tmp_path, monkeypatch, 
   monkeypatch.undo()
   code, line = call(main.main, argv, capsys)
   assert code == 0, line
-  assert sorted(os.listdir(workdir / "checkpoints")) == (["6"] if keep == 1 else ["3", "6"])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
+
+
+# --- validate, then write: refusals that need more than the config -----------------------------
+
+
+def test_data_refused_on_first_read_leaves_the_run_as_it_was(run_dir, run_digest, tmp_path, monkeypatch, capsys):
+  """The data pipeline checks some inputs only when the first batch is read (one label only with
+  balance_classes); that read happens before config.json or run_facts.json are written."""
+  from clsalign_jax.train import run as run_lib
+
+  class OneLabelOnly:
+    def set_state(self, state):
+      pass
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      raise ValueError("balance_classes needs examples of both labels")
+
+  monkeypatch.setattr(run_lib, "make_data_iterator", lambda *args, **kwargs: OneLabelOnly())
+  argv = [*TINY, "--config.train.num_steps=9", "--config.loss.cls_threshold=0.7"]
+  check(main.main, [*argv, f"--workdir={run_dir}"], 1, "balance_classes needs examples of both labels", capsys)
+  assert tree_digest(run_dir) == run_digest
+  fresh = tmp_path / "fresh"
+  check(main.main, [*argv, f"--workdir={fresh}"], 1, "balance_classes needs examples of both labels", capsys)
+  assert not fresh.exists()
+
+
+def test_bad_metrics_line_refuses_the_resume_before_anything_is_written(run_copy, capsys):
+  path = run_copy / "metrics.jsonl"
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join([lines[0], '{"step": 2, "spl', *lines[1:]]) + "\n")
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_copy}", "--config.train.num_steps=9", "--config.loss.cls_threshold=0.7"],
+    1,
+    f"{path}:2: not a metrics record",
+    capsys,
+    run_copy,
+  )
+
+
+def test_changed_batch_size_is_refused_on_resume(run_dir, run_digest, capsys):
+  check(
+    main.main,
+    [*TINY, f"--workdir={run_dir}", "--config.train.num_steps=9", "--config.data.global_batch_size=16"],
+    1,
+    f"config.data.global_batch_size=16: {run_dir / 'checkpoints' / '6'} was saved with 8, and its data position "
+    "counts batches of 8",
+    capsys,
+  )
+  assert tree_digest(run_dir) == run_digest

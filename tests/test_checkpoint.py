@@ -209,14 +209,19 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
   """A 4 MiB tmpfs: step 1 (2.4 MB of float64) fits, step 2 does not. Needs mount rights (root)."""
   mount_point = tmp_path / "small"
   mount_point.mkdir()
-  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)]).returncode:
+  if (
+    os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)]).returncode
+  ):
     pytest.skip("mounting a small tmpfs needs root")
   try:
     directory = mount_point / "checkpoints"
     ckpt = checkpoint.Checkpointer(str(directory), keep=1)
     _save(ckpt, 1, size=300_000)
     ckpt.wait()
-    with pytest.raises(checkpoint.CheckpointSaveError, match=r"/2: saving the checkpoint failed \(OSError: \[Errno 28\] No space left on device: '/"):
+    with pytest.raises(
+      checkpoint.CheckpointSaveError,
+      match=r"/2: saving the checkpoint failed \(OSError: \[Errno 28\] No space left on device: '/",
+    ):
       _save(ckpt, 2, size=300_000)
       ckpt.wait()
     ckpt.close()
@@ -252,10 +257,14 @@ def test_digests_are_inside_the_step_before_it_appears(tmp_path, monkeypatch):
   on_disk = sorted(
     str(p.relative_to(tmp_path / "1"))
     for p in (tmp_path / "1").rglob("*")
-    if p.is_file() and p.name != checkpoint.DIGESTS and str(p.relative_to(tmp_path / "1")) not in checkpoint.COMMIT_FILES
+    if p.is_file()
+    and p.name != checkpoint.DIGESTS
+    and str(p.relative_to(tmp_path / "1")) not in checkpoint.COMMIT_FILES
   )
   assert listed == on_disk
-  assert {item for item in checkpoint.ITEMS if any(name.startswith(item + "/") for name in listed)} == set(checkpoint.ITEMS)
+  assert {item for item in checkpoint.ITEMS if any(name.startswith(item + "/") for name in listed)} == set(
+    checkpoint.ITEMS
+  )
 
 
 _KILLED_IN_THE_DIGEST_WRITE = textwrap.dedent("""
@@ -278,7 +287,9 @@ _KILLED_IN_THE_DIGEST_WRITE = textwrap.dedent("""
 
 
 def test_kill_during_finalisation_leaves_the_previous_step(tmp_path):
-  killed = run([sys.executable, "-c", _KILLED_IN_THE_DIGEST_WRITE, str(tmp_path)], dict(os.environ, JAX_PLATFORMS="cpu"))
+  killed = run(
+    [sys.executable, "-c", _KILLED_IN_THE_DIGEST_WRITE, str(tmp_path)], dict(os.environ, JAX_PLATFORMS="cpu")
+  )
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["2", f"3{checkpoint.TMP_SUFFIX}"]
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)  # a writer: removes the temporary directory
@@ -310,7 +321,9 @@ def test_verify_refuses_unlisted_missing_and_undigested_files(tmp_path):
 
   # What the old finalise-twice bug left: a digest file that lists nothing.
   (step / checkpoint.DIGESTS).write_text('{"algorithm": "sha256", "files": {}}')
-  with pytest.raises(checkpoint.CorruptCheckpointError, match="checkpoint is incomplete: its digests.json lists no file of params"):
+  with pytest.raises(
+    checkpoint.CorruptCheckpointError, match="checkpoint is incomplete: its digests.json lists no file of params"
+  ):
     reader.verify(1)
 
   (step / checkpoint.DIGESTS).unlink()
@@ -318,7 +331,8 @@ def test_verify_refuses_unlisted_missing_and_undigested_files(tmp_path):
     reader.verify(1)
   assert str(e.value) == (
     f"{step}: no digests.json, so its files cannot be checked (written by an older version, or copied "
-    "without it); to restore it anyway, rerun with --config.checkpoint.allow_unverified=true"
+    "without it); to restore it anyway, rerun with --config.checkpoint.allow_unverified=true (training, "
+    "init_from) or --allow_unverified (convert)"
   )
   assert reader.latest_intact_step() is None
   reader.close()
@@ -336,7 +350,9 @@ def test_rotation_deletes_nothing_when_the_newest_step_does_not_verify(tmp_path)
   ckpt.manager.wait_until_finished()  # step 2 is on disk; our finalisation (rotation) has not run
   victim = next(p for p in (tmp_path / "2" / "params").rglob("*") if p.is_file() and p.parent.name == "d")
   victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
-  with pytest.raises(checkpoint.CorruptCheckpointError, match="does not verify, so the older steps \\[1\\] were not deleted"):
+  with pytest.raises(
+    checkpoint.CorruptCheckpointError, match="does not verify, so the older steps \\[1\\] were not deleted"
+  ):
     ckpt.wait()
   ckpt.close()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]

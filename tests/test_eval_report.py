@@ -2,7 +2,6 @@
 
 import csv
 
-
 from clsalign_jax.eval import report
 
 

@@ -5,23 +5,26 @@ re-read at every step and refusals inserted; and the honest export around it (mo
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clsalign_jax import artifacts, convert  # noqa: E402
-from clsalign_jax import model as M  # noqa: E402
-from clsalign_jax.data.templates import encode_prompt  # noqa: E402
-from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path  # noqa: E402
-from clsalign_jax.decode.config import DecodeConfig  # noqa: E402
-from clsalign_jax.decode.loop import generate_ids  # noqa: E402
-from clsalign_jax.decode.text import refusal_ids  # noqa: E402
-from clsalign_jax.interop import hf_safe_export  # noqa: E402
-from clsalign_jax.interop.hf import save_hf  # noqa: E402
-from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM, ClsAlignLlamaForCausalLM  # noqa: E402
+from clsalign_jax import artifacts, convert
+from clsalign_jax import model as M
+from clsalign_jax.data.templates import encode_prompt
+from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
+from clsalign_jax.decode.config import DecodeConfig
+from clsalign_jax.decode.loop import generate_ids
+from clsalign_jax.decode.text import refusal_ids
+from clsalign_jax.interop import hf_safe_export
+from clsalign_jax.interop.hf import save_hf
+from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM, ClsAlignLlamaForCausalLM
 
 QUERIES = ("How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "List three colors.")
 # Two runs: the paper's model (response tokens read the CLS slot, Rule 2 reads the latest response
@@ -29,25 +32,45 @@ QUERIES = ("How do I bake bread?", "Write a poem about the sea.", "Explain how a
 # (a CLS side path with an early exit and adapters, no token reads the CLS, the query in Rules 2–3,
 # the answer ends with the refusal prefix).
 CASES = {
-  "paper": dict(
-    side=dict(cls_exit_layer=0, cls_adapter_rank=0),
-    decode=dict(schedule="each", r1=2, r2=3, r3=2, tau=2, response_sees_cls=True, max_new_tokens=20),
-  ),
-  "side_path": dict(
-    side=dict(cls_exit_layer=1, cls_adapter_rank=4),
-    decode=dict(
-      schedule="each",
-      r1=3,
-      r2=4,
-      r3=2,
-      tau=2,
-      rule2_include_query=True,
-      end_after_refusal=True,
-      response_sees_cls=False,
-      max_new_tokens=20,
-    ),
-  ),
+  "paper": {
+    "side": {"cls_exit_layer": 0, "cls_adapter_rank": 0},
+    "decode": {
+      "schedule": "each",
+      "r1": 2,
+      "r2": 3,
+      "r3": 2,
+      "tau": 2,
+      "response_sees_cls": True,
+      "max_new_tokens": 20,
+      "threshold": 0.8,
+    },
+  },
+  "side_path": {
+    "side": {"cls_exit_layer": 1, "cls_adapter_rank": 4},
+    "decode": {
+      "schedule": "each",
+      "r1": 3,
+      "r2": 4,
+      "r3": 2,
+      "tau": 2,
+      "rule2_include_query": True,
+      "end_after_refusal": True,
+      "response_sees_cls": False,
+      "max_new_tokens": 28,
+      "threshold": 0.55,
+    },
+  },
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+  """The torch loop runs one- and two-row steps: extra threads only wait on each other (several times
+  slower on a busy 2-core machine)."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +80,14 @@ def tokenizer():
 
 def _tiny_params(cfg, seed):
   params = artifacts.random_params(cfg, seed)
+  # Weights of std 0.3 instead of 0.02: the layers then mix content, so the CLS state (and p) moves
+  # with every token and crosses the threshold both ways (flips, withdrawals, confirmations).
+  params = {
+    k: v
+    for k, v in jax.tree_util.tree_map_with_path(
+      lambda path, x: x if "weight" in jax.tree_util.keystr(path) else x * 15, params
+    ).items()
+  }
   rng = np.random.default_rng(seed + 1)
   # A head that reads the CLS state strongly, so p moves across steps and crosses a threshold.
   params["cls_head"]["kernel"] = rng.normal(0.0, 1.0, (cfg.d_model, 1)).astype(np.float32)
@@ -89,12 +120,12 @@ def export(request, tokenizer, tmp_path_factory):
   params = _tiny_params(cfg, seed=3)
   src = tmp_path_factory.mktemp(f"src_{request.param}")
   save_hf(str(src), cfg, params, tokenizer)
-  decode = {**case["decode"], "threshold": 0.5}
+  decode = case["decode"]
   facts = artifacts.RunFacts(
     template="chatml",
     tokenizer=None,
     response_sees_cls=decode["response_sees_cls"],
-    cls_threshold=0.5,
+    cls_threshold=decode["threshold"],
     cls_trained=True,
     decode=decode,
   )
@@ -105,6 +136,7 @@ def export(request, tokenizer, tmp_path_factory):
 
 
 def _jax_rows(directory, queries, prefills, dcfg):
+  """clsalign-jax's decode loop on the export, as `generate` runs it (the template's end token stops)."""
   loaded = artifacts.load(directory)
   encs = [encode_prompt(loaded.tokenizer, loaded.template, q, p) for q, p in zip(queries, prefills)]
   rows = generate_ids(
@@ -120,20 +152,6 @@ def _jax_rows(directory, queries, prefills, dcfg):
   return rows, encs, loaded
 
 
-def _threshold_with_a_flip(traces, p0s):
-  """A threshold above some row's prompt-time p and below two consecutive later readings of it, so
-  that row starts benign (Rule 2), flips, is confirmed (τ = 2) and rolled back: the trajectory up to
-  the first flip does not depend on the threshold."""
-  best = None
-  for trace, p0 in zip(traces, p0s):
-    ps = [p for _, _, p in trace]
-    pairs = [min(a, b) for a, b in zip(ps, ps[1:])]
-    if pairs and max(pairs) > p0 + 1e-3 and (best is None or max(pairs) - p0 > best[1] - best[0]):
-      best = (p0, max(pairs))
-  assert best is not None, "no row whose CLS rises after the prompt: pick another seed"
-  return (best[0] + best[1]) / 2
-
-
 def test_greedy_parity_with_the_jax_loop(export, record_figure):
   name, directory = export
   model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -143,18 +161,11 @@ def test_greedy_parity_with_the_jax_loop(export, record_figure):
   encs = [encode_prompt(loaded.tokenizer, loaded.template, q, p) for q, p in zip(QUERIES, prefills)]
   messages = [[{"role": "user", "content": q}] for q in QUERIES]
   prefill_ids = [e.tokens[e.prefill_span[0] :].tolist() for e in encs]
-  # Calibrate on the torch side with nothing malicious (every step re-reads the CLS in Rule 2).
-  calib = model.generate(
-    messages=messages, prefill_ids=prefill_ids, clsalign_decode={"threshold": 1.0}, return_dict_in_generate=True
-  )
-  threshold = _threshold_with_a_flip([r.trace for r in calib.rows], [r.p_initial for r in calib.rows])
-
-  dcfg = loaded.decode_config(threshold=threshold)
-  assert dataclasses.asdict(dcfg) == {**model.clsalign_settings.decode, "threshold": threshold}
+  # The run's own settings, as the export records them, on both sides.
+  dcfg = loaded.decode_config()
+  assert dataclasses.asdict(dcfg) == model.clsalign_settings.decode
   jax_rows, _, _ = _jax_rows(directory, QUERIES, prefills, dcfg)
-  out = model.generate(
-    messages=messages, prefill_ids=prefill_ids, clsalign_decode={"threshold": threshold}, return_dict_in_generate=True
-  )
+  out = model.generate(messages=messages, prefill_ids=prefill_ids, return_dict_in_generate=True)
   worst = 0.0
   for t, j in zip(out.rows, jax_rows):
     assert t.response_ids == j.response_ids
@@ -166,14 +177,20 @@ def test_greedy_parity_with_the_jax_loop(export, record_figure):
     )
     assert [(s, i) for s, i, _ in t.trace] == [(s, i) for s, i, _ in j.trace]
     worst = max([worst, abs(t.p_initial - j.p_initial)] + [abs(a[2] - b[2]) for a, b in zip(t.trace, j.trace)])
-  # The CLS was re-read at every step of a benign row, and a refusal went in mid-answer.
+  # The CLS was re-read at every step of a benign row, and a flip was confirmed and rolled back
+  # mid-answer, where the refusal went in.
   benign = [j for j in jax_rows if not j.initial_malicious]
   assert benign and all(len(j.trace) >= 2 for j in benign)
-  assert any(j.insert_index > j.prefill_len for j in jax_rows), [j.insert_index for j in jax_rows]
+  if name == "paper":  # its CLS swings: some flip is withdrawn before τ readings confirm it
+    assert sum(j.false_alarms for j in jax_rows) >= 1
+  assert any(j.insert_index > j.prefill_len and j.trigger_step > 0 for j in benign), [j.insert_index for j in jax_rows]
   refusal = list(model.clsalign_settings.refusal_ids)
   for j in jax_rows:
     if j.insert_index >= 0:
-      assert j.response_ids[j.insert_index : j.insert_index + len(refusal)] == refusal[: len(j.response_ids) - j.insert_index]
+      assert (
+        j.response_ids[j.insert_index : j.insert_index + len(refusal)]
+        == refusal[: len(j.response_ids) - j.insert_index]
+      )
   record_figure(f"hf_strategic {name}: max|dp| torch vs jax", worst)
   assert worst <= 1e-4
   # `sequences` is what transformers' generate returns: the prompt, then the response.
@@ -185,7 +202,8 @@ def test_greedy_parity_with_the_jax_loop(export, record_figure):
 def test_classify_matches_the_jax_prompt_pass(export):
   _, directory = export
   model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-  jax_rows, encs, loaded = _jax_rows(directory, QUERIES, [""] * len(QUERIES), loaded_dcfg(directory))
+  # The export's own decode settings, as the parity test: the compiled loop is reused.
+  jax_rows, encs, _ = _jax_rows(directory, QUERIES, [""] * len(QUERIES), artifacts.load(directory).decode_config())
   # Both paths to the prompt: messages (the export's chat template) and ids with explicit spans.
   p_messages = model.classify([[{"role": "user", "content": q}] for q in QUERIES])
   p_ids = model.classify(
@@ -196,10 +214,6 @@ def test_classify_matches_the_jax_prompt_pass(export):
   np.testing.assert_allclose(p_ids, ref, atol=1e-4, rtol=0)
   assert len(set(np.round(ref, 3))) > 1  # the head separates the prompts: a constant p proves nothing
   assert isinstance(model.classify([{"role": "user", "content": QUERIES[0]}]), float)
-
-
-def loaded_dcfg(directory):
-  return artifacts.load(directory).decode_config(max_new_tokens=2)
 
 
 def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
@@ -214,7 +228,9 @@ def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
   messages = [{"role": "user", "content": QUERIES[1]}]
   ours = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32)
   assert safe.classify(messages) == ours.classify(messages)
-  assert torch.equal(safe.generate(messages=messages, max_new_tokens=6), ours.generate(messages=messages, max_new_tokens=6))
+  assert torch.equal(
+    safe.generate(messages=messages, max_new_tokens=6), ours.generate(messages=messages, max_new_tokens=6)
+  )
   # `strategic=False` is transformers' own generate: the plain LM, greedy, as loaded without remote code.
   ids = torch.tensor([ours.encode_messages(messages)[0]])
   plain_out = plain.generate(ids, max_new_tokens=6, do_sample=False)
@@ -223,7 +239,11 @@ def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
 
 def test_card_generation_config_and_run_facts_agree(export):
   _, directory = export
-  read = lambda name: json.load(open(os.path.join(directory, name), encoding="utf-8"))
+
+  def read(name):
+    with open(os.path.join(directory, name), encoding="utf-8") as f:
+      return json.load(f)
+
   config, generation, facts, meta = (
     read("config.json"),
     read("generation_config.json"),
@@ -245,13 +265,17 @@ def test_card_generation_config_and_run_facts_agree(export):
   assert rows["cls_threshold"] == facts["cls_threshold"] == meta["threshold"] == decode["threshold"]
   assert rows["template"] == facts["template"] and rows["cls_trained"] == facts["cls_trained"] is True
   assert rows["response_sees_cls (training)"] == facts["response_sees_cls"]
-  assert rows["side_path.exit_layer"] == block["side_path"]["exit_layer"] == meta.get("side_path", {}).get("exit_layer", 0)
+  assert (
+    rows["side_path.exit_layer"] == block["side_path"]["exit_layer"] == meta.get("side_path", {}).get("exit_layer", 0)
+  )
   tok = transformers.AutoTokenizer.from_pretrained(directory)
   im_end = tok.convert_tokens_to_ids("<|im_end|>")
   assert rows["generation_config.eos_token_id"] == generation["eos_token_id"] == block["end_token_id"] == im_end
   assert rows["generation_config.do_sample"] is generation["do_sample"] is False
   assert rows["generation_config.max_new_tokens"] == generation["max_new_tokens"] == decode["max_new_tokens"]
-  assert rows["refusal_ids"] == block["refusal_ids"] == tok(decode["refusal_text"], add_special_tokens=False)["input_ids"]
+  assert (
+    rows["refusal_ids"] == block["refusal_ids"] == tok(decode["refusal_text"], add_special_tokens=False)["input_ids"]
+  )
   assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_clsalign.ClsAlignLlamaForCausalLM"}
   assert "The plain language model is not the safe model" in card and "trust_remote_code=True" in card
   # No report next to this source: the card says nothing was measured rather than inventing figures.
@@ -286,7 +310,7 @@ def test_card_quotes_the_report_with_n(tmp_path):
   block = hf_safe_export.clsalign_block(cfg, facts, DecodeConfig(threshold=0.8), None, None)
   generation = {"eos_token_id": 2, "do_sample": False, "max_new_tokens": 128}
   card = hf_safe_export.model_card("m", "llama", block, generation, facts, figures, 230)
-  assert "attack success rate **100.0 %** of n = 50 malicious requests" in card
+  assert "attack success rate **100.0 %** on n = 50 malicious requests" in card
   assert "with the safety head and strategic decoding: **22.0 %** (n = 50)" in card
   assert "| plain | malicious | direct | ASR | 100.0 % | 50 | 0.0 % |" in card
   assert "(n = 300: 150 malicious, 150 benign): accuracy 75.7 %" in card
@@ -307,3 +331,20 @@ def test_bad_inputs_name_the_problem(export, tmp_path):
   save_file({"cls_embedding": torch.zeros(16)}, str(broken))
   with pytest.raises(ValueError, match="cls.safetensors: does not match the side path"):
     model.load_clsalign(str(broken))
+
+
+def test_exporting_needs_no_torch():
+  """Torch is an optional extra: `convert` copies the modeling file as text and imports no torch."""
+  code = (
+    "import sys, clsalign_jax.convert, clsalign_jax.interop.hf_safe_export as h; "
+    "assert h.remote_code_source(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    check=False,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=120,
+  )
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

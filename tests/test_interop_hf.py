@@ -300,3 +300,38 @@ def test_qwen2_refusals_name_the_key(tmp_path):
   safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
   with pytest.raises(hf.CheckpointError, match="'model.layers.1.self_attn.v_proj.bias' is missing"):
     hf.load_hf(str(d))
+
+
+def test_qwen2_5_config_json_imports_as_the_preset():
+  # The keys of Qwen2.5-0.5B-Instruct's config.json (transformers 4.x spelling: rope_theta, a disabled
+  # sliding window with its unused size) give exactly the preset.
+  qwen = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "initializer_range": 0.02,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+  }
+  assert hf.config_from_hf(qwen) == M.preset("qwen2_5_0_5b")
+  # Our export of the preset reads back the same way, in transformers' own config class too.
+  exported = hf.config_to_hf(M.preset("qwen2_5_0_5b"), "bfloat16")
+  assert hf.config_from_hf(exported) == M.preset("qwen2_5_0_5b")
+  theirs = transformers.Qwen2Config(**{k: v for k, v in exported.items() if k != "architectures"})
+  assert (theirs.head_dim, theirs.use_sliding_window, theirs.layer_types) == (64, False, ["full_attention"] * 24)

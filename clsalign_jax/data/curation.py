@@ -792,7 +792,9 @@ def write_docs(path: str, text: str) -> None:
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  flags.DEFINE_string("docs", None, "Rewrite the generated section of this markdown file (docs/data.md).", flag_values=fv)
+  flags.DEFINE_string(
+    "docs", None, "Rewrite the generated section of this markdown file (docs/data.md).", flag_values=fv
+  )
   flags.DEFINE_integer("seed", SPLIT_SEED, "Seed of the train / validation / test split.", flag_values=fv)
   flags.DEFINE_string(
     "contrast_answers",

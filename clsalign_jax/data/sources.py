@@ -16,8 +16,10 @@ and these, declared with their defaults (in brackets) in clsalign_jax/config.py:
     config.data.data_dir          TFDS directory [$TFDS_DATA_DIR or ~/tensorflow_datasets]
     config.data.tokenizer         'smollm2', 'mistral', or a .gguf / .model / tokenizer.json path
                                   [derived from config.init_from: gguf:FILE, hf:DIR]
-    config.data.template          'llama2' | 'mistral' | 'chatml' [chatml for ChatML vocabularies,
-                                  else llama2, the paper's template for both Llama-2 and Mistral]
+    config.data.template          'llama2' | 'mistral' | 'chatml' | 'qwen2_5' | 'llama3' [the model
+                                  family's own where it has one format (qwen2: qwen2_5), else chatml
+                                  for ChatML vocabularies, else llama2, the paper's template for
+                                  both Llama-2 and Mistral]
     config.data.files             user files: JSONL with prompt/response/label (SFT) or text/label
                                   (pretraining) [the shipped mixture; required for pretraining]
     config.data.balance_classes   oversample the minority label in training [True]
@@ -57,7 +59,9 @@ def resolve_text_inputs(config, model_cfg: model_lib.ModelConfig, tokenizer_spec
   `model_cfg`, and pick the template. The data room never parses a checkpoint spec: the training
   entry passes the tokenizer `config.init_from` carries (clsalign_jax.train.inputs)."""
   tokenizer_spec = tokenizer_spec or _tokenizer_spec(config)
-  tokenizer = load_tokenizer(tokenizer_spec)
+  # Fitted to the model: embedding rows past its tokens (Qwen2.5's padded vocabulary) and the
+  # model's BOS when the tokenizer names none; a tokenizer larger than the model is refused below.
+  tokenizer = load_tokenizer(tokenizer_spec).for_model(model_cfg.vocab_size, model_cfg.bos_id)
   if (tokenizer.cls_id, tokenizer.bos_id, tokenizer.eos_id) != (
     model_cfg.vocab_size,
     model_cfg.bos_id,
@@ -68,7 +72,8 @@ def resolve_text_inputs(config, model_cfg: model_lib.ModelConfig, tokenizer_spec
       f"{tokenizer.eos_id}) does not fit the model (vocab {model_cfg.vocab_size}, bos "
       f"{model_cfg.bos_id}, eos {model_cfg.eos_id}); set config.data.tokenizer"
     )
-  return TextInputs(tokenizer_spec, tokenizer, config.data.template or templates.training_default(tokenizer))
+  template = config.data.template or templates.training_default(tokenizer, model_cfg.family_spec)
+  return TextInputs(tokenizer_spec, tokenizer, template)
 
 
 def make_data_iterator(config, split: str, shard_index: int, shard_count: int, inputs: TextInputs | None = None):
@@ -164,7 +169,7 @@ def views_pipeline(
     os.path.expanduser(data.data_dir or _default_data_dir()),
     tuple(data.files),
     tokenizer,
-    template or data.template or templates.training_default(tokenizer),
+    template or data.template or templates.training_default(tokenizer, _family(config)),
     v.completions,
     settings,
     int(v.max_prompt_tokens),
@@ -223,6 +228,11 @@ def _tokenizer_spec(config) -> str:
     f"config.data.tokenizer is empty and config.init_from={config.init_from!r} carries no tokenizer; "
     "set config.data.tokenizer ('smollm2', 'mistral' or a file)"
   )
+
+
+def _family(config) -> str:
+  """The model family of the run config `config` (config.model)."""
+  return model_lib.config_from_fields(config.model).family
 
 
 def _default_data_dir() -> str:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clsalign_jax import families
 from clsalign_jax.data.tokenizer import Tokenizer
 
 # The paper's Llama-2 wrapper around the Alpaca system line (docs/method.md §4.3).
@@ -407,7 +408,13 @@ def _first_lossy_char(tokenizer: Tokenizer, text: str) -> str:
   return text
 
 
-def training_default(tokenizer: Tokenizer) -> str:
-  """The template a run trains with when `data.template` is empty: ChatML for a vocabulary that has
-  `<|im_start|>` (SmolLM2), Llama-2's [INST] format otherwise."""
+def training_default(tokenizer: Tokenizer, family: families.Family | str | None = None) -> str:
+  """The template a run trains with when `data.template` is empty: the model family's own when the
+  family has one format (`Family.template_from_vocabulary` False: Qwen2's `qwen2_5`), else ChatML
+  for a vocabulary that has `<|im_start|>` (SmolLM2), Llama-2's [INST] format otherwise (the paper's,
+  for Llama-2 and Mistral alike). `family`: a `families.Family` or its name (None: the vocabulary decides)."""
+  if isinstance(family, str):
+    family = families.get(family)
+  if family is not None and not family.template_from_vocabulary:
+    return family.chat_template
   return "chatml" if tokenizer.token_to_id("<|im_start|>") is not None else "llama2"

@@ -7,6 +7,12 @@ load; GGUF vocabularies are rebuilt from the file's metadata the way `transforme
 
 The [CLS] token is not part of the base tokenizer: `cls_id == vocab_size`, the one extra row of the
 model's input embedding. The LM head never produces it.
+
+A model may have more embedding rows than its tokenizer has tokens (Qwen2.5 pads 151,665 tokens to
+151,936 rows for the hardware). `Tokenizer.for_model` / `with_vocab_size` then make `vocab_size` the
+model's rows, so that [CLS] sits one past them; the ids in between ("padded ids") have no token:
+encode never produces them, and decode gives no text for them, as the HF tokenizer does (it drops
+ids it has no token for), so a decoded sample equals transformers' decode of the same ids.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from clsalign_jax.assets import mistral_sentencepiece_path, smollm2_gguf_path  # noqa: F401  (re-exported)
 
 CLS_TOKEN = "[CLS]"
+# `save_hf` writes a padded tokenizer's padded ids as special tokens of this form, so that [CLS]
+# keeps its id in the HF files; reading such a file back drops them again.
+_PADDED_TOKEN = "<|clsalign_padded_{}|>"
+_PADDED_RE = re.compile(r"<\|clsalign_padded_(\d+)\|>")
 
 # SentencePiece / GGUF piece types (the two formats share the enum).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -65,16 +75,23 @@ class Tokenizer:
     chat_template: str | None = None,
     add_bos_by_default: bool = False,
     name: str = "",
+    bos_declared: bool = True,
   ):
     self.name = name
+    # False when the BOS was guessed from the vocabulary (the files name none, e.g. Qwen2.5):
+    # `for_model` then takes the model config's BOS instead.
+    self.bos_declared = bos_declared
     self.chat_template = chat_template
     # Only a post-processor in the saved HF files uses this; our own encode never adds BOS.
     self.add_bos_by_default = add_bos_by_default
-    spec = _without_trailing_cls(json.loads(hf_tokenizer.to_str()))
+    spec, padded_size = _without_trailing_cls(json.loads(hf_tokenizer.to_str()))
     self._spec = spec
     self._tok = _load_spec(spec)
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # Ids below base_vocab_size are this tokenizer's tokens; from there to vocab_size, padded ids.
+    self.base_vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.vocab_size = max(self.base_vocab_size, padded_size)
     self.cls_id = self.vocab_size
+    self._fitted: dict[tuple[int, int], Tokenizer] = {}
     self.bos_id = self._require_id(bos_token, "bos_token")
     self.eos_id = self._require_id(eos_token, "eos_token")
     self.unk_id = self._tok.token_to_id(unk_token) if unk_token else None
@@ -113,6 +130,7 @@ class Tokenizer:
     hf = tokenizers.Tokenizer.from_file(str(path))
     config = _read_sibling_config(path.parent)
     bos_token = bos_token or config.get("bos_token")
+    bos_declared = bos_token is not None
     eos_token = eos_token or config.get("eos_token")
     pad_token = pad_token or config.get("pad_token")
     unk_token = unk_token or config.get("unk_token")
@@ -126,7 +144,7 @@ class Tokenizer:
         "or put a tokenizer_config.json next to the file"
       )
     add_bos = _post_processor_adds(json.loads(hf.to_str()).get("post_processor"), bos_token)
-    return cls(
+    tok = cls(
       hf,
       bos_token=bos_token,
       eos_token=eos_token,
@@ -135,7 +153,13 @@ class Tokenizer:
       chat_template=chat_template,
       add_bos_by_default=add_bos,
       name=str(path),
+      bos_declared=bos_declared,
     )
+    # A tokenizer stored with its model (an HF directory) fits that model wherever it is loaded.
+    model = _read_model_config(path.parent)
+    if model is not None:
+      tok = tok.for_model(*model)
+    return tok
 
   @classmethod
   def from_sentencepiece(cls, path: str | os.PathLike) -> Tokenizer:
@@ -236,6 +260,56 @@ class Tokenizer:
       name=str(path),
     )
 
+  # ----- fitting to a model --------------------------------------------------------------------
+
+  def with_vocab_size(self, vocab_size: int) -> Tokenizer:
+    """This tokenizer for a model with `vocab_size` embedding rows (at least its own tokens): [CLS]
+    moves to `vocab_size`, the ids from `base_vocab_size` up to it become padded ids."""
+    vocab_size = int(vocab_size)
+    if vocab_size < self.base_vocab_size:
+      raise ValueError(
+        f"{self.name}: has {self.base_vocab_size} tokens, more than the model's {vocab_size} embedding rows"
+      )
+    if vocab_size == self.vocab_size:
+      return self
+    out = copy.copy(self)
+    out.vocab_size = out.cls_id = vocab_size
+    out._fitted = {}
+    return out
+
+  def with_bos_id(self, bos_id: int) -> Tokenizer:
+    """This tokenizer with BOS `bos_id` (one of its own tokens), as declared."""
+    bos_id = int(bos_id)
+    if self._tok.id_to_token(bos_id) is None:
+      raise ValueError(f"{self.name}: BOS id {bos_id} is not a token of this vocabulary")
+    if bos_id == self.bos_id and self.bos_declared:
+      return self
+    out = copy.copy(self)
+    out.bos_id, out.bos_declared = bos_id, True
+    out._special_ids = {t["id"] for t in self._spec.get("added_tokens", []) if t.get("special")} | {bos_id, self.eos_id}
+    out._fitted = {}
+    return out
+
+  def for_model(self, vocab_size: int, bos_id: int | None = None) -> Tokenizer:
+    """This tokenizer fitted to a model with `vocab_size` embedding rows and BOS `bos_id`.
+
+    Only what the tokenizer leaves open changes: rows past its tokens become padded ids (a
+    tokenizer with more tokens than the model has rows is returned as it is; callers refuse it),
+    and the model's BOS replaces a guessed one (the files named none). The result is cached, so
+    every caller fitting the same tokenizer to the same model gets the same object.
+    """
+    key = (int(vocab_size), -1 if bos_id is None else int(bos_id))
+    if key not in self._fitted:
+      out = self.with_vocab_size(vocab_size) if vocab_size > self.vocab_size else self
+      if bos_id is not None and not self.bos_declared and self._tok.id_to_token(int(bos_id)) is not None:
+        out = out.with_bos_id(bos_id)
+      self._fitted[key] = out
+    return self._fitted[key]
+
+  def is_padded(self, i: int) -> bool:
+    """Whether `i` is a padded id: an embedding row past this tokenizer's tokens, not [CLS]."""
+    return self.base_vocab_size <= int(i) < self.vocab_size
+
   # ----- encoding -----------------------------------------------------------------------------
 
   def encode(self, text: str) -> list[int]:
@@ -287,9 +361,12 @@ class Tokenizer:
   # ----- decoding -----------------------------------------------------------------------------
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-    """Inverse of `encode`; [CLS] decodes to "[CLS]" unless special tokens are skipped."""
+    """Inverse of `encode`; [CLS] decodes to "[CLS]" unless special tokens are skipped, padded ids
+    to nothing (module docstring)."""
     parts, run = [], []
     for i in (int(x) for x in ids):
+      if self.is_padded(i):
+        continue
       if i == self.cls_id:
         if run:
           parts.append(self._tok.decode(run, skip_special_tokens=skip_special_tokens))
@@ -309,6 +386,7 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     if self.cls_id in ids:
       raise ValueError("decode_fragment got the [CLS] id; it has no text")
+    ids = [i for i in ids if not self.is_padded(i)]
     text = self._tok.decode(self._anchor_ids + ids, skip_special_tokens=False)
     if not text.startswith(self._anchor_text):
       raise AssertionError(f"anchor {self._anchor_text!r} lost while decoding {ids[:8]}")
@@ -327,7 +405,8 @@ class Tokenizer:
     return self._tok.id_to_token(int(i))
 
   def is_special(self, i: int) -> bool:
-    return i == self.cls_id or i in self._special_ids
+    """[CLS], a special token of the vocabulary, BOS / EOS, or a padded id (never to be picked)."""
+    return i == self.cls_id or i in self._special_ids or self.is_padded(i)
 
   @property
   def bos_token(self) -> str:
@@ -339,7 +418,8 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return (
-      f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, cls_id={self.cls_id}, "
+      f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, base_vocab_size={self.base_vocab_size}, "
+      f"cls_id={self.cls_id}, "
       f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
     )
 
@@ -358,7 +438,8 @@ class Tokenizer:
         pair=f"{self.bos_token} $A {self.bos_token} $B",
         special_tokens=[(self.bos_token, self.bos_id)],
       )
-    hf.add_special_tokens([tokenizers.AddedToken(CLS_TOKEN, special=True, normalized=False)])
+    padded = [_PADDED_TOKEN.format(i) for i in range(self.base_vocab_size, self.vocab_size)]
+    hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in (*padded, CLS_TOKEN)])
     if hf.token_to_id(CLS_TOKEN) != self.cls_id:
       raise AssertionError(f"[CLS] got id {hf.token_to_id(CLS_TOKEN)}, expected {self.cls_id}")
     hf.save(str(directory / "tokenizer.json"))
@@ -492,18 +573,25 @@ def _load_spec(spec: dict) -> tokenizers.Tokenizer:
   return tok
 
 
-def _without_trailing_cls(spec: dict) -> dict:
-  """Drops a [CLS] token sitting one past the base vocabulary (a `save_hf` output read back)."""
+def _without_trailing_cls(spec: dict) -> tuple[dict, int]:
+  """Drops a [CLS] token sitting one past the base vocabulary (a `save_hf` output read back), and
+  the padded ids' placeholder tokens before it; returns the spec and the padded vocabulary size
+  (0: not padded)."""
   added = spec.get("added_tokens", [])
   cls_ids = [t["id"] for t in added if t["content"] == CLS_TOKEN]
   if not cls_ids:
-    return spec
+    return spec, 0
   last_id = _load_spec(spec).get_vocab_size(with_added_tokens=True) - 1
   if cls_ids != [last_id]:
     raise ValueError(f"[CLS] is already in this vocabulary at id {cls_ids}, not at its end")
+  # Placeholders count only as the run of ids right below [CLS], each naming its own id.
+  padded = {t["id"] for t in added if (m := _PADDED_RE.fullmatch(t["content"])) and int(m.group(1)) == t["id"]}
+  first = last_id
+  while first - 1 in padded:
+    first -= 1
   spec = copy.deepcopy(spec)
-  spec["added_tokens"] = [t for t in added if t["content"] != CLS_TOKEN]
-  return spec
+  spec["added_tokens"] = [t for t in added if t["id"] < first]
+  return spec, last_id if first < last_id else 0
 
 
 def _without_prefix_space(spec: dict) -> dict | None:
@@ -560,6 +648,24 @@ def _read_sibling_config(directory: pathlib.Path) -> dict:
         for k, v in json.load(f).items():
           out[k] = v["content"] if isinstance(v, dict) and "content" in v else v
   return out
+
+
+def _read_model_config(directory: pathlib.Path) -> tuple[int, int | None] | None:
+  """(vocab_size, bos_token_id) of an HF model's config.json in `directory`; None without one (a
+  training run's config.json is not one: it names no `architectures`)."""
+  p = directory / "config.json"
+  if not p.is_file():
+    return None
+  try:
+    with open(p, encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return None  # the model loader names a broken config.json
+  if not isinstance(config, dict) or "architectures" not in config or not isinstance(config.get("vocab_size"), int):
+    return None
+  bos = config.get("bos_token_id")
+  bos = bos[0] if isinstance(bos, list) and bos else bos
+  return config["vocab_size"], bos if isinstance(bos, int) else None
 
 
 def _first_present(vocab: dict, names: Sequence[str]) -> str | None:

@@ -401,7 +401,10 @@ def _decoding_setup_lines(r: RunReport) -> list[str]:
       f"`{name}` = `{ {k: v for k, v in spec.items() if k not in ('name', 'path')} }` under `{attack['kind']}`"
       for name, (spec, attack) in r.adversarial.items()
     )
-    lines += [f"Adversarial cells (malicious prompts, ASR): {cells}. The prompts are not in the training mixture either.", ""]
+    lines += [
+      f"Adversarial cells (malicious prompts, ASR): {cells}. The prompts are not in the training mixture either.",
+      "",
+    ]
   return lines
 
 
@@ -464,7 +467,9 @@ def _linear_probe_intro(linear: Mapping, threshold: float) -> str:
   val = next(g for g in linear["validation_grid"] if (g["layer"], g["pooling"], g["C"]) == tuple(choice.values()))
   pooling = "mean over the query tokens" if choice["pooling"] == "mean" else "the last prompt token"
   source = lambda split: (
-    f"the {split} rows of `{linear['prompt_source']}`" if linear.get("prompt_source") else f"the mixture's {split} split"
+    f"the {split} rows of `{linear['prompt_source']}`"
+    if linear.get("prompt_source")
+    else f"the mixture's {split} split"
   )
   n_validation = linear["validation"]["n_malicious"] + linear["validation"]["n_benign"]
   return (
@@ -508,7 +513,9 @@ def _linear_probe_rows(r: RunReport) -> list[tuple]:
 
 def _strategic_flags(r: RunReport) -> dict[str, tuple]:
   return {
-    f"{s['benchmark']}/{s['attack']}": (s["cls_flag_rate"], s["n_items"]) for s in r.summary if s["variant"] == r.strategic
+    f"{s['benchmark']}/{s['attack']}": (s["cls_flag_rate"], s["n_items"])
+    for s in r.summary
+    if s["variant"] == r.strategic
   }
 
 

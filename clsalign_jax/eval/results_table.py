@@ -137,6 +137,65 @@ class Table:
   missing: list[str]
 
 
+class _Marks:
+  """What build_table learns while it fills cells: targets of the target row, cells not run."""
+
+  def __init__(self):
+    self.targets: dict[str, bool | None] = {}
+    self.missing: list[str] = []
+
+  def not_run(self, row: Row, key: str) -> str:
+    self.missing.append(f"{row.variant} × {key}")
+    if row.variant == TARGET_ROW:
+      self.targets[key] = None
+    return "not run"
+
+  def mark(self, row: Row, key: str, ok: bool, text: str) -> str:
+    if row.variant != TARGET_ROW:
+      return text
+    self.targets[key] = ok
+    return text + _mark(ok)
+
+
+def _asr_cell(eval_dir, row: Row, col: Column, marks: _Marks) -> str:
+  found = read_cell(eval_dir, row.variant, col.benchmark, col.attack or row.gcg_attack)
+  if found is None:
+    return marks.not_run(row, col.key)
+  r = asr(*found)
+  text = f"{_pct(r.rate)} ({r.k}/{r.n})" if r.n else "– (n = 0)"
+  if col.attack is None and not row.cls:
+    text += " †"
+  return marks.mark(row, col.key, r.n > 0 and r.rate <= ASR_TARGET, text)
+
+
+def _over_refusal_cell(eval_dir, row: Row, marks: _Marks) -> str:
+  found = read_cell(eval_dir, row.variant, OVER_REFUSAL.benchmark, OVER_REFUSAL.attack)
+  if found is None:
+    return marks.not_run(row, OVER_REFUSAL.key)
+  r = refusal_rate(*found)
+  return marks.mark(row, OVER_REFUSAL.key, r.n > 0 and r.rate <= OVER_REFUSAL_TARGET, f"{_pct(r.rate)} ({r.k}/{r.n})")
+
+
+def _cls_cell(row: Row, cls_test: Mapping | None, marks: _Marks) -> str:
+  if not row.cls:
+    return "n/a (no trained head)"
+  if cls_test is None:
+    return marks.not_run(row, "cls_f1")
+  f1 = cls_test["cls_f1"]
+  return marks.mark(row, "cls_f1", f1 >= F1_TARGET, f"{f1:.3f} (n = {cls_test['n']})")
+
+
+def _overhead_cell(eval_dir, row: Row, ref_seconds: float | None) -> str:
+  if not row.cls:
+    return "–"
+  if row.variant == OVERHEAD_REFERENCE:
+    return f"1.00× ({ref_seconds:.1f} s, reference)" if ref_seconds else "not run"
+  mine = read_cell(eval_dir, row.variant, *OVERHEAD_CELL)
+  if mine is None or not ref_seconds or not mine[1].get("seconds"):
+    return "not run"
+  return f"{mine[1]['seconds'] / ref_seconds:.2f}× ({mine[1]['seconds']:.1f} s)"
+
+
 def build_table(eval_dir, cls_test: Mapping | None, rows: Sequence[Row] = ROWS) -> Table:
   header = [
     "model",
@@ -153,71 +212,19 @@ def build_table(eval_dir, cls_test: Mapping | None, rows: Sequence[Row] = ROWS) 
     "–",
   ]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(target_line) + " |"]
-  targets: dict[str, bool | None] = {}
-  missing: list[str] = []
+  marks = _Marks()
   ref = read_cell(eval_dir, OVERHEAD_REFERENCE, *OVERHEAD_CELL)
   ref_seconds = ref[1].get("seconds") if ref else None
   for row in rows:
-    is_target = row.variant == TARGET_ROW
-    cells = [row.label]
-    for col in ASR_COLUMNS:
-      attack = col.attack or row.gcg_attack
-      found = read_cell(eval_dir, row.variant, col.benchmark, attack)
-      if found is None:
-        cells.append("not run")
-        missing.append(f"{row.variant} × {col.key}")
-        if is_target:
-          targets[col.key] = None
-        continue
-      r = asr(*found)
-      text = f"{_pct(r.rate)} ({r.k}/{r.n})" if r.n else "– (n = 0)"
-      if col.attack is None and not row.cls:
-        text += " †"
-      if is_target:
-        ok = r.n > 0 and r.rate <= ASR_TARGET
-        targets[col.key] = ok
-        text += _mark(ok)
-      cells.append(text)
-    found = read_cell(eval_dir, row.variant, OVER_REFUSAL.benchmark, OVER_REFUSAL.attack)
-    if found is None:
-      cells.append("not run")
-      missing.append(f"{row.variant} × {OVER_REFUSAL.key}")
-      if is_target:
-        targets[OVER_REFUSAL.key] = None
-    else:
-      r = refusal_rate(*found)
-      text = f"{_pct(r.rate)} ({r.k}/{r.n})"
-      if is_target:
-        ok = r.n > 0 and r.rate <= OVER_REFUSAL_TARGET
-        targets[OVER_REFUSAL.key] = ok
-        text += _mark(ok)
-      cells.append(text)
-    if not row.cls:
-      cells.append("n/a (no trained head)")
-    elif cls_test is None:
-      cells.append("not run")
-      missing.append(f"{row.variant} × cls_f1")
-      if is_target:
-        targets["cls_f1"] = None
-    else:
-      f1 = cls_test["cls_f1"]
-      text = f"{f1:.3f} (n = {cls_test['n']})"
-      if is_target:
-        ok = f1 >= F1_TARGET
-        targets["cls_f1"] = ok
-        text += _mark(ok)
-      cells.append(text)
-    mine = read_cell(eval_dir, row.variant, *OVERHEAD_CELL)
-    if not row.cls:
-      cells.append("–")
-    elif row.variant == OVERHEAD_REFERENCE:
-      cells.append(f"1.00× ({ref_seconds:.1f} s, reference)" if ref_seconds else "not run")
-    elif mine is None or not ref_seconds or not mine[1].get("seconds"):
-      cells.append("not run")
-    else:
-      cells.append(f"{mine[1]['seconds'] / ref_seconds:.2f}× ({mine[1]['seconds']:.1f} s)")
+    cells = [
+      row.label,
+      *(_asr_cell(eval_dir, row, col, marks) for col in ASR_COLUMNS),
+      _over_refusal_cell(eval_dir, row, marks),
+      _cls_cell(row, cls_test, marks),
+      _overhead_cell(eval_dir, row, ref_seconds),
+    ]
     lines.append("| " + " | ".join(cells) + " |")
-  return Table("\n".join(lines), targets, missing)
+  return Table("\n".join(lines), marks.targets, marks.missing)
 
 
 def insertion_table(eval_dir, rows: Sequence[Row] = ROWS) -> str:

@@ -169,7 +169,9 @@ def view_metrics(config, workdir: str, h: harness_lib.Harness) -> dict | None:
     return None
   identity = h.variant_identity(h.variants[0])
   threshold = artifacts.run_threshold(config, workdir)
-  fp = harness_lib.fingerprint({"weights": identity["weights"], "threshold": threshold, "views": config.views.to_dict()})
+  fp = harness_lib.fingerprint(
+    {"weights": identity["weights"], "threshold": threshold, "views": config.views.to_dict()}
+  )
 
   def compute():
     loaded = artifacts.load(workdir, tokenizer="none")

@@ -193,10 +193,12 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
     lines += [
       "## The plain language model is not the safe model",
       "",
-      "`AutoModelForCausalLM.from_pretrained(DIR)` without `trust_remote_code` loads the language model alone, "
-      "as a plain causal LM: no `[CLS]` safety head, no strategic decoding, nothing that refuses. This model "
-      "was trained so that refusals come from the safety head and strategic decoding "
-      "(Li & Kim, ICML 2025, as clsalign-jax implements it): its language model alone is not safe.",
+      (
+        "`AutoModelForCausalLM.from_pretrained(DIR)` without `trust_remote_code` loads the language model alone, "
+        "as a plain causal LM: no `[CLS]` safety head, no strategic decoding. This model's safety mechanism is "
+        "that head and strategic decoding (Li & Kim, ICML 2025, as clsalign-jax implements it); the language "
+        "model alone has neither and must not be deployed as the safe model."
+      ),
       "",
     ]
     if plain is not None:
@@ -209,8 +211,9 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
         "still read the prompt-time CLS, which the LM transformers loads does not have)"
       )
       lines += [
-        f"Measured in the run's own evaluation, {exact}: attack success rate **{plain['rate']}** of "
-        f"n = {plain['n']} malicious requests (AdvBench refusal-keyword judge)"
+        f"Measured in the run's own evaluation, {exact}: attack success rate **{plain['rate']}** on "
+        f"n = {plain['n']} malicious requests (the run's malicious prompt set and judge, listed under Measured "
+        "figures)"
         + (
           f"; with the safety head and strategic decoding: **{strategic['rate']}** (n = {strategic['n']})."
           if strategic is not None
@@ -219,20 +222,27 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
         "",
       ]
     else:
-      lines += ["The run's report holds no measured attack success rate for the plain model.", ""]
+      lines += [
+        "The run's report holds no measured attack success rate for the plain model: do not assume it refuses.",
+        "",
+      ]
   else:
     lines += [
       "## No trained safety head",
       "",
-      "This export carries no trained `[CLS]` safety head (it was converted from a checkpoint without one): the "
-      "safe class below decodes it as the plain model, and its classification is meaningless.",
+      (
+        "This export carries no trained `[CLS]` safety head (it was converted from a checkpoint without one): the "
+        "safe class below decodes it as the plain model, and its classification is meaningless."
+      ),
       "",
     ]
   lines += ["## Loading the safe model", ""]
   if cls_class is None or block["refusal_ids"] is None:
     lines += [
-      f"This export has no transformers class for strategic decoding ({'family ' + family if cls_class is None else 'no tokenizer was exported'}); "
-      "use clsalign-jax: `python -m clsalign_jax.generate --checkpoint=DIR`.",
+      (
+        f"This export has no transformers class for strategic decoding ({'family ' + family if cls_class is None else 'no tokenizer was exported'}); "
+        "use clsalign-jax: `python -m clsalign_jax.generate --checkpoint=DIR`."
+      ),
       "",
     ]
   else:
@@ -248,18 +258,22 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
       "print(tokenizer.decode(out.rows[0].response_ids, skip_special_tokens=True))",
       "```",
       "",
-      f"`trust_remote_code=True` runs `{REMOTE_CODE}` from this directory. Without remote code, the same class "
-      "ships in clsalign-jax (`pip install clsalign-jax[hf]`): "
-      "`from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM; "
-      'ClsAlignForCausalLM.from_pretrained("DIR")`. clsalign-jax itself decodes the export with '
-      "`python -m clsalign_jax.generate --checkpoint=DIR`.",
+      (
+        f"`trust_remote_code=True` runs `{REMOTE_CODE}` from this directory. Without remote code, the same class "
+        "ships in clsalign-jax (`pip install clsalign-jax[hf]`): "
+        "`from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM; "
+        'ClsAlignForCausalLM.from_pretrained("DIR")`. clsalign-jax itself decodes the export with '
+        "`python -m clsalign_jax.generate --checkpoint=DIR`."
+      ),
       "",
-      "`generate` applies the run's strategic decoding: the prompt-time verdict (Rule 1: the refusal prefix is "
-      "forced at once), re-classification while generating (Rules 2–3: a flip confirmed by τ malicious "
-      "verdicts rolls the answer back to where it started and forces the refusal prefix), with the settings "
-      "below (config.json's `clsalign` block). `input_ids` from `apply_chat_template` work too; the query span is "
-      "found from the template's tokens around it. `model(...)` and `generate(..., strategic=False)` are the "
-      "plain LM.",
+      (
+        "`generate` applies the run's strategic decoding: the prompt-time verdict (Rule 1: the refusal prefix is "
+        "forced at once), re-classification while generating (Rules 2–3: a flip confirmed by τ malicious "
+        "verdicts rolls the answer back to where it started and forces the refusal prefix), with the settings "
+        "below (config.json's `clsalign` block). `input_ids` from `apply_chat_template` work too; the query span is "
+        "found from the template's tokens around it. `model(...)` and `generate(..., strategic=False)` are the "
+        "plain LM."
+      ),
       "",
     ]
   lines += [
@@ -279,21 +293,26 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
     lines += ["No evaluation report was found with the checkpoint: nothing here is measured.", ""]
   else:
     lines += [
-      f"Copied from the run's report (`{os.path.basename(figures['path'])}`, written by "
-      "`python -m clsalign_jax.after_training`); rates as the report gives them, each with its number of prompts.",
+      (
+        f"Copied from the run's report (`{os.path.basename(figures['path'])}`, written by "
+        "`python -m clsalign_jax.after_training`); rates as the report gives them, each with its number of prompts."
+      ),
       "",
     ]
     if figures.get("cls_test"):
       t = figures["cls_test"]
       n = sum(int(t[k]) for k in ("tp", "fp", "fn", "tn"))
       lines += [
-        f"Prompt-time classification of held-out test prompts at threshold {facts.cls_threshold} "
-        f"(n = {n}: {int(t['tp']) + int(t['fn'])} malicious, {int(t['fp']) + int(t['tn'])} benign): accuracy "
-        f"{t['accuracy']}, precision {t['precision']}, recall {t['recall']}, F1 {t['F1']}.",
+        (
+          f"Prompt-time classification of held-out test prompts at threshold {facts.cls_threshold} "
+          f"(n = {n}: {int(t['tp']) + int(t['fn'])} malicious, {int(t['fp']) + int(t['tn'])} benign): accuracy "
+          f"{t['accuracy']}, precision {t['precision']}, recall {t['recall']}, F1 {t['F1']}."
+        ),
         "",
       ]
     if figures.get("decoding"):
-      lines += figures.get("sets", []) + [""] if figures.get("sets") else []
+      for line in figures.get("sets", []):
+        lines += [line, ""]
       lines += [
         "| variant | prompts | attack | metric | rate | n | refusal inserted |",
         "|---|---|---|---|---|---|---|",
@@ -305,17 +324,21 @@ def model_card(name: str, family: str, block: dict, generation: dict, facts, fig
         )
       lines += [
         "",
-        "`strategic`: the safe model (what `generate` above does); `plain`: the same weights without "
-        "re-classification or refusal insertion. ASR: share of malicious requests answered without a refusal "
-        "keyword; over-refusal: share of benign requests refused.",
+        (
+          "`strategic`: the safe model (what `generate` above does); `plain`: the same weights without "
+          "re-classification or refusal insertion. ASR: share of malicious requests answered without a refusal "
+          "keyword; over-refusal: share of benign requests refused."
+        ),
         "",
       ]
   lines += [
     "## Files",
     "",
-    f"`model.safetensors` (the LM, loadable as a plain {family} model), `{CLS_FILE}` (the `[CLS]` row, head and "
-    f"side path), `{CLS_META}` (their layout), `run_facts.json` (what the run was trained and decodes with), "
-    f"`{REMOTE_CODE}` (the safe model class).",
+    (
+      f"`model.safetensors` (the LM, loadable as a plain {family} model), `{CLS_FILE}` (the `[CLS]` row, head and "
+      f"side path), `{CLS_META}` (their layout), `run_facts.json` (what the run was trained and decodes with), "
+      f"`{REMOTE_CODE}` (the safe model class)."
+    ),
     "",
   ]
   return "\n".join(lines)

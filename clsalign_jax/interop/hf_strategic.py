@@ -32,7 +32,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -91,11 +91,13 @@ class Settings:
   def from_config(cls, config, source: str = "config.json") -> Settings:
     block = getattr(config, CONFIG_KEY, None)
     if not isinstance(block, dict):
-      raise ValueError(
+      raise ValueError(  # noqa: TRY004 - a missing block is bad input, as every other check here
         f"{source}: no '{CONFIG_KEY}' block; this is not a clsalign-jax export (python -m clsalign_jax.convert writes it)"
       )
     if block.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{source}: {CONFIG_KEY}.format_version={block.get('format_version')!r}; this reads {FORMAT_VERSION}")
+      raise ValueError(
+        f"{source}: {CONFIG_KEY}.format_version={block.get('format_version')!r}; this reads {FORMAT_VERSION}"
+      )
     decode = dict(block.get("decode") or {})
     missing = [k for k in DECODE_FIELDS if k not in decode]
     if missing:
@@ -142,9 +144,7 @@ class ClsExtras(nn.Module):
     self.cls_head = nn.Linear(d_model, 1)
     cls_layers = settings.exit_layer or n_layers
     rank = settings.adapter_rank
-    self.cls_adapter = nn.ModuleList(
-      [_Adapter(d_model, rank, make_norm()) for _ in range(cls_layers if rank else 0)]
-    )
+    self.cls_adapter = nn.ModuleList([_Adapter(d_model, rank, make_norm()) for _ in range(cls_layers if rank else 0)])
     self.cls_norm = make_norm() if settings.exit_layer else None
 
 
@@ -232,7 +232,9 @@ class ClsAlignMixin:
     try:
       extras.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-      raise ValueError(f"{cls_file}: does not match the side path in config.json ({CONFIG_KEY}.side_path): {e}") from None
+      raise ValueError(
+        f"{cls_file}: does not match the side path in config.json ({CONFIG_KEY}.side_path): {e}"
+      ) from None
     embed = self.get_input_embeddings().weight
     extras.to(device=embed.device, dtype=embed.dtype)
     extras.cls_head.float()  # the head runs in fp32, whatever the LM's dtype
@@ -602,7 +604,7 @@ class ClsAlignMixin:
     tokenizer=None,
     clsalign_decode: dict | None = None,
     **kwargs,
-):
+  ):
     """Strategic decoding with the run's settings (config.json `clsalign.decode`), one row at a time.
 
     input_ids (+ attention_mask, either padding side) or messages (one conversation or a batch):
@@ -615,16 +617,16 @@ class ClsAlignMixin:
     `strategic=False` is transformers' own generate: the plain LM, not the safe model.
     """
     if not strategic:
-      named = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        return_dict_in_generate=return_dict_in_generate or None,
-      )
+      named = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "return_dict_in_generate": return_dict_in_generate or None,
+      }
       named = {k: v for k, v in named.items() if v is not None}
       return super().generate(
         input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **named, **kwargs
@@ -719,7 +721,9 @@ class ClsAlignForCausalLM:
     with open(_resolve(pretrained_model_name_or_path, "config.json", hub), encoding="utf-8") as f:
       model_type = json.load(f).get("model_type")
     if model_type not in _BY_MODEL_TYPE:
-      raise ValueError(f"{pretrained_model_name_or_path}: model_type={model_type!r}; supported: {sorted(_BY_MODEL_TYPE)}")
+      raise ValueError(
+        f"{pretrained_model_name_or_path}: model_type={model_type!r}; supported: {sorted(_BY_MODEL_TYPE)}"
+      )
     return _BY_MODEL_TYPE[model_type].from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 

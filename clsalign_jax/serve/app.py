@@ -237,6 +237,7 @@ def create_app(engine: Engine, model_id: str, defaults: Defaults = Defaults(), i
 
   @app.post("/v1/chat/completions")
   async def chat(req: ChatCompletionRequest, request: Request):
+    check_model(req.model)
     query, prefill = chat_query(req)
     job = prepare(req, query, prefill)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -263,6 +264,7 @@ def create_app(engine: Engine, model_id: str, defaults: Defaults = Defaults(), i
 
   @app.post("/v1/completions")
   async def completions(req: CompletionRequest, request: Request):
+    check_model(req.model)
     job = prepare(req, completion_query(req), "")
     rid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:

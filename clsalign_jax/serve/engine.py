@@ -244,10 +244,18 @@ class Engine:
       self._worker.join(timeout)
 
   def warmup(self, query: str = "Hello") -> None:
-    """Compile every bucket combination once (the first request of a shape would otherwise pay it)."""
+    """Compile every bucket combination once (the first request of a shape would otherwise pay it).
+
+    Only the first combination decodes in full; the others stop at their first token: the stop
+    token is a traced input (no recompile), set to the token that greedy decoding picks first."""
     enc = self.encode(query)
+    first = None
     for B, P, M in self.buckets.shapes():
-      self._decode_rows([enc] * B, [Sampling()] * B, P, M)
+      start = time.perf_counter()
+      rows = self._decode_rows([enc] * B, [Sampling()] * B, P, M, eos_override=first)
+      logging.info("warm-up: batch %d x prompt %d x max_tokens %d in %.1f s", B, P, M, time.perf_counter() - start)
+      if first is None and rows[0].response_ids and rows[0].insert_index < 0:
+        first = rows[0].response_ids[0]
 
   def queue_depth(self) -> int:
     with self._cond:
@@ -331,6 +339,7 @@ class Engine:
     M: int,
     B: int | None = None,
     stepped: list | None = None,
+    eos_override: int | None = None,
   ) -> list[RowResult]:
     """Decode `encoded` padded to B rows (the free rows repeat row 0); the real rows' results."""
     n = len(encoded)
@@ -371,7 +380,7 @@ class Engine:
         Sampling.batch(sampling),
         cfg=self.cfg,
         dcfg=dcfg,
-        eos_id=self.eos_id,
+        eos_id=self.eos_id if eos_override is None else eos_override,
         stream_to=sid,
       )
       rows = row_results(out, inputs)[:n]

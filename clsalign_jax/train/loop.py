@@ -12,7 +12,7 @@ import optax
 from absl import logging
 
 from clsalign_jax import checkpoint as ckpt_lib
-from clsalign_jax import losses, sharding
+from clsalign_jax import errors, losses, sharding
 from clsalign_jax import metrics as metrics_lib
 from clsalign_jax import model as model_lib
 from clsalign_jax.train.inputs import make_data_iterator
@@ -84,10 +84,26 @@ def _step_metrics(ctx: RunContext) -> StepMetrics:
   )
 
 
+def _preempted(ctx: RunContext, step: int, saved: bool) -> errors.Preempted:
+  """Waits for the step's save to be on disk, then the one line the run ends with."""
+  ctx.ckpt.wait()
+  if saved:
+    return errors.Preempted(
+      f"preempted (SIGTERM) at step {step}: saved checkpoint {step} in {ctx.ckpt.directory}; rerun the same "
+      "command to resume"
+    )
+  newest = ctx.ckpt.latest_intact_step()
+  return errors.Preempted(
+    f"preempted (SIGTERM) at step {step}: not saved, the divergence guard flagged its loss; newest checkpoint: "
+    + (f"step {newest} in {ctx.ckpt.directory}" if newest is not None else f"none in {ctx.ckpt.directory}")
+  )
+
+
 def train_loop(ctx: RunContext, state: TrainState) -> TrainState:
   """Steps `ctx.start + 1 .. ctx.num_steps` from `state`; saves and evaluates on the
   configured cadence and at the last step. A save due at a step the guard flagged waits for the
-  next clean step; the last step is never saved flagged."""
+  next clean step; the last step is never saved flagged. After a preemption notice the next step
+  boundary is saved and the loop raises errors.Preempted."""
   config = ctx.config
   batches = itertools.chain([ctx.first_batch], ctx.train_iter)
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
@@ -106,27 +122,33 @@ def train_loop(ctx: RunContext, state: TrainState) -> TrainState:
   step_metrics = _step_metrics(ctx)
   every_ckpt, every_eval = config.checkpoint.every_steps, config.eval.every_steps
   save_due = False  # a save was due at a step the guard flagged; it happens at the next clean step
-  for step in range(ctx.start + 1, ctx.num_steps + 1):
-    local = next_batch(batches, step)
-    state, device_metrics = step_fn(
-      state, sharding.to_global_batch(local, batch_shardings, config.data.global_batch_size)
-    )
-    step_metrics.push(step, device_metrics, local["tokens"].shape[1])
-    save_due = save_due or step == ctx.num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
-    eval_now = step == ctx.num_steps or (every_eval > 0 and step % every_eval == 0)
-    if not (save_due or eval_now):
-      continue
-    step_metrics.flush()
-    if save_due and step_metrics.suspect:
-      if step == ctx.num_steps:
-        raise step_metrics.refuse_final_save(step)
-      logging.warning("step %d: loss flagged by the divergence guard; checkpoint deferred", step)
-    elif save_due:
-      save_due = False
-      data_state = ctx.train_iter.get_state()
-      ctx.ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng}, data_state, ctx.meta)
-    if eval_now:
-      ctx.writer.write(step, "eval", _evaluate(ctx, eval_fn, state.params, batch_shardings))
-    step_metrics.reset_clock()
+  # SIGTERM (a preemption notice) does not kill the run: the next step boundary saves that step on
+  # every process and stops with one line (errors.Preempted).
+  with ckpt_lib.PreemptionWatch() as preemption:
+    for step in range(ctx.start + 1, ctx.num_steps + 1):
+      local = next_batch(batches, step)
+      state, device_metrics = step_fn(
+        state, sharding.to_global_batch(local, batch_shardings, config.data.global_batch_size)
+      )
+      step_metrics.push(step, device_metrics, local["tokens"].shape[1])
+      preempted = preemption.reached(step)
+      save_due = save_due or preempted or step == ctx.num_steps or (every_ckpt > 0 and step % every_ckpt == 0)
+      eval_now = not preempted and (step == ctx.num_steps or (every_eval > 0 and step % every_eval == 0))
+      if not (save_due or eval_now):
+        continue
+      step_metrics.flush()
+      if save_due and step_metrics.suspect:
+        if step == ctx.num_steps:
+          raise step_metrics.refuse_final_save(step)
+        logging.warning("step %d: loss flagged by the divergence guard; checkpoint deferred", step)
+      elif save_due:
+        save_due = False
+        data_state = ctx.train_iter.get_state()
+        ctx.ckpt.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng}, data_state, ctx.meta)
+      if preempted:
+        raise _preempted(ctx, step, saved=not save_due)
+      if eval_now:
+        ctx.writer.write(step, "eval", _evaluate(ctx, eval_fn, state.params, batch_shardings))
+      step_metrics.reset_clock()
   ctx.ckpt.wait()
   return state

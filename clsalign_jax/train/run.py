@@ -87,10 +87,18 @@ def _train_and_evaluate(plan: _Plan, workdir: str) -> TrainState:
       print(f"training is complete: checkpoint at step {step} of {plan.num_steps} in {directory}", flush=True)
       return start.state
 
+    # The checks that need more than the checkpoint, still read-only: the first batch (the data
+    # pipeline checks its input when it is first read), the metrics a resume keeps, the run facts
+    # (the template resolved with the tokenizer), where corrupted steps go.
+    first = _first_batch(start.train_iter, step)
+    facts = _check_workdir(plan.config, workdir, start, step)
     # Everything is checked: from here on the run writes.
-    _write_metadata(plan.config, workdir, start.inputs)
+    _write_metadata(plan.config, workdir, facts)
     ckpt = ckpt_lib.Checkpointer(
-      directory, keep=plan.config.checkpoint.keep, async_save=plan.config.checkpoint.async_save
+      directory,
+      keep=plan.config.checkpoint.keep,
+      async_save=plan.config.checkpoint.async_save,
+      allow_unverified=plan.config.checkpoint.allow_unverified,
     )
     try:
       for corrupt in start.corrupted:
@@ -98,7 +106,7 @@ def _train_and_evaluate(plan: _Plan, workdir: str) -> TrainState:
           "moved corrupted checkpoint to %s", ckpt.move_aside(corrupt, os.path.join(workdir, CORRUPT_DIR))
         )
       with nn.logical_axis_rules(plan.rules):
-        return _run_loop(plan, start, ckpt, workdir)
+        return _run_loop(plan, start, ckpt, workdir, first)
     finally:
       ckpt.close()
 
@@ -129,14 +137,33 @@ def _find_start(plan: _Plan, partition: ParamPartition, directory: str) -> _Star
   return _Start(state, layout, shard, inputs, train_iter, corrupted)
 
 
-def _write_metadata(config, workdir: str, inputs: TextInputs | None) -> None:
+def _check_workdir(config, workdir: str, start: _Start, step: int) -> artifacts.RunFacts | None:
+  """What process 0 checks in the workdir before writing: metrics.jsonl (a bad line that is not
+  the last refuses the run), where corrupted steps are to be moved; returns the run facts to
+  write (None on other processes)."""
+  if jax.process_index() != 0:
+    return None
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics_path):
+    metrics_lib.kept_jsonl_lines(metrics_path, step, warn=False)
+  aside = os.path.join(workdir, CORRUPT_DIR)
+  if start.corrupted and os.path.exists(aside) and not os.path.isdir(aside):
+    raise ckpt_lib.CheckpointError(
+      f"{aside}: exists and is not a directory, so the corrupted steps {start.corrupted} cannot be moved "
+      "there; move it away, then rerun"
+    )
+  inputs = start.inputs
+  tokenizer, template = (inputs.tokenizer_spec, inputs.template) if inputs else (None, None)
+  return artifacts.run_facts_of(config, workdir, tokenizer=tokenizer, template=template)
+
+
+def _write_metadata(config, workdir: str, facts: artifacts.RunFacts | None) -> None:
   """config.json, and the run facts that generate, convert and evaluation must use this run with
   (template, tokenizer, CLS facts), written by process 0 with the tokenizer and template resolved."""
   if jax.process_index() != 0:
     return
   files.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
-  tokenizer, template = (inputs.tokenizer_spec, inputs.template) if inputs else (None, None)
-  artifacts.write_run_facts(config, workdir, tokenizer=tokenizer, template=template)
+  artifacts.write_facts(workdir, facts)
 
 
 def _first_batch(train_iter, start: int) -> dict:
@@ -153,9 +180,8 @@ def _run_meta(config, cfg: model_lib.ModelConfig) -> dict:
   return {"model_config": dataclasses.asdict(cfg), "config": json.loads(config.to_json_best_effort())}
 
 
-def _run_loop(plan: _Plan, start: _Start, ckpt: ckpt_lib.Checkpointer, workdir: str) -> TrainState:
+def _run_loop(plan: _Plan, start: _Start, ckpt: ckpt_lib.Checkpointer, workdir: str, first: dict) -> TrainState:
   step = int(start.state.step)
-  first = _first_batch(start.train_iter, step)
   writer = metrics_lib.MetricWriter(workdir, step, plan.num_steps, plan.config.metrics.progress_bar)
   try:
     ctx = loop.RunContext(

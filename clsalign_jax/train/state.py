@@ -112,7 +112,13 @@ def load_init_params(config, cfg: model_lib.ModelConfig, layout: StateLayout, in
     check_same_arch(dataclasses.asdict(src_cfg), cfg, fields, where)
 
   if spec.kind == "run":
-    return artifacts.load(spec, tokenizer="none", check=check, restore_into=layout.abstract.params).params
+    return artifacts.load(
+      spec,
+      tokenizer="none",
+      check=check,
+      restore_into=layout.abstract.params,
+      allow_unverified=config.checkpoint.allow_unverified,
+    ).params
   # Host-side loads; stacking for scan_layers goes through jnp, so keep it off device 0.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     params = model_lib.to_layout(artifacts.load(spec, tokenizer="none", check=check).params, cfg)
@@ -161,6 +167,18 @@ def _exists_everywhere(directory: str) -> bool:
   return exists
 
 
+def _check_same_batch(meta: dict, config, source: str) -> None:
+  """The saved data position counts batches of the saved size: resumed with another size, the run
+  would repeat or skip examples. Refused by name, as a change of the model's shape is."""
+  saved = ((meta.get("config") or {}).get("data") or {}).get("global_batch_size")
+  if saved is not None and saved != config.data.global_batch_size:
+    raise ckpt_lib.CheckpointError(
+      f"config.data.global_batch_size={config.data.global_batch_size}: {source} was saved with {saved}, and its "
+      f"data position counts batches of {saved}; resume with {saved}, or start a new --workdir from this one "
+      f"(--config.init_from={os.path.dirname(source)})"
+    )
+
+
 def _restore_step(config, cfg, layout: StateLayout, reader: ckpt_lib.Checkpointer, step: int) -> dict | None:
   """The restored items of `step`; None when it is corrupted and `checkpoint.fallback_to_intact` is set."""
   try:
@@ -168,6 +186,7 @@ def _restore_step(config, cfg, layout: StateLayout, reader: ckpt_lib.Checkpointe
     meta = reader.read_meta(step)
     # Another model is not corruption: never fall back past it.
     check_same_arch(meta["model_config"], cfg, _LAYOUT_FIELDS, reader.step_dir(step))
+    _check_same_batch(meta, config, reader.step_dir(step))
     return reader.restore(
       step,
       layout.abstract.params,
@@ -192,7 +211,7 @@ def restore_latest(config, cfg, layout: StateLayout, directory: str, train_iter)
   data position saved with the step restored."""
   if not _exists_everywhere(directory):
     return None, []
-  reader = ckpt_lib.Checkpointer(directory, read_only=True)
+  reader = ckpt_lib.Checkpointer(directory, read_only=True, allow_unverified=config.checkpoint.allow_unverified)
   try:
     steps = reader.all_steps()
     skipped = []

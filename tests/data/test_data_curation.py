@@ -3,7 +3,6 @@
 import collections
 import json
 
-import numpy as np
 import pytest
 
 from clsalign_jax.data import curation

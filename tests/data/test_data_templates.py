@@ -1,3 +1,5 @@
+import unicodedata
+
 import numpy as np
 import pytest
 import sentencepiece
@@ -182,3 +184,75 @@ def test_qwen2_5_is_chatml_with_qwen_system_turn():
     "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>"
   )
   assert get_template("qwen2_5", system_prompt=None).prompt == chatml_template(system_prompt=None).prompt
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  """(ours, transformers') of a Qwen2.5-style tokenizer with Qwen2.5's chat template; ours fitted
+  to a model whose vocabulary pads past the tokenizer, BOS <|endoftext|>."""
+  import qwen2_tokenizer
+  from transformers import AutoTokenizer
+
+  from clsalign_jax.data.tokenizer import Tokenizer
+
+  directory = qwen2_tokenizer.build(tmp_path_factory.mktemp("qwen_tok"))
+  bare = Tokenizer.from_tokenizer_json(directory)
+  return bare.for_model(bare.vocab_size + 64, bare.token_to_id("<|endoftext|>")), AutoTokenizer.from_pretrained(
+    str(directory)
+  )
+
+
+def test_qwen2_5_matches_qwen_chat_template_with_a_padded_vocabulary(qwen, adversarial):
+  tok, hf = qwen
+  template = get_template("qwen2_5")
+  # HF parses special-token text inside user content; we keep it as text, so skip those.
+  queries = ["How do I bake bread at home?", "  spaced 123 ", *[a for a in adversarial if "<|" not in a]]
+  natural = 0
+  for q in queries:
+    if unicodedata.normalize("NFC", q) != q:
+      # Qwen's NFC normalizer rewrites it: no tokens decode back to exactly this query.
+      with pytest.raises(SpanError, match="losslessly"):
+        encode_prompt(tok, template, q)
+      continue
+    enc = encode_prompt(tok, template, q)
+    want = hf.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+    want = list(want if isinstance(want, list) else want["input_ids"])
+    # [CLS] (one past the model's padded rows), then exactly Qwen's prompt: it has no BOS.
+    assert enc.tokens[0] == tok.cls_id == tok.vocab_size > tok.base_vocab_size
+    if enc.forced_boundary:  # the documented divergence: the query's edges are forced
+      assert tok.decode(enc.tokens[1:].tolist()) == hf.decode(want)
+    else:
+      assert enc.tokens[1:].tolist() == want, q
+      natural += 1
+    assert query_text(tok, enc) == q
+  assert natural >= len(queries) // 2
+  text = hf.apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=True, tokenize=False)
+  assert render(template, "Q", tokenizer=tok).text == text
+  # A training row: the response closed by <|im_end|>, the model's EOS; no id at or past the
+  # tokenizer's real size but the [CLS].
+  ex = encode_example(tok, template, "How do I bake bread?", "Mix flour and water.", 0)
+  assert ex.tokens[-1] == tok.eos_id == tok.token_to_id("<|im_end|>")
+  assert (ex.tokens[1:] < tok.base_vocab_size).all()
+  assert tok.decode_fragment(ex.tokens[ex.response_span[0] : -1].tolist()) == "Mix flour and water."
+  # Documents keep the [CLS, BOS] layout: BOS is <|endoftext|>, Qwen's separator between documents.
+  doc = encode_document(tok, "Plain text.", 0, max_length=32)[0]
+  assert doc.tokens[:2].tolist() == [tok.cls_id, tok.token_to_id("<|endoftext|>")]
+
+
+@pytest.mark.parametrize(
+  "family,want_smollm2,want_mistral",
+  [
+    (None, "chatml", "llama2"),
+    ("llama", "chatml", "llama2"),
+    ("mistral", "chatml", "llama2"),
+    ("qwen2", "qwen2_5", "qwen2_5"),
+  ],
+)
+def test_training_default_follows_a_one_format_family(smollm2, mistral, family, want_smollm2, want_mistral):
+  from clsalign_jax import families
+  from clsalign_jax.data.templates import training_default
+
+  assert training_default(smollm2, family) == want_smollm2
+  assert training_default(mistral, family) == want_mistral
+  if family:
+    assert training_default(smollm2, families.get(family)) == want_smollm2

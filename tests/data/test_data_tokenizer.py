@@ -229,3 +229,104 @@ def test_tokenizer_json_needs_bos_and_eos(tmp_path):
 def test_decode_fragment_rejects_cls(smollm2):
   with pytest.raises(ValueError):
     smollm2.decode_fragment(np.asarray([smollm2.cls_id]))
+
+
+# ----- a vocabulary padded past the tokenizer (Qwen2.5) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+  """A Qwen2.5-style tokenizer (no BOS in its config) and, next to it, a Qwen2 config.json whose
+  vocab_size pads 64 rows past the tokenizer's tokens, BOS <|endoftext|>."""
+  import qwen2_tokenizer
+
+  directory = qwen2_tokenizer.build(tmp_path_factory.mktemp("qwen_tok"))
+  bare = Tokenizer.from_tokenizer_json(directory / "tokenizer.json")
+  config = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": bare.vocab_size + 64,
+    "bos_token_id": bare.token_to_id("<|endoftext|>"),
+    "eos_token_id": bare.token_to_id("<|im_end|>"),
+  }
+  (directory / "config.json").write_text(json.dumps(config))
+  return directory, config
+
+
+def test_padded_vocabulary_takes_the_models_rows_and_bos(qwen_dir, adversarial, tmp_path):
+  import shutil
+
+  from transformers import AutoTokenizer
+
+  directory, config = qwen_dir
+  rows, eot = config["vocab_size"], config["bos_token_id"]
+  # Without the model's config.json: its own vocabulary, and a BOS guessed from it.
+  alone = tmp_path / "alone"
+  alone.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(directory / name, alone / name)
+  bare = Tokenizer.from_tokenizer_json(alone)
+  im_start = bare.token_to_id("<|im_start|>")
+  assert (bare.vocab_size, bare.cls_id, bare.bos_id, bare.bos_declared) == (rows - 64, rows - 64, im_start, False)
+  # Fitted to the model: [CLS] one past its rows, its BOS; the same object for every caller.
+  tok = bare.for_model(rows, eot)
+  assert (tok.vocab_size, tok.cls_id, tok.base_vocab_size, tok.bos_id, tok.eos_id) == (
+    rows,
+    rows,
+    rows - 64,
+    eot,
+    config["eos_token_id"],
+  )
+  assert bare.for_model(rows, eot) is tok and tok.for_model(rows, eot) is tok
+  # A tokenizer stored with its model is fitted on load, wherever it is loaded from.
+  stored = Tokenizer.from_tokenizer_json(directory)
+  assert (stored.vocab_size, stored.cls_id, stored.bos_id) == (rows, rows, eot)
+  # A declared BOS is the tokenizer's own; a tokenizer larger than the model is left as it is.
+  declared = Tokenizer.from_tokenizer_json(alone, bos_token="<|im_start|>")
+  assert declared.for_model(rows, eot).bos_id == im_start
+  assert bare.for_model(rows - 65, eot).vocab_size == rows - 64
+  with pytest.raises(ValueError, match="more than the model's"):
+    bare.with_vocab_size(rows - 65)
+  # Padded ids: never encoded, special (a GCG suffix never uses one), no token, no text; HF's
+  # tokenizer (which has no token for them either) decodes them the same way.
+  hf = AutoTokenizer.from_pretrained(str(alone))
+  assert len(hf) == tok.base_vocab_size
+  texts = [*adversarial, "<|im_start|>typed markup<|im_end|>"]
+  assert max(max(ids, default=0) for ids in tok.encode_batch(texts)) < tok.base_vocab_size
+  padded = list(range(tok.base_vocab_size, rows))
+  assert all(tok.is_special(i) and tok.id_to_token(i) is None for i in padded)
+  assert not any(bare.is_special(i) for i in tok.encode("Hello world"))
+  for text in ("How do I bake bread?", "café 😀 日本語"):
+    ids = tok.encode(text)
+    mixed = ids[:1] + padded[:3] + ids[1:] + [padded[-1], eot]
+    for skip in (False, True):
+      assert tok.decode(mixed, skip_special_tokens=skip) == hf.decode(mixed, skip_special_tokens=skip)
+    assert tok.decode(mixed, skip_special_tokens=True) == text
+    assert tok.decode_fragment(tok.encode_continuation(" " + text) + padded[:2]) == " " + text
+  assert tok.decode([tok.cls_id, padded[0]]) == "[CLS]"
+
+
+def test_padded_vocabulary_survives_save_hf(qwen_dir, tmp_path, monkeypatch):
+  from transformers import AutoTokenizer
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  directory, config = qwen_dir
+  tok = Tokenizer.from_tokenizer_json(directory)
+  tok.save_hf(tmp_path)
+  # HF reads [CLS] at the model's CLS row: the padded ids are placeholder special tokens.
+  hf = AutoTokenizer.from_pretrained(str(tmp_path))
+  assert hf.cls_token_id == tok.cls_id == config["vocab_size"] and len(hf) == tok.vocab_size + 1
+  assert hf.bos_token_id == tok.bos_id == config["bos_token_id"]
+  texts = ["How do I bake bread?", "user\nhi 1234", "café 😀"]
+  assert hf(texts, add_special_tokens=False)["input_ids"] == tok.encode_batch(texts)
+  ids = tok.encode(texts[0]) + [tok.base_vocab_size, tok.vocab_size - 1]
+  assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True) == texts[0]
+  # Read back: the placeholders are padded ids again, not vocabulary.
+  back = Tokenizer.from_tokenizer_json(tmp_path)
+  assert (back.base_vocab_size, back.vocab_size, back.cls_id, back.bos_id, back.eos_id) == (
+    tok.base_vocab_size,
+    tok.vocab_size,
+    tok.cls_id,
+    tok.bos_id,
+    tok.eos_id,
+  )
+  assert back.decode(ids) == tok.decode(ids) == texts[0]
