@@ -42,9 +42,10 @@ import os
 import pathlib
 import time
 
+import jax
 from absl import flags, logging
 
-from clsalign_jax import artifacts, cli, files, multihost
+from clsalign_jax import artifacts, cli, files, multihost, sharding
 from clsalign_jax import config as config_lib
 from clsalign_jax.decode.config import NO_INTERVENTION, DecodeConfig
 from clsalign_jax.errors import CheckpointError
@@ -97,6 +98,17 @@ def _attacks(a: dict, cells: dict[str, tuple[dict, dict]]) -> list[dict]:
   ]
 
 
+def _decode_mesh(config) -> dict:
+  """{"mesh": ...} for the harness on several devices: the training mesh's devices, its `tensor`
+  split kept, `fsdp` folded into `data` (decoding needs no optimizer state, and weights split over
+  fsdp would be gathered at every step). Nothing on one device: the cached cells of one-device runs
+  keep their fingerprints and decode exactly as before."""
+  if jax.device_count() == 1:
+    return {}
+  data, fsdp, tensor = sharding.mesh_shape(config.mesh, jax.device_count())
+  return {"mesh": {"data": data * fsdp, "fsdp": 1, "tensor": tensor}}
+
+
 def harness_config(config, workdir: str) -> dict:
   """The eval harness config for the trained run in `workdir`. Tokenizer and template are the
   run's (its run facts) unless `after_training.tokenizer` / `.template` name others."""
@@ -108,6 +120,7 @@ def harness_config(config, workdir: str) -> dict:
   blind = {"response_sees_cls": False} if strategic.get("response_sees_cls") is False else {}
   return {
     "output_dir": os.path.join(workdir, "eval"),
+    **_decode_mesh(config),
     "seed": config.seed,
     "batch_size": a["batch_size"],
     "max_new_tokens": a["max_new_tokens"],

@@ -22,8 +22,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = "activation_batch"
 
 # Decoding reads every weight at every step, so weights are replicated over `data` and split over
-# `tensor` only: a weight split over `fsdp` would be all-gathered at every step. A model that does
-# not fit one device's share of `tensor` opts into `fsdp` with a mesh that has an fsdp axis > 1.
+# `tensor` only. A mesh with an `fsdp` axis > 1 splits them over it too, but XLA then gathers them
+# whole and keeps them for the loop (docs/performance.md, "Decoding on a mesh"): prefer `tensor`.
 # The KV cache and every row-shaped array are split over `data` (and `fsdp`, when present).
 DECODE_LOGICAL_AXIS_RULES = (
   ("embed", "fsdp"),

@@ -1,4 +1,4 @@
-"""The cells of docs/results.md (issue 7): SmolLM2-135M-Instruct as shipped, the SFT-only baseline and
+"""The cells of docs/results.md: SmolLM2-135M-Instruct as shipped, the SFT-only baseline and
 the CLS model with its ablations, under the table's attacks. scripts/results.sh runs it in phases and
 jobs (the harness resumes per cell, so every job writes into one output directory):
 

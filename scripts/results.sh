@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates docs/results.md (issue 7): trains SmolLM2-CLS and the SFT-only baseline from the
+# Regenerates docs/results.md: trains SmolLM2-CLS and the SFT-only baseline from the
 # SmolLM2-135M-Instruct GGUF, makes the harmful responses of the prefill-k columns, evaluates every
 # cell of configs/results_smollm2.py, measures the CLS on the test split, and renders the table.
 #

@@ -265,3 +265,24 @@ def test_run_config_round_trips_replaced_specs_and_keeps_newer_keys(tmp_path):
   assert config.checkpoint.fallback_to_intact is False and config.metrics.progress_bar is True
   assert sorted(config.after_training.over_refusal.keys()) == ["jbb_benign"]
   assert "limit" not in config.after_training.malicious
+
+
+def test_after_training_decodes_on_the_training_meshs_devices():
+  """8 forced CPU devices, a run trained on data=2 × fsdp=2 × tensor=2: the evaluation mesh keeps the
+  tensor split and folds fsdp into data; on one device the harness config has no mesh at all."""
+  import os
+  import subprocess
+  import sys
+
+  script = (
+    "import sys; sys.path.insert(0, sys.argv[1])\n"
+    "from train_utils import load_config\n"
+    "from clsalign_jax import after_training\n"
+    "c = load_config('tiny'); c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2\n"
+    "print(after_training.harness_config(c, '/run')['mesh'])\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == "{'data': 4, 'fsdp': 1, 'tensor': 2}"
+  assert "mesh" not in after_training.harness_config(load_config("tiny"), "/run")
