@@ -10,18 +10,22 @@ nothing is allocated. Compiled for the devices present: on a CPU host sizing a T
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clsalign_jax import artifacts, sharding
+from clsalign_jax import artifacts, files, sharding
 from clsalign_jax import model as model_lib
 from clsalign_jax.decode import loop
 from clsalign_jax.decode.config import DecodeConfig
 from clsalign_jax.decode.sampling import Sampling
 from clsalign_jax.errors import CheckpointError
+from clsalign_jax.interop import gguf as gguf_io
+from clsalign_jax.interop import hf as hf_io
 
 
 def _abstract(shape, dtype, s):
@@ -91,19 +95,29 @@ class _Sized(Exception):
 
 
 def model_config_of(spec: str, model_fields: dict | None = None) -> model_lib.ModelConfig:
-  """A checkpoint's architecture; a run's step is not restored (other kinds read their header)."""
+  """A checkpoint's architecture, read from its config alone: a run's step is not restored, an HF
+  directory's or an orbax params directory's weights are not read, a GGUF file's header only."""
+  s = artifacts.parse_spec(spec)
+  if s.kind == "hf":
+    path = os.path.join(s.path, "config.json")
+    cfg = hf_io.config_from_hf(files.read_json(path), path)
+  elif s.kind == "gguf":
+    cfg = gguf_io.config_from_gguf(gguf.GGUFReader(s.path), s.path)
+  elif s.kind == "orbax":
+    cfg = model_lib.ModelConfig(**files.read_json(os.path.join(s.path, artifacts.ORBAX_CONFIG)))
+  else:  # a run (stopped before its step is restored) or random weights (before they are drawn)
 
-  def stop(cfg, where):
-    raise _Sized(cfg)
+    def stop(cfg, where):
+      raise _Sized(cfg)
 
-  try:
-    artifacts.load(spec, tokenizer="none", model_fields=model_fields, check=stop)
-  except _Sized as e:
-    cfg = e.cfg
-    if model_fields:
-      cfg = cfg.replace(**{k: v for k, v in model_fields.items() if k != "preset"})
-    return cfg
-  raise CheckpointError(f"{spec}: the loader returned without reporting the architecture")
+    try:
+      artifacts.load(spec, tokenizer="none", model_fields=model_fields, check=stop)
+      raise CheckpointError(f"{spec}: the loader returned without reporting the architecture")
+    except _Sized as e:
+      cfg = e.cfg
+  if model_fields:
+    cfg = cfg.replace(**{k: v for k, v in model_fields.items() if k != "preset"})
+  return cfg
 
 
 # Prompt slots the evaluation plan assumes (template + query + CLS; bucketed like real rows).

@@ -211,3 +211,12 @@ def test_params_committed_elsewhere_decode_on_the_mesh(tiny_dir):
     timeout=300,
   )
   assert out.returncode == 0 and "placed" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_dry_run_prints_the_memory_plan_without_loading_weights(tiny_dir, capsys, monkeypatch):
+  from clsalign_jax.interop import hf as hf_io
+
+  monkeypatch.setattr(hf_io, "params_from_hf_tensors", lambda *a, **k: pytest.fail("weights were read"))
+  assert generate.main(["generate", f"--checkpoint={tiny_dir}", "--prompt=Hi", "--dry_run", "--max_new_tokens=8"]) == 0
+  out = capsys.readouterr().out
+  assert "per device: params" in out and "KV cache" in out and "(1 devices)" in out, out
