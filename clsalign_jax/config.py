@@ -85,8 +85,9 @@ def default_config() -> config_dict.ConfigDict:
   # Tokenizer of the training data: '' = the one stored with `init_from` (GGUF file, HF
   # directory), else 'smollm2', 'mistral' or a .gguf / .model / tokenizer.json path.
   c.data.tokenizer = ""
-  # Chat template (data/templates.py): '' = chatml for ChatML vocabularies, else llama2;
-  # set 'llama3' for Llama-3 checkpoints, 'mistral' for Mistral-Instruct's own format.
+  # Chat template (data/templates.py): '' = the model family's own where it has one format (qwen2_5
+  # for Qwen2), else chatml for ChatML vocabularies, else llama2; set 'llama3' for Llama-3
+  # checkpoints, 'mistral' for Mistral-Instruct's own format.
   c.data.template = ""
   # Your own data, as a tuple of paths: JSONL with prompt/response/label rows (SFT; () = the shipped
   # mixture) or text/label rows (the pretraining sources, which need it). On the command line one
