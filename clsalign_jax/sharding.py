@@ -1,8 +1,9 @@
 """Mesh from the config, logical-axis rules → NamedSharding, and per-process batch placement.
 
 Mesh axes are `data`, `fsdp`, `tensor`. Parameters and activations carry logical axis names
-(model.py); the rules table (`config.mesh.logical_axis_rules`) is the only place that maps
-them onto mesh axes, so a change of parallelism is a config edit.
+(model.py); two rules tables map them onto mesh axes: training's (`config.mesh.logical_axis_rules`,
+so a change of parallelism is a config edit) and decoding's (`DECODE_LOGICAL_AXIS_RULES`, used by
+`Layout`, which places params and rows for decoding and scoring on any mesh).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Row layout: one sequence holds the prompt and both responses as branches of it,
     next lb slots  own response (≤ L tokens)          positions P..      branch 2
 
 so the prompt is encoded once and each response sees the prompt and itself (`masks.branch_mask`),
-with the positions it has at decode time. The CLS rows are not in the sequence: train.py runs the
+with the positions it has at decode time. The CLS rows are not in the sequence: training (train/step.py) runs the
 tokens once into a KV cache and then the K view rows over it (`masks.view_rows_mask`), as a decode
 step does. Arrays of a batch (B rows, T slots, K = 5 views):
 
