@@ -53,6 +53,8 @@ from clsalign_jax.eval import harness as harness_lib
 from clsalign_jax.eval import report as report_lib
 from clsalign_jax.eval import run_metrics
 from clsalign_jax.eval.benchmarks import SHIPPED_DIR
+from clsalign_jax.lock import workdir_lock
+from clsalign_jax.train import lm_leak
 
 JUDGE = report_lib.ASR_JUDGE  # ASR on malicious prompts
 REFUSAL_JUDGE = report_lib.REFUSAL_JUDGE  # over-refusal on benign prompts (XSTest openings + an inserted refusal)
@@ -327,15 +329,11 @@ def _lm_leak_lines(value: dict) -> list[str]:
 def body(fv: flags.FlagValues, args: list[str]) -> None:
   command = cli.subcommand(fv, args, SUBCOMMANDS)
   if command == "report":
-    from clsalign_jax import train  # noqa: PLC0415 - jax's training stack only for this subcommand
-
     config = run_config(fv.workdir)
-    with train.workdir_lock(fv.workdir, enabled=True):
+    with workdir_lock(fv.workdir, enabled=True):
       print(f"report written to {run(config, fv.workdir)}")
     return
   if command == "lm-leak":
-    from clsalign_jax.train import lm_leak  # noqa: PLC0415
-
     value = lm_leak.lm_leak(run_config(fv.workdir), fv.workdir, fv.batches)
     lines = _lm_leak_lines(value)
   else:

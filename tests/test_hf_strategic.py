@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clsalign_jax import artifacts, convert
+from clsalign_jax import artifacts, convert, families
 from clsalign_jax import model as M
 from clsalign_jax.data.templates import encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer, smollm2_gguf_path
@@ -24,13 +24,14 @@ from clsalign_jax.decode.loop import generate_ids
 from clsalign_jax.decode.text import refusal_ids
 from clsalign_jax.interop import hf_safe_export
 from clsalign_jax.interop.hf import save_hf
-from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM, ClsAlignLlamaForCausalLM
+from clsalign_jax.interop.hf_strategic import ClsAlignForCausalLM, safe_class
 
 QUERIES = ("How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "List three colors.")
 # Two runs: the paper's model (response tokens read the CLS slot, Rule 2 reads the latest response
 # tokens only, the model continues after a refusal, one row attacker-prefilled) and the main job's
 # (a CLS side path with an early exit and adapters, no token reads the CLS, the query in Rules 2–3,
-# the answer ends with the refusal prefix).
+# the answer ends with the refusal prefix); and a Qwen2 model (q/k/v biases, tied embeddings, the
+# qwen2_5 template with its system turn) with the paper's attention.
 CASES = {
   "paper": {
     "side": {"cls_exit_layer": 0, "cls_adapter_rank": 0},
@@ -60,7 +61,27 @@ CASES = {
       "threshold": 0.55,
     },
   },
+  "qwen2": {
+    "family": "qwen2",
+    "template": "qwen2_5",
+    "side": {"cls_exit_layer": 0, "cls_adapter_rank": 0},
+    "decode": {
+      "schedule": "each",
+      "r1": 2,
+      "r2": 3,
+      "r3": 2,
+      "tau": 2,
+      "response_sees_cls": True,
+      "max_new_tokens": 20,
+      "threshold": 0.8,
+    },
+  },
 }
+
+
+def _architecture(name: str) -> str:
+  """The transformers class an export of case `name` is (the family registry's)."""
+  return families.get(CASES[name].get("family", "llama")).hf_architectures[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,6 +136,7 @@ def export(request, tokenizer, tmp_path_factory):
     tie_embeddings=True,
     bos_id=tokenizer.bos_id,
     eos_id=tokenizer.eos_id,
+    family=case.get("family", "llama"),
     **case["side"],
   )
   params = _tiny_params(cfg, seed=3)
@@ -122,7 +144,7 @@ def export(request, tokenizer, tmp_path_factory):
   save_hf(str(src), cfg, params, tokenizer)
   decode = case["decode"]
   facts = artifacts.RunFacts(
-    template="chatml",
+    template=case.get("template", "chatml"),
     tokenizer=None,
     response_sees_cls=decode["response_sees_cls"],
     cls_threshold=decode["threshold"],
@@ -155,7 +177,8 @@ def _jax_rows(directory, queries, prefills, dcfg):
 def test_greedy_parity_with_the_jax_loop(export, record_figure):
   name, directory = export
   model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-  assert isinstance(model, ClsAlignLlamaForCausalLM)
+  assert isinstance(model, safe_class(_architecture(name)))
+  assert isinstance(model, getattr(transformers, _architecture(name)))
   prefills = ["", " Sure, here is", "", ""] if name == "paper" else ["", "", "", ""]
   loaded = artifacts.load(directory)
   encs = [encode_prompt(loaded.tokenizer, loaded.template, q, p) for q, p in zip(QUERIES, prefills)]
@@ -217,11 +240,12 @@ def test_classify_matches_the_jax_prompt_pass(export):
 
 
 def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
-  _, directory = export
+  name, directory = export
+  architecture = _architecture(name)
   safe = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
-  assert type(safe).__name__ == "ClsAlignLlamaForCausalLM" and type(safe).__module__.endswith("modeling_clsalign")
+  assert type(safe).__name__ == f"ClsAlign{architecture}" and type(safe).__module__.endswith("modeling_clsalign")
   plain = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-  assert type(plain) is transformers.LlamaForCausalLM
+  assert type(plain) is getattr(transformers, architecture)
   with open(os.path.join(directory, "modeling_clsalign.py"), encoding="utf-8") as f:
     copied = f.read()
   assert copied == hf_safe_export.remote_code_source()
@@ -238,7 +262,7 @@ def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
 
 
 def test_card_generation_config_and_run_facts_agree(export):
-  _, directory = export
+  name, directory = export
 
   def read(name):
     with open(os.path.join(directory, name), encoding="utf-8") as f:
@@ -276,7 +300,8 @@ def test_card_generation_config_and_run_facts_agree(export):
   assert (
     rows["refusal_ids"] == block["refusal_ids"] == tok(decode["refusal_text"], add_special_tokens=False)["input_ids"]
   )
-  assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_clsalign.ClsAlignLlamaForCausalLM"}
+  assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_clsalign.ClsAlign{_architecture(name)}"}
+  assert f"from_pretrained(\"{os.path.basename(directory)}\", trust_remote_code=True" in card
   assert "The plain language model is not the safe model" in card and "trust_remote_code=True" in card
   # No report next to this source: the card says nothing was measured rather than inventing figures.
   assert "nothing here is measured" in card

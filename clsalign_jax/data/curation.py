@@ -52,6 +52,7 @@ from clsalign_jax.data.records import (
   assign_splits,
   enforce_disjoint,
   normalize_prompt,
+  read_completions,
 )
 from clsalign_jax.metrics import auc
 
@@ -417,8 +418,6 @@ def read_contrast(report: CurationReport, answers=CONTRAST_ANSWERS, prompts=CONT
       f"--prompts={_display_path(prompts)} --out={_display_path(answers)})."
     )
     return []
-  from clsalign_jax.data.views import read_completions  # views pulls in the grain pipeline
-
   by_prompt = read_completions(str(answers))
   rows = []
   for n, r in enumerate(raw):

@@ -386,3 +386,22 @@ def enforce_disjoint(
   for name, rows in splits.items():
     out.setdefault(name, rows)
   return out, removed
+
+
+COMPLETION_KINDS = ("answer", "compliance", "refusal")  # of a completions row (data/completions.py)
+
+
+def read_completions(path: str) -> dict[str, dict]:
+  """prompt -> row of a completions file, with its file:line named on a bad line."""
+  out = {}
+  for where, row in jsonl_objects(path):
+    try:
+      kind, prompt, response = row["kind"], row["prompt"], row["response"]
+    except KeyError as e:
+      raise DataError(f"{where}: not a completions row (no {e})") from None
+    if kind not in COMPLETION_KINDS:
+      raise DataError(f"{where}: kind {kind!r}; expected one of {COMPLETION_KINDS}")
+    if not isinstance(response, str):
+      raise DataError(f"{where}: response must be a string")
+    out[prompt] = row
+  return out

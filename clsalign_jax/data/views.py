@@ -46,11 +46,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from clsalign_jax.data import pipeline
-from clsalign_jax.data.records import DataError, jsonl_objects
+from clsalign_jax.data.records import DataError, read_completions  # noqa: F401 - completions files are read here too
 from clsalign_jax.data.templates import ChatTemplate, encode_prompt
 from clsalign_jax.data.tokenizer import Tokenizer
 
-KINDS = ("answer", "compliance", "refusal")  # of a completions row (data/completions.py)
 VIEWS = ("query", "query+reference", "reference", "query+own", "own")
 K = len(VIEWS)
 # view -> (response branch or 0 for none, reads the query)
@@ -249,19 +248,3 @@ class ViewsPipeline(pipeline.Pipeline):
   ):
     super().__init__(corpus, config, pad_id=pad_id, process_index=process_index, process_count=process_count)
     self._fn = ViewsBatchFn(corpus, config, settings, pad_id, process_index, process_count)
-
-
-def read_completions(path: str) -> dict[str, dict]:
-  """prompt -> row of a completions file, with its file:line named on a bad line."""
-  out = {}
-  for where, row in jsonl_objects(path):
-    try:
-      kind, prompt, response = row["kind"], row["prompt"], row["response"]
-    except KeyError as e:
-      raise DataError(f"{where}: not a completions row (no {e})") from None
-    if kind not in KINDS:
-      raise DataError(f"{where}: kind {kind!r}; expected one of {KINDS}")
-    if not isinstance(response, str):
-      raise DataError(f"{where}: response must be a string")
-    out[prompt] = row
-  return out

@@ -3,7 +3,8 @@
 `convert` calls `write_safe_export` after `hf.save_hf` and the run facts. It adds to the export:
 
 * `modeling_clsalign.py`: a copy of `interop/hf_strategic.py` (the one source), with config.json's
-  `auto_map` naming its class, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`
+  `auto_map` naming the safe class of the export's architecture (`ClsAlign` + the family's HF
+  architecture from `families.py`, e.g. `ClsAlignQwen2ForCausalLM`), so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`
   loads the safe model (prompt-time classification and strategic decoding);
 * config.json's `clsalign` block: the [CLS] id, the side path, every strategic-decoding setting of
   the run (threshold included), the refusal prefix as clsalign-jax tokenises it, the template's end
@@ -24,7 +25,7 @@ import json
 import os
 import re
 
-from clsalign_jax import files
+from clsalign_jax import families, files
 from clsalign_jax.data.templates import SpanError, encode_prompt
 from clsalign_jax.decode.config import DecodeConfig
 from clsalign_jax.decode.text import refusal_ids as encode_refusal
@@ -34,13 +35,21 @@ REMOTE_CODE = "modeling_clsalign.py"
 CARD = "README.md"
 CONFIG_KEY = "clsalign"  # hf_strategic.CONFIG_KEY (not imported: that module needs torch)
 FORMAT_VERSION = 1
-# The safe class of each family in hf_strategic.py.
-MODEL_CLASSES = {"llama": "ClsAlignLlamaForCausalLM", "mistral": "ClsAlignMistralForCausalLM"}
+SAFE_CLASS_PREFIX = "ClsAlign"  # hf_strategic.SAFE_CLASS_PREFIX
 # Queries whose template tokens around them give the query span of `apply_chat_template` ids.
 _PROBE_QUERIES = ("How do I bake bread?", "Write a poem about the sea.")
 # Report tables read for the card: decoding cells and the prompt-time CLS test.
 _DECODING_COLUMNS = ("variant", "prompts", "attack", "metric", "rate", "n")
 _CLS_TEST_COLUMNS = ("accuracy", "precision", "recall", "F1", "tp", "fp", "fn", "tn")
+
+
+def safe_class_name(architecture: str | None) -> str | None:
+  """The class in hf_strategic.py that is the safe model of an export of HF `architecture`
+  (hf_strategic.safe_class builds it from transformers' class of that name), or None when no
+  family of the registry reads that architecture (its layers may not be Llama-shaped)."""
+  if architecture is None or families.family_for_hf_architecture(architecture) is None:
+    return None
+  return SAFE_CLASS_PREFIX + architecture
 
 
 def remote_code_source() -> str:
@@ -174,7 +183,8 @@ def card_settings(block: dict, generation: dict, facts) -> dict:
 
 def model_card(name: str, family: str, block: dict, generation: dict, facts, figures: dict, step) -> str:
   d = block["decode"]
-  cls_class = MODEL_CLASSES.get(family)
+  spec = families.FAMILIES.get(family)
+  cls_class = safe_class_name(spec.hf_architectures[0]) if spec is not None else None
   lines = [
     "---",
     "library_name: transformers",
@@ -353,8 +363,10 @@ def write_safe_export(directory: str, loaded, facts, cfg, tokenizer, template) -
   config = files.read_json(config_path)
   config[CONFIG_KEY] = block
   family = config.get("model_type", cfg.family)
-  if family in MODEL_CLASSES:
-    config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.{MODEL_CLASSES[family]}"}
+  archs = config.get("architectures") or []
+  cls_class = safe_class_name(archs[0]) if len(archs) == 1 else None
+  if cls_class is not None:
+    config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.{cls_class}"}
     files.atomic_write(os.path.join(directory, REMOTE_CODE), remote_code_source())
   files.atomic_write_json(config_path, config, indent=2)
 

@@ -12,6 +12,9 @@ model (the CLS and strategic decoding are what refuse). This module is the safe 
 
 `convert` copies this file into every HF export as `modeling_clsalign.py` (config.json's `auto_map`
 points at it), so it imports nothing from clsalign-jax: only torch, transformers and safetensors.
+The safe class of an export is `ClsAlign` + its transformers architecture (`ClsAlignQwen2ForCausalLM`
+on `Qwen2ForCausalLM`), built on first use by `safe_class`: any Llama-shaped architecture (RMSNorm,
+rotate-half RoPE, SwiGLU, GQA, biases at most on q/k/v) needs no code here.
 
 It re-implements, independently of the JAX code, what clsalign-jax's decode loop does
 (docs/method.md §1–§3): the [CLS] row at slot 0 (its own embedding, the optional side path of
@@ -36,8 +39,8 @@ from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file
+import transformers
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM
 
 CLS_FILE = "clsalign_cls.safetensors"
 CONFIG_KEY = "clsalign"  # the block of config.json this module reads
@@ -204,9 +207,9 @@ def _rotate_half(x):
 
 
 class ClsAlignMixin:
-  """The safe model on top of a transformers causal LM (`ClsAlignLlamaForCausalLM`,
-  `ClsAlignMistralForCausalLM`). `forward` stays the plain LM; `classify` and `generate` are the
-  safe model."""
+  """The safe model on top of a Llama-shaped transformers causal LM (`safe_class` builds
+  `ClsAlignLlamaForCausalLM`, `ClsAlignQwen2ForCausalLM`, ...). `forward` stays the plain LM;
+  `classify` and `generate` are the safe model."""
 
   # Set by load_clsalign: `clsalign` (a ClsExtras submodule) and `clsalign_settings`.
   _clsalign_tokenizer = None
@@ -333,6 +336,7 @@ class ClsAlignMixin:
     for i, layer in enumerate(backbone.layers):
       attn = layer.self_attn
       h = layer.input_layernorm(x)
+      # The family's own projections, so q/k/v biases (Qwen2) come with them.
       q = attn.q_proj(h).view(T, N, H).transpose(0, 1)
       k = attn.k_proj(h).view(T, G, H).transpose(0, 1)
       v = attn.v_proj(h).view(T, G, H).transpose(0, 1)
@@ -700,38 +704,75 @@ def _resolve(name_or_path, filename: str, hub: dict) -> str:
   return cached_file(name_or_path, filename, **hub)
 
 
-class ClsAlignLlamaForCausalLM(ClsAlignMixin, LlamaForCausalLM):
-  """A Llama-family export as the safe model (see the module docstring)."""
+SAFE_CLASS_PREFIX = "ClsAlign"
+_SAFE_CLASSES: dict[str, type] = {}
 
 
-class ClsAlignMistralForCausalLM(ClsAlignMixin, MistralForCausalLM):
-  """A Mistral-family export as the safe model (see the module docstring)."""
+def safe_class(architecture: str) -> type:
+  """The safe class on transformers' class `architecture` (config.json's `architectures` entry,
+  e.g. "Qwen2ForCausalLM"), named `ClsAlign` + architecture; built once, then the same class."""
+  if architecture not in _SAFE_CLASSES:
+    base = getattr(transformers, architecture, None) if architecture.endswith("ForCausalLM") else None
+    if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
+      raise ValueError(f"architecture {architecture!r} is not a causal LM class of transformers {transformers.__version__}")
+    name = SAFE_CLASS_PREFIX + architecture
+    doc = f"A {architecture} export as the safe model (see the module docstring)."
+    _SAFE_CLASSES[architecture] = type(
+      name, (ClsAlignMixin, base), {"__module__": __name__, "__qualname__": name, "__doc__": doc}
+    )
+  return _SAFE_CLASSES[architecture]
 
 
-_BY_MODEL_TYPE = {"llama": ClsAlignLlamaForCausalLM, "mistral": ClsAlignMistralForCausalLM}
+ClsAlignLlamaForCausalLM = safe_class("LlamaForCausalLM")
+ClsAlignMistralForCausalLM = safe_class("MistralForCausalLM")
+ClsAlignQwen2ForCausalLM = safe_class("Qwen2ForCausalLM")
+
+
+def __getattr__(name: str):
+  """`ClsAlign<Architecture>` for any other architecture: config.json's `auto_map` names the class
+  of the export's family, which transformers looks up on this module."""
+  if name.startswith(SAFE_CLASS_PREFIX) and name.endswith("ForCausalLM"):
+    try:
+      return safe_class(name[len(SAFE_CLASS_PREFIX) :])
+    except ValueError:
+      pass
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def export_architecture(config: dict, source: str = "config.json") -> str:
+  """The transformers architecture an export's config.json names (`architectures`, as `convert`
+  writes it from the family registry)."""
+  archs = config.get("architectures") or []
+  if len(archs) != 1 or not isinstance(archs[0], str):
+    raise ValueError(f"{source}: architectures={archs!r}; expected one transformers class name")
+  return archs[0]
 
 
 class ClsAlignForCausalLM:
   """`ClsAlignForCausalLM.from_pretrained(path)`: the safe model of an export without remote code,
-  as the class of the export's family."""
+  as the safe class of the export's architecture."""
 
   @staticmethod
   def from_pretrained(pretrained_model_name_or_path, *args, **kwargs):
     hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    with open(_resolve(pretrained_model_name_or_path, "config.json", hub), encoding="utf-8") as f:
-      model_type = json.load(f).get("model_type")
-    if model_type not in _BY_MODEL_TYPE:
-      raise ValueError(
-        f"{pretrained_model_name_or_path}: model_type={model_type!r}; supported: {sorted(_BY_MODEL_TYPE)}"
-      )
-    return _BY_MODEL_TYPE[model_type].from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+    path = _resolve(pretrained_model_name_or_path, "config.json", hub)
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+    architecture = export_architecture(config, path)
+    try:
+      cls = safe_class(architecture)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+    return cls.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 __all__ = [
   "ClsAlignForCausalLM",
   "ClsAlignLlamaForCausalLM",
   "ClsAlignMistralForCausalLM",
+  "ClsAlignQwen2ForCausalLM",
   "Settings",
   "StrategicOutput",
   "StrategicRow",
+  "safe_class",
 ]
