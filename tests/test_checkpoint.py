@@ -1,4 +1,5 @@
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -470,3 +471,24 @@ def test_sigterm_on_one_of_two_processes_saves_one_step_on_both(tmp_path, tmp_pa
   for code, err in _two_processes(tmp_path / "a", env, *steps):
     assert code == 0, err[-5000:]
   _assert_same_run(tmp_path / "a", tmp_path / "b", range(1, 13))
+
+
+def test_steps_of_older_runs_whose_digests_cover_the_commit_files_still_verify(tmp_path):
+  """Earlier versions wrote the digests after orbax's commit, so they also list its commit files:
+  such a step verifies, and a changed commit file is still caught."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  _save(ckpt, 1)
+  ckpt.close()
+  step = tmp_path / "1"
+  digests = json.loads((step / checkpoint.DIGESTS).read_text())
+  for name in checkpoint.COMMIT_FILES:
+    if (step / name).exists():
+      digests["files"][name] = hashlib.sha256((step / name).read_bytes()).hexdigest()
+  assert set(checkpoint.COMMIT_FILES) & set(digests["files"])
+  (step / checkpoint.DIGESTS).write_text(json.dumps(digests))
+  reader = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  reader.verify(1)
+  listed = next(n for n in checkpoint.COMMIT_FILES if n in digests["files"])
+  (step / listed).write_bytes((step / listed).read_bytes() + b" ")
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=f"{listed} differs"):
+    reader.verify(1)
