@@ -17,34 +17,17 @@ import re
 
 from ml_collections import config_dict
 
-from clsalign_jax import artifacts, masks, model as model_lib
+from clsalign_jax import artifacts, masks, sharding
+from clsalign_jax import model as model_lib
 from clsalign_jax.errors import CheckpointError, ConfigError
 
 _MODEL_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(model_lib.ModelConfig)}
 # `from __future__ import annotations` makes the dataclass field types strings.
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}
 
-# Logical axis (model.py names) → mesh axis. Changing the parallelism layout is an edit here
-# or an override of `config.mesh.logical_axis_rules`; no code names a mesh axis directly.
-DEFAULT_LOGICAL_AXIS_RULES = (
-  # parameters
-  ("embed", "fsdp"),
-  ("vocab", "tensor"),
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
-  ("mlp", "tensor"),
-  ("head_dim", None),
-  ("norm", None),
-  ("cls_out", None),
-  ("layers", None),
-  # activations
-  ("activation_batch", ("data", "fsdp")),
-  ("activation_length", None),
-  ("activation_embed", None),
-  ("activation_heads", "tensor"),
-  ("activation_mlp", "tensor"),
-  ("activation_vocab", "tensor"),
-)
+# Logical axis (model.py names) → mesh axis: the training table (sharding.py, which owns the
+# rules); changing the parallelism layout is an override of `config.mesh.logical_axis_rules`.
+DEFAULT_LOGICAL_AXIS_RULES = sharding.TRAINING_LOGICAL_AXIS_RULES
 
 
 # data.source names that read labelled text for pretraining (clsalign_jax/data/sources.py).

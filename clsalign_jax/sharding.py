@@ -22,11 +22,10 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = "activation_batch"
 
-# Decoding reads every weight at every step, so weights are replicated over `data` and split over
-# `tensor` only. A mesh with an `fsdp` axis > 1 splits them over it too, but XLA then gathers them
-# whole and keeps them for the loop (docs/performance.md, "Decoding on a mesh"): prefer `tensor`.
-# The KV cache and every row-shaped array are split over `data` (and `fsdp`, when present).
-DECODE_LOGICAL_AXIS_RULES = (
+# Logical axis (model.py names) → mesh axis, for training: no code names a mesh axis directly, so
+# changing the parallelism layout is an edit here or of `config.mesh.logical_axis_rules`.
+TRAINING_LOGICAL_AXIS_RULES = (
+  # parameters
   ("embed", "fsdp"),
   ("vocab", "tensor"),
   ("heads", "tensor"),
@@ -36,12 +35,21 @@ DECODE_LOGICAL_AXIS_RULES = (
   ("norm", None),
   ("cls_out", None),
   ("layers", None),
+  # activations
   ("activation_batch", ("data", "fsdp")),
   ("activation_length", None),
   ("activation_embed", None),
   ("activation_heads", "tensor"),
   ("activation_mlp", "tensor"),
   ("activation_vocab", "tensor"),
+)
+
+# Decoding: the same parameter and activation rules plus the KV cache's axes (model.CACHE_AXES),
+# split like the rows it belongs to and over `tensor` by kv head. Decoding reads every weight at
+# every step, so its meshes put weights on `tensor` only (replicated over `data`): a mesh with an
+# `fsdp` axis > 1 splits them over it too, but XLA then gathers them whole and keeps them for the
+# loop (docs/performance.md, "Decoding on a mesh"): prefer `tensor`.
+DECODE_LOGICAL_AXIS_RULES = TRAINING_LOGICAL_AXIS_RULES + (
   ("cache_layers", None),
   ("cache_kv_heads", "tensor"),
   ("cache_slots", None),
