@@ -64,6 +64,7 @@ CASES = {
   "qwen2": {
     "family": "qwen2",
     "template": "qwen2_5",
+    "seed": 0,  # one prompt flagged at once, flips withdrawn and one confirmed mid-answer
     "side": {"cls_exit_layer": 0, "cls_adapter_rank": 0},
     "decode": {
       "schedule": "each",
@@ -139,7 +140,7 @@ def export(request, tokenizer, tmp_path_factory):
     family=case.get("family", "llama"),
     **case["side"],
   )
-  params = _tiny_params(cfg, seed=3)
+  params = _tiny_params(cfg, seed=case.get("seed", 3))
   src = tmp_path_factory.mktemp(f"src_{request.param}")
   save_hf(str(src), cfg, params, tokenizer)
   decode = case["decode"]
@@ -223,7 +224,7 @@ def test_greedy_parity_with_the_jax_loop(export, record_figure):
 
 
 def test_classify_matches_the_jax_prompt_pass(export):
-  _, directory = export
+  name, directory = export
   model = ClsAlignForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
   # The export's own decode settings, as the parity test: the compiled loop is reused.
   jax_rows, encs, _ = _jax_rows(directory, QUERIES, [""] * len(QUERIES), artifacts.load(directory).decode_config())
@@ -237,6 +238,16 @@ def test_classify_matches_the_jax_prompt_pass(export):
   np.testing.assert_allclose(p_ids, ref, atol=1e-4, rtol=0)
   assert len(set(np.round(ref, 3))) > 1  # the head separates the prompts: a constant p proves nothing
   assert isinstance(model.classify([{"role": "user", "content": QUERIES[0]}]), float)
+  if families.get(CASES[name].get("family", "llama")).qkv_bias:
+    # The q/k/v biases are loaded and count: without them p moves well past the tolerance.
+    attn = model.model.layers[0].self_attn
+    assert all(float(m.bias.detach().abs().max()) > 0.1 for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.no_grad():
+      for layer in model.model.layers:
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+          m.bias.zero_()
+    p_unbiased = model.classify([[{"role": "user", "content": q}] for q in QUERIES])
+    assert np.abs(np.asarray(p_unbiased) - ref).max() > 1e-2
 
 
 def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
@@ -246,6 +257,7 @@ def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
   assert type(safe).__name__ == f"ClsAlign{architecture}" and type(safe).__module__.endswith("modeling_clsalign")
   plain = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
   assert type(plain) is getattr(transformers, architecture)
+  assert safe.lm_head.weight is safe.model.embed_tokens.weight  # tied, as the run's model
   with open(os.path.join(directory, "modeling_clsalign.py"), encoding="utf-8") as f:
     copied = f.read()
   assert copied == hf_safe_export.remote_code_source()
@@ -259,6 +271,27 @@ def test_remote_code_loads_the_safe_class_and_plain_load_the_lm(export):
   ids = torch.tensor([ours.encode_messages(messages)[0]])
   plain_out = plain.generate(ids, max_new_tokens=6, do_sample=False)
   assert torch.equal(safe.generate(ids, max_new_tokens=6, do_sample=False, strategic=False), plain_out)
+
+
+def test_every_family_of_the_registry_has_a_safe_class(tmp_path):
+  """A family added to families.py gets its `auto_map` class with no code in hf_strategic.py: the
+  class transformers looks up on the module is built from the family's HF architecture."""
+  from clsalign_jax.interop import hf_strategic
+
+  for family in families.FAMILIES.values():
+    architecture = family.hf_architectures[0]
+    name = hf_safe_export.safe_class_name(architecture)
+    cls = getattr(hf_strategic, name)
+    assert cls.__name__ == name and issubclass(cls, getattr(transformers, architecture))
+    assert issubclass(cls, hf_strategic.ClsAlignMixin) and hf_strategic.safe_class(architecture) is cls
+  # Built on lookup (module __getattr__) for a name not defined in the file, once.
+  assert hf_strategic.ClsAlignGemmaForCausalLM is hf_strategic.safe_class("GemmaForCausalLM")
+  assert hf_safe_export.safe_class_name("GemmaForCausalLM") is None  # not a registry family: no auto_map
+  with pytest.raises(AttributeError):
+    hf_strategic.ClsAlignNoSuchForCausalLM  # noqa: B018
+  (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
+  with pytest.raises(ValueError, match=r"config.json: architecture 'NoSuchForCausalLM' is not a causal LM class"):
+    ClsAlignForCausalLM.from_pretrained(str(tmp_path))
 
 
 def test_card_generation_config_and_run_facts_agree(export):
@@ -301,7 +334,7 @@ def test_card_generation_config_and_run_facts_agree(export):
     rows["refusal_ids"] == block["refusal_ids"] == tok(decode["refusal_text"], add_special_tokens=False)["input_ids"]
   )
   assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_clsalign.ClsAlign{_architecture(name)}"}
-  assert f"from_pretrained(\"{os.path.basename(directory)}\", trust_remote_code=True" in card
+  assert f'from_pretrained("{os.path.basename(directory)}", trust_remote_code=True' in card
   assert "The plain language model is not the safe model" in card and "trust_remote_code=True" in card
   # No report next to this source: the card says nothing was measured rather than inventing figures.
   assert "nothing here is measured" in card

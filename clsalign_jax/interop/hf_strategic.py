@@ -38,8 +38,8 @@ import os
 from collections.abc import Sequence
 
 import torch
-from safetensors.torch import load_file
 import transformers
+from safetensors.torch import load_file
 from torch import nn
 
 CLS_FILE = "clsalign_cls.safetensors"
@@ -714,7 +714,9 @@ def safe_class(architecture: str) -> type:
   if architecture not in _SAFE_CLASSES:
     base = getattr(transformers, architecture, None) if architecture.endswith("ForCausalLM") else None
     if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
-      raise ValueError(f"architecture {architecture!r} is not a causal LM class of transformers {transformers.__version__}")
+      raise ValueError(
+        f"architecture {architecture!r} is not a causal LM class of transformers {transformers.__version__}"
+      )
     name = SAFE_CLASS_PREFIX + architecture
     doc = f"A {architecture} export as the safe model (see the module docstring)."
     _SAFE_CLASSES[architecture] = type(
