@@ -33,6 +33,7 @@ import jax
 from absl import app, flags, logging
 
 from clsalign_jax import errors
+from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
 
 # Exceptions that report a problem with an input (a file, a record, a value), whatever raised them.
 _INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -336,3 +337,75 @@ def define_mesh_flags(fv: flags.FlagValues, default: dict) -> None:
 
 def mesh_value(fv: flags.FlagValues) -> dict:
   return {axis: fv[f"mesh.{axis}"].value for axis in ("data", "fsdp", "tensor")}
+
+
+# Decode flags whose default is the checkpoint's (run facts, else the plain model): the value shown
+# in --help applies only when neither the flag nor the run says otherwise.
+DECODE_FLAGS = (
+  "threshold",
+  "tau",
+  "schedule",
+  "period",
+  "anneal_cutoff",
+  "refusal",
+  "strategic_attention",
+  "strategic_decoding",
+  "response_sees_cls",
+  "end_after_refusal",
+)
+_RUN = " Default: the run's (run facts), else the plain model's."
+
+
+def define_decode_flags(fv: flags.FlagValues) -> None:
+  """The strategic-decoding flags of every command that decodes (generate, serve)."""
+  d = dict(flag_values=fv)
+  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
+  flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
+  flags.DEFINE_integer(
+    "anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule." + _RUN, lower_bound=1, **d
+  )
+  flags.DEFINE_float(
+    "threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0, upper_bound=1.0, **d
+  )
+  flags.DEFINE_integer(
+    "tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN, lower_bound=1, **d
+  )
+  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
+  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
+  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
+  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
+  flags.DEFINE_bool(
+    "response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)." + _RUN, **d
+  )
+  flags.DEFINE_bool(
+    "end_after_refusal",
+    False,
+    "End a response on the last token of an inserted refusal prefix (off: the model continues after it)." + _RUN,
+    **d,
+  )
+
+
+def check_decode_flags(fv: flags.FlagValues) -> None:
+  """What the decode flags alone can refuse, before any weight is loaded."""
+  if fv["r"].present and len(fv.r) != 3:
+    raise errors.UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3")
+  if fv["refusal"].present and not fv.refusal.strip():
+    raise errors.UsageError("--refusal is empty or whitespace-only")
+
+
+def decode_config(fv: flags.FlagValues, loaded, max_new_tokens: int) -> DecodeConfig:
+  """The decode flags given on the command line over the checkpoint's settings
+  (`artifacts.Loaded.decode_config`: run facts, else the plain model's)."""
+  check_decode_flags(fv)
+  explicit = {name: fv[name].value for name in DECODE_FLAGS if fv[name].present}
+  if "refusal" in explicit:
+    explicit["refusal_text"] = explicit.pop("refusal")
+  if fv["r"].present:
+    try:
+      explicit["r1"], explicit["r2"], explicit["r3"] = (int(x) for x in fv.r)
+    except ValueError:
+      raise errors.UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
+  try:
+    return loaded.decode_config(max_new_tokens=max_new_tokens, **explicit)
+  except ValueError as e:
+    raise errors.UsageError(f"--{e}") from None

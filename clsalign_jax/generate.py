@@ -29,27 +29,10 @@ from absl import flags
 
 from clsalign_jax import artifacts, cli, memory_plan, multihost, sharding
 from clsalign_jax.data.templates import encode_prompt
-from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
+from clsalign_jax.decode.config import DecodeConfig
 from clsalign_jax.decode.sampling import Sampling
 from clsalign_jax.decode.text import Decoder
 from clsalign_jax.errors import UsageError
-
-
-# Decode flags whose default is the checkpoint's (run facts, else the plain model): the value
-# shown in --help applies only when neither the flag nor the run says otherwise.
-_DECODE_FLAGS = (
-  "threshold",
-  "tau",
-  "schedule",
-  "period",
-  "anneal_cutoff",
-  "refusal",
-  "strategic_attention",
-  "strategic_decoding",
-  "response_sees_cls",
-  "end_after_refusal",
-)
-_RUN = " Default: the run's (run facts), else the plain model's."
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -93,46 +76,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("top_k", 0, "0: off.", lower_bound=0, **d)
   flags.DEFINE_float("top_p", 1.0, "1: off.", lower_bound=0.0, upper_bound=1.0, **d)
   flags.DEFINE_integer("seed", 0, "Row i samples with seed + i.", **d)
-  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
-  flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
-  flags.DEFINE_integer(
-    "anneal_cutoff", 256, "Last step (exclusive) of the annealing schedule." + _RUN, lower_bound=1, **d
-  )
-  flags.DEFINE_float(
-    "threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0, upper_bound=1.0, **d
-  )
-  flags.DEFINE_integer(
-    "tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN, lower_bound=1, **d
-  )
-  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
-  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
-  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
-  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
-  flags.DEFINE_bool(
-    "response_sees_cls", True, "Tokens read the CLS slot (off: the plain model's generation)." + _RUN, **d
-  )
-  flags.DEFINE_bool(
-    "end_after_refusal",
-    False,
-    "End a response on the last token of an inserted refusal prefix (off: the model continues after it)." + _RUN,
-    **d,
-  )
+  cli.define_decode_flags(fv)
 
 
 def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
   """Flags given on the command line over the checkpoint's decode settings."""
-  explicit = {name: fv[name].value for name in _DECODE_FLAGS if fv[name].present}
-  if "refusal" in explicit:
-    explicit["refusal_text"] = explicit.pop("refusal")
-  if fv["r"].present:
-    try:
-      explicit["r1"], explicit["r2"], explicit["r3"] = (int(x) for x in fv.r)
-    except ValueError:
-      raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
-  try:
-    return loaded.decode_config(max_new_tokens=fv.max_new_tokens, **explicit)
-  except ValueError as e:
-    raise UsageError(f"--{e}") from None
+  return cli.decode_config(fv, loaded, fv.max_new_tokens)
 
 
 def read_queries(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -196,10 +145,7 @@ def format_result(i: int, row, tokenizer, query: str) -> str:
 def body(fv: flags.FlagValues, args: list[str]) -> None:
   if args:
     raise UsageError(f"unexpected arguments: {args}")
-  if fv["r"].present and len(fv.r) != 3:
-    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3")
-  if fv["refusal"].present and not fv.refusal.strip():
-    raise UsageError("--refusal is empty or whitespace-only")
+  cli.check_decode_flags(fv)
   queries = read_queries(fv.prompt, fv.prompt_file)
   cli.init_distributed(fv)
   try:

@@ -5,12 +5,15 @@ requests, and every kind of bad input against its OpenAI-style error body."""
 
 import concurrent.futures
 import json
+import pathlib
 import time
 
 import httpx2 as httpx
 import openai
 import pytest
 from serve_utils import BENIGN, HARMFUL
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 from clsalign_jax import artifacts
 from clsalign_jax.decode.sampling import Sampling
@@ -271,3 +274,40 @@ def test_metrics(server, client):
   assert values["clsalign_queue_depth"] == 0
   assert values["clsalign_compiles"] == server[1].compiles
   json.dumps(values)
+
+
+@pytest.mark.parametrize(
+  "flag,message",
+  [
+    ("--batch_sizes=0", "error: --batch_sizes=(0,): give positive sizes"),
+    ("--max_tokens_buckets=8,x", "error: --max_tokens_buckets=8,x: expected integers"),
+    ("--max_new_tokens=999", "error: --max_new_tokens=999 exceeds the largest --max_tokens_buckets (256)"),
+  ],
+)
+def test_command_line_errors_name_the_flag(flag, message, capsys):
+  from clsalign_jax.serve.__main__ import main  # noqa: PLC0415
+
+  assert main(["serve", flag]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def _marked(path, marker: str) -> str:
+  text = (REPO / path).read_text()
+  block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+  return " ".join(line for line in block.splitlines() if line.strip() and not line.startswith("```"))
+
+
+def test_the_documented_serve_command_serves_the_main_jobs_run():
+  from absl import flags  # noqa: PLC0415
+
+  from clsalign_jax.serve.__main__ import define_flags  # noqa: PLC0415
+
+  command = _marked("README.md", "serve-command")
+  assert command == _marked("docs/serving.md", "serve-command")
+  workdir = _marked("README.md", "main-command").split("--workdir=", 1)[1].split()[0]
+  python, dash_m, module, *args = command.split()
+  assert (python, dash_m, module) == (".venv/bin/python", "-m", "clsalign_jax.serve")
+  fv = flags.FlagValues()
+  define_flags(fv, [])
+  fv(["serve", *args])
+  assert fv.checkpoint == workdir

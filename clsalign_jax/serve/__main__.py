@@ -29,12 +29,12 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).", **d)
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535, **d)
   flags.DEFINE_string("model_name", None, "Model id clients send; default: the checkpoint directory's name.", **d)
-  flags.DEFINE_list("batch_sizes", "1,8", "Batch-size buckets (rows decoded together).", **d)
+  flags.DEFINE_list("batch_sizes", "1,4,8", "Batch-size buckets (rows decoded together).", **d)
   flags.DEFINE_list(
     "prompt_buckets", "256,1024", "Padded prompt lengths, in tokens ([CLS] and template included).", **d
   )
   flags.DEFINE_list("max_tokens_buckets", "64,256", "Generation-length buckets; the largest is max_tokens' limit.", **d)
-  flags.DEFINE_float("max_wait_ms", 5.0, "How long a request waits for others to fill its batch.", lower_bound=0, **d)
+  flags.DEFINE_float("max_wait_ms", 30.0, "How long a request waits for others to fill its batch.", lower_bound=0, **d)
   flags.DEFINE_integer("max_queue", 256, "Waiting requests beyond this get a 503.", lower_bound=1, **d)
   flags.DEFINE_bool("warmup", True, "Compile every bucket combination before serving.", **d)
   flags.DEFINE_integer("max_new_tokens", 64, "max_tokens of a request that gives none.", lower_bound=1, **d)
@@ -71,6 +71,15 @@ _DECODE_FLAGS = (
   "response_sees_cls",
   "end_after_refusal",
 )
+
+
+_BUCKET_FLAGS = {
+  "batch": "batch_sizes",
+  "prompt": "prompt_buckets",
+  "max_tokens": "max_tokens_buckets",
+  "max_wait_ms": "max_wait_ms",
+  "max_queue": "max_queue",
+}
 
 
 def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
@@ -123,7 +132,10 @@ def build(fv: flags.FlagValues):
       max_queue=fv.max_queue,
     )
   except ValueError as e:
-    raise UsageError(f"--{str(e).replace('buckets.', '')}") from None
+    message = str(e)
+    for field, flag in _BUCKET_FLAGS.items():
+      message = message.replace(f"buckets.{field}=", f"--{flag}=")
+    raise UsageError(message) from None
   if fv.max_new_tokens > buckets.max_tokens[-1]:
     raise UsageError(
       f"--max_new_tokens={fv.max_new_tokens} exceeds the largest --max_tokens_buckets ({buckets.max_tokens[-1]})"

@@ -56,11 +56,12 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 class Buckets:
   """The shapes the decode loop is compiled for (module docstring) and the batching window."""
 
-  batch: tuple[int, ...] = (1, 8)
+  batch: tuple[int, ...] = (1, 4, 8)
   prompt: tuple[int, ...] = (256, 1024)
   max_tokens: tuple[int, ...] = (64, 256)
   # How long the oldest waiting request may wait for others to join its batch.
-  max_wait_ms: float = 5.0
+  # Long enough for clients answered by one batch to come back together (docs/performance.md).
+  max_wait_ms: float = 30.0
   # Requests waiting beyond this are refused (503) instead of queued.
   max_queue: int = 256
 
