@@ -61,7 +61,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     "Chat template: llama2, mistral, chatml, llama3, or auto (the run's, else what the vocabulary implies).",
     **d,
   )
-  flags.DEFINE_integer("batch_size", 8, "Queries decoded together (rounded up to the mesh's row shards).", lower_bound=1, **d)
+  flags.DEFINE_integer(
+    "batch_size", 8, "Queries decoded together (rounded up to the mesh's row shards).", lower_bound=1, **d
+  )
   cli.define_mesh_flags(fv, sharding.DATA_PARALLEL)
   cli.define_distributed_flags(fv)
   flags.DEFINE_bool(
@@ -159,7 +161,9 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template, layout=layout)
   dcfg = decode_config(fv, loaded)
   check_budget(loaded.cfg, loaded.tokenizer, loaded.template, queries, fv.prefill, dcfg)
-  decoder = Decoder(fv.checkpoint, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, fv.batch_size, layout)
+  decoder = Decoder(
+    fv.checkpoint, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg, fv.batch_size, layout
+  )
   sampling = Sampling(fv.temperature, fv.top_k, fv.top_p, fv.seed)
   for i, g in enumerate(decoder.generate_text(queries, fv.prefill, sampling)):
     if multihost.primary():

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ("clsalign-train", "clsalign-generate", "clsalign-evaluate", "clsalign-convert")
+SCRIPTS = ("clsalign-train", "clsalign-generate", "clsalign-evaluate", "clsalign-convert", "clsalign-serve")
 
 
 def _run(args, **kw):

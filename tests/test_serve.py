@@ -311,3 +311,25 @@ def test_the_documented_serve_command_serves_the_main_jobs_run():
   define_flags(fv, [])
   fv(["serve", *args])
   assert fv.checkpoint == workdir
+
+
+def test_load_test_benchmark_runs_against_the_server(server):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  out = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "benchmarks" / "serve.py"),
+      f"--url={server[0]}",
+      "--clients=2",
+      "--requests=2",
+      "--max_tokens=4",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = out.stdout.strip().splitlines()[-1].strip("|").split("|")
+  assert [c.strip() for c in row[:3]] == ["2", "4", "0"]  # clients, requests, errors

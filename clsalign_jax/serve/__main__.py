@@ -14,10 +14,18 @@ import os
 from absl import flags, logging
 
 from clsalign_jax import artifacts, cli
-from clsalign_jax.decode.config import SCHEDULES, DecodeConfig
+from clsalign_jax.decode.text import Decoder
 from clsalign_jax.errors import UsageError
 
-_RUN = " Default: the run's (run facts), else the plain model's."
+try:
+  from clsalign_jax.serve.app import Defaults, create_app
+  from clsalign_jax.serve.engine import Buckets, Engine
+except ModuleNotFoundError as e:  # fastapi, uvicorn, prometheus_client, pydantic: the `serve` extra
+  if e.name is None or e.name.startswith("clsalign_jax"):
+    raise
+  raise SystemExit(
+    f"error: serving needs the serve extra: pip install 'clsalign-jax[serve]' ({e.name} is missing)"
+  ) from None
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -42,35 +50,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("top_k", 0, "Default top-k (0: off).", lower_bound=0, **d)
   flags.DEFINE_float("top_p", 1.0, "Default top-p (1: off).", lower_bound=0.0, upper_bound=1.0, **d)
   flags.DEFINE_integer("seed", 0, "Default sampling seed.", **d)
-  flags.DEFINE_enum("schedule", "each", [*SCHEDULES, "every"], "Re-classification schedule." + _RUN, **d)
-  flags.DEFINE_integer("period", 10, "k of the periodic schedule." + _RUN, lower_bound=1, **d)
-  flags.DEFINE_integer("anneal_cutoff", 256, "Last step (exclusive) of annealing." + _RUN, lower_bound=1, **d)
-  flags.DEFINE_float(
-    "threshold", 0.5, "p(malicious) above this is malicious." + _RUN, lower_bound=0.0, upper_bound=1.0, **d
-  )
-  flags.DEFINE_integer(
-    "tau", 3, "Consecutive malicious re-classifications that confirm a flip." + _RUN, lower_bound=1, **d
-  )
-  flags.DEFINE_list("r", "10,10,10", "r1,r2,r3 of the inference rules." + _RUN, **d)
-  flags.DEFINE_string("refusal", DecodeConfig.refusal_text, "Refusal prefix text." + _RUN, **d)
-  flags.DEFINE_bool("strategic_attention", True, "Rules 1-3 (off: CLS reads query + response)." + _RUN, **d)
-  flags.DEFINE_bool("strategic_decoding", True, "Insert the refusal prefix (off: never)." + _RUN, **d)
-  flags.DEFINE_bool("response_sees_cls", True, "Tokens read the CLS slot." + _RUN, **d)
-  flags.DEFINE_bool("end_after_refusal", False, "End a response on its inserted refusal prefix." + _RUN, **d)
-
-
-_DECODE_FLAGS = (
-  "threshold",
-  "tau",
-  "schedule",
-  "period",
-  "anneal_cutoff",
-  "refusal",
-  "strategic_attention",
-  "strategic_decoding",
-  "response_sees_cls",
-  "end_after_refusal",
-)
+  cli.define_decode_flags(fv)
 
 
 _BUCKET_FLAGS = {
@@ -80,22 +60,6 @@ _BUCKET_FLAGS = {
   "max_wait_ms": "max_wait_ms",
   "max_queue": "max_queue",
 }
-
-
-def decode_config(fv: flags.FlagValues, loaded: artifacts.Loaded) -> DecodeConfig:
-  """Flags given on the command line over the checkpoint's decode settings (as the generate command)."""
-  explicit = {name: fv[name].value for name in _DECODE_FLAGS if fv[name].present}
-  if "refusal" in explicit:
-    explicit["refusal_text"] = explicit.pop("refusal")
-  if fv["r"].present:
-    try:
-      explicit["r1"], explicit["r2"], explicit["r3"] = (int(x) for x in fv.r)
-    except ValueError:
-      raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3") from None
-  try:
-    return loaded.decode_config(max_new_tokens=fv.max_new_tokens, **explicit)
-  except ValueError as e:
-    raise UsageError(f"--{e}") from None
 
 
 def _ints(fv: flags.FlagValues, name: str) -> tuple[int, ...]:
@@ -114,15 +78,7 @@ def model_id_of(spec: str) -> str:
 
 def build(fv: flags.FlagValues):
   """(app, engine) for the flags: the checkpoint loaded, the engine started and warmed up."""
-  # Imported here: --help and flag errors should not wait for jax and fastapi.
-  from clsalign_jax.decode.text import Decoder  # noqa: PLC0415
-  from clsalign_jax.serve.app import Defaults, create_app  # noqa: PLC0415
-  from clsalign_jax.serve.engine import Buckets, Engine  # noqa: PLC0415
-
-  if fv["r"].present and len(fv.r) != 3:
-    raise UsageError(f"--r={','.join(fv.r)}: expected three integers r1,r2,r3")
-  if fv["refusal"].present and not fv.refusal.strip():
-    raise UsageError("--refusal is empty or whitespace-only")
+  cli.check_decode_flags(fv)
   try:
     buckets = Buckets(
       batch=_ints(fv, "batch_sizes"),
@@ -141,7 +97,7 @@ def build(fv: flags.FlagValues):
       f"--max_new_tokens={fv.max_new_tokens} exceeds the largest --max_tokens_buckets ({buckets.max_tokens[-1]})"
     )
   loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template)
-  dcfg = decode_config(fv, loaded)
+  dcfg = cli.decode_config(fv, loaded, fv.max_new_tokens)
   name = fv.model_name or model_id_of(fv.checkpoint)
   decoder = Decoder(name, loaded.cfg, loaded.params, loaded.tokenizer, loaded.template, dcfg)
   try:

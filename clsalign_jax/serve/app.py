@@ -33,6 +33,7 @@ from clsalign_jax.serve.protocol import (
 )
 
 _SEED_RANGE = 2**31
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/clsalign/settings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,9 @@ def create_app(engine: Engine, model_id: str, defaults: Defaults = Defaults(), i
     response = await call_next(request)
     path = request.url.path
     if path.startswith("/v1/"):
-      metrics.requests.labels(endpoint=path, status=str(response.status_code)).inc()
+      # Known routes only: a label per arbitrary path would grow the metrics without bound.
+      endpoint = "/v1/models/{id}" if path.startswith("/v1/models/") else path if path in _ROUTES else "other"
+      metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
     return response
 
   # ----- plain routes -----

@@ -135,7 +135,10 @@ class Job:
     self.finished_at = time.perf_counter()
     self._done.set()
     if self.on_done is not None:
-      self.on_done(self)
+      try:
+        self.on_done(self)
+      except Exception:  # noqa: BLE001 - e.g. the server's event loop already closed: the client is gone
+        logging.exception("a finished request could not be handed back")
 
 
 class Engine:
