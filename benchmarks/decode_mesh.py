@@ -67,7 +67,14 @@ def _model(smoke: bool):
   rows = [e.tokens.tolist() for e in encs]
   spans = [list(e.query_span) for e in encs]
   # The plain GGUF has no trained CLS: strategic decoding with its fresh head still runs every path.
-  return cfg, loaded.params, rows, spans, refusal_ids(loaded.tokenizer, DecodeConfig()), loaded.template.end.id(loaded.tokenizer)
+  return (
+    cfg,
+    loaded.params,
+    rows,
+    spans,
+    refusal_ids(loaded.tokenizer, DecodeConfig()),
+    loaded.template.end.id(loaded.tokenizer),
+  )
 
 
 def correctness(smoke: bool, new_tokens: int) -> None:
@@ -113,8 +120,15 @@ def plan() -> None:
   print("|---|---|---|---|---|")
   for name in ("llama2_7b", "llama3_8b"):
     cfg = M.preset(name, dtype="bfloat16", param_dtype="bfloat16")
-    for shape in ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 2}, {"data": 2, "fsdp": 1, "tensor": 4}, {"data": 1, "fsdp": 1, "tensor": 8}):
-      layout = sharding.Layout(jax.sharding.AbstractMesh(tuple(shape.values()), sharding.MESH_AXES), sharding.DECODE_LOGICAL_AXIS_RULES)
+    for shape in (
+      {"data": 8, "fsdp": 1, "tensor": 1},
+      {"data": 4, "fsdp": 1, "tensor": 2},
+      {"data": 2, "fsdp": 1, "tensor": 4},
+      {"data": 1, "fsdp": 1, "tensor": 8},
+    ):
+      layout = sharding.Layout(
+        jax.sharding.AbstractMesh(tuple(shape.values()), sharding.MESH_AXES), sharding.DECODE_LOGICAL_AXIS_RULES
+      )
       p = memory_plan.decode_plan(cfg, layout, 32, memory_plan.PLAN_PROMPT_SLOTS, dcfg, compile=False)
       need = (p["params"] + p["kv_cache"]) / 2**30
       fits = ", ".join(chip for chip, hbm in CHIPS.items() if need <= 0.9 * hbm) or "none"

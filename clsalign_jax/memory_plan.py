@@ -33,7 +33,12 @@ def _abstract(shape, dtype, s):
 
 
 def decode_plan(
-  cfg: model_lib.ModelConfig, layout: sharding.Layout, batch: int, prompt_len: int, dcfg: DecodeConfig, compile: bool = True
+  cfg: model_lib.ModelConfig,
+  layout: sharding.Layout,
+  batch: int,
+  prompt_len: int,
+  dcfg: DecodeConfig,
+  compile: bool = True,
 ) -> dict:
   """Bytes per device of params, KV cache and (compiled) temporaries for `batch` rows of
   `prompt_len` prompt slots and dcfg.max_new_tokens new ones."""

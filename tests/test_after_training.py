@@ -282,7 +282,9 @@ def test_after_training_decodes_on_the_training_meshs_devices():
     "print(after_training.harness_config(c, '/run')['mesh'])\n"
   )
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == "{'data': 4, 'fsdp': 1, 'tensor': 2}"
   assert "mesh" not in after_training.harness_config(load_config("tiny"), "/run")

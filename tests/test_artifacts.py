@@ -389,15 +389,27 @@ def test_the_loader_restores_into_the_shards_of_a_mesh(tmp_path):
 
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = tmp_path / "run"
-  cmd = [sys.executable, "-m", "clsalign_jax.main", "--config=configs/tiny.py", f"--workdir={run}",
-         "--config.train.num_steps=2", "--config.metrics.progress_bar=false", "--config.after_training.evaluate=false"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "clsalign_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={run}",
+    "--config.train.num_steps=2",
+    "--config.metrics.progress_bar=false",
+    "--config.after_training.evaluate=false",
+  ]
   trained = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert trained.returncode == 0, trained.stderr[-3000:]
   loaded = artifacts.load(str(run), tokenizer="none")
   save_hf(str(tmp_path / "hf"), loaded.cfg, loaded.params)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   out = subprocess.run(
-    [sys.executable, "-c", _SHARDED_LOAD, str(run), str(tmp_path / "hf")], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", _SHARDED_LOAD, str(run), str(tmp_path / "hf")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   assert out.stdout.count("sharded") == 2, out.stdout

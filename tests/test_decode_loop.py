@@ -191,9 +191,7 @@ def test_cached_decoding_matches_full_recomputation_with_cls_row(dcfg):
 
 def test_rows_do_not_depend_on_the_rest_of_the_batch():
   params = _params(head_scale=30.0)
-  sampling = Sampling.make(
-    3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], seed=[3, 4, 5]
-  )
+  sampling = Sampling.make(3, temperature=[0.0, 0.8, 1.2], top_k=[0, 20, 0], top_p=[1.0, 1.0, 0.9], seed=[3, 4, 5])
   batch_rows = row_results(*_run(params, PROMPTS, BASE, sampling=sampling))
   assert any(r.trace for r in batch_rows)
   for b, prompt in enumerate(PROMPTS):
@@ -670,7 +668,11 @@ def test_decoding_on_a_mesh_gives_the_one_device_tokens(tmp_path):
 
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run(
-    [sys.executable, "-c", _MESH_SCRIPT, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", _MESH_SCRIPT, str(Path(__file__).parent)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   assert out.stdout.count("same") == 3 and out.stdout.count("memory") == 2, out.stdout

@@ -278,7 +278,11 @@ def test_two_processes_write_the_one_process_report(tmp_path):
     configs[name] = tmp_path / f"eval_{name}.py"
     configs[name].write_text(_SLIM_CONFIG.format(tiny=str(REPO / "configs" / "eval_tiny.py"), mesh=mesh))
   cmd = lambda name: [
-    sys.executable, "-m", "clsalign_jax.evaluate", f"--config={configs[name]}", f"--config.output_dir={tmp_path / name}"
+    sys.executable,
+    "-m",
+    "clsalign_jax.evaluate",
+    f"--config={configs[name]}",
+    f"--config.output_dir={tmp_path / name}",
   ]
   single = dict(os.environ, JAX_PLATFORMS="cpu")
   one = subprocess.run(cmd("one"), env=single, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -288,7 +292,11 @@ def test_two_processes_write_the_one_process_report(tmp_path):
   procs = [
     subprocess.Popen(
       [*cmd("two"), f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
     )
     for i in range(2)
   ]

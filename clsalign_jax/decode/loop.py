@@ -349,7 +349,9 @@ def _stable_B(rows: RowState, dcfg: DecodeConfig) -> Array:
     return rows.length_B + 1  # nothing is ever rolled back
   may_flip_B = rows.mode_B == BENIGN
   cut_B = jnp.where(rows.mode_B == TRANSITION, rows.trigger_pos_B + int(dcfg.keep_trigger_token), rows.length_B)
-  return jnp.where(rows.done_B, rows.length_B + 1, jnp.where(may_flip_B | (rows.mode_B == TRANSITION), cut_B, rows.length_B + 1))
+  return jnp.where(
+    rows.done_B, rows.length_B + 1, jnp.where(may_flip_B | (rows.mode_B == TRANSITION), cut_B, rows.length_B + 1)
+  )
 
 
 def _report(ctx: _Context, st: _State, p_B: Array) -> None:
@@ -584,9 +586,7 @@ def _decode_impl(
   state, p0_B, malicious0_B, last_logits_BV = _prefill(ctx)
   if return_logits:
     N = dcfg.max_steps
-    state = state._replace(
-      logits_BNV=jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV)
-    )
+    state = state._replace(logits_BNV=jnp.zeros((B, N + 1, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits_BV))
   _report(ctx, state, p0_B)
   final = _run(ctx, state)
   rows = final.rows
@@ -673,7 +673,9 @@ def generate_ids(
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_decode(layout: Layout, cfg: ModelConfig, dcfg: DecodeConfig, return_logits: bool, stream: bool, forced: bool):
+def _sharded_decode(
+  layout: Layout, cfg: ModelConfig, dcfg: DecodeConfig, return_logits: bool, stream: bool, forced: bool
+):
   """`_decode_impl` jitted with explicit shardings: params by the layout's rules, every row-shaped
   input and output split over the row shards, scalars and the refusal ids replicated."""
   rows, rep = layout.rows, layout.replicated

@@ -411,7 +411,9 @@ class Harness:
     """The refusal prefix the cell was generated with; a cell whose meta file predates recording it
     falls back to the variant's decode settings."""
     _, meta = self.gen_paths(v, a, b)
-    recorded = multihost.share(json.loads(meta.read_text(encoding="utf-8")).get("refusal_text") if multihost.primary() else None)
+    recorded = multihost.share(
+      json.loads(meta.read_text(encoding="utf-8")).get("refusal_text") if multihost.primary() else None
+    )
     return recorded if recorded is not None else DecodeConfig(**v.decode).refusal_text
 
   def _variant_fp(self, v: Variant, *extra) -> str:
