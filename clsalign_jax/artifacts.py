@@ -424,15 +424,20 @@ def check_float_params(params, source: str) -> None:
       raise CheckpointError(f"{source}: tensor {name} has dtype {dtype.name}; weights must be one of {_FLOAT_DTYPES}")
 
 
+def orbax_config(directory: str) -> model_lib.ModelConfig:
+  """The architecture of an orbax params directory (`convert --dst_format=orbax`)."""
+  path = os.path.join(os.path.abspath(directory), ORBAX_CONFIG)
+  try:
+    return model_lib.ModelConfig(**files.read_json(path))
+  except TypeError as e:  # unknown or missing ModelConfig fields
+    raise CheckpointError(f"{path}: not a model config ({e})") from None
+
+
 def _orbax_params(directory: str) -> tuple[model_lib.ModelConfig, dict]:
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
-  path = os.path.join(directory, ORBAX_CONFIG)
-  try:
-    cfg = model_lib.ModelConfig(**files.read_json(path))
-  except TypeError as e:  # unknown or missing ModelConfig fields
-    raise CheckpointError(f"{path}: not a model config ({e})") from None
+  cfg = orbax_config(directory)
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
   except Exception as e:  # orbax and tensorstore raise many types; all mean "unreadable"

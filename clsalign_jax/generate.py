@@ -155,7 +155,7 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
   except ValueError as e:
     raise UsageError(f"--mesh.*: {e}") from None
   if fv.dry_run:
-    print(dry_run(fv, layout, queries))
+    print(dry_run(fv, layout))
     return
   # Params go straight onto the decode devices (a run's step restored into its shards).
   loaded = artifacts.load(fv.checkpoint, tokenizer=fv.tokenizer, template=fv.template, layout=layout)
@@ -170,10 +170,9 @@ def body(fv: flags.FlagValues, args: list[str]) -> None:
       print(format_result(i, g.row, decoder.tokenizer, queries[i]), flush=True)
 
 
-def dry_run(fv: flags.FlagValues, layout: sharding.Layout, queries: list[str]) -> str:
+def dry_run(fv: flags.FlagValues, layout: sharding.Layout) -> str:
   """The memory plan of this command's decode: the architecture is read, no weights are loaded;
-  prompts are sized at memory_plan.PLAN_PROMPT_SLOTS slots."""
-  del queries  # sizing them needs the tokenizer; the plan's slots cover ordinary chat prompts
+  prompts are sized at memory_plan.PLAN_PROMPT_SLOTS slots (sizing the queries needs the tokenizer)."""
   cfg = memory_plan.model_config_of(fv.checkpoint)
   plan = memory_plan.decode_plan(
     cfg, layout, fv.batch_size, memory_plan.PLAN_PROMPT_SLOTS, DecodeConfig(max_new_tokens=fv.max_new_tokens)

@@ -109,7 +109,7 @@ def model_config_of(spec: str, model_fields: dict | None = None) -> model_lib.Mo
   elif s.kind == "gguf":
     cfg = gguf_io.config_from_gguf(gguf.GGUFReader(s.path), s.path)
   elif s.kind == "orbax":
-    cfg = model_lib.ModelConfig(**files.read_json(os.path.join(s.path, artifacts.ORBAX_CONFIG)))
+    cfg = artifacts.orbax_config(s.path)
   else:  # a run (stopped before its step is restored) or random weights (before they are drawn)
 
     def stop(cfg, where):

@@ -345,13 +345,14 @@ def _deliver(stream_id, step, seq_BS, stable_B, done_B, p_B, insert_pos_B) -> No
 
 
 def _stable_B(rows: RowState, dcfg: DecodeConfig) -> Array:
+  """StreamEvent.stable_B: the slots no later rollback can change (never past the pending token)."""
+  all_B = rows.length_B + 1  # every filled slot, the pending token included
   if not dcfg.strategic_decoding:
-    return rows.length_B + 1  # nothing is ever rolled back
-  may_flip_B = rows.mode_B == BENIGN
-  cut_B = jnp.where(rows.mode_B == TRANSITION, rows.trigger_pos_B + int(dcfg.keep_trigger_token), rows.length_B)
-  return jnp.where(
-    rows.done_B, rows.length_B + 1, jnp.where(may_flip_B | (rows.mode_B == TRANSITION), cut_B, rows.length_B + 1)
-  )
+    return all_B  # nothing is ever rolled back
+  # Rule 3 may cut back to S_t; in Rule 2 a flip at the next step may drop the pending token.
+  stable_B = jnp.where(rows.mode_B == TRANSITION, rows.trigger_pos_B + int(dcfg.keep_trigger_token), all_B)
+  stable_B = jnp.where(rows.mode_B == BENIGN, rows.length_B, stable_B)
+  return jnp.where(rows.done_B, all_B, stable_B)
 
 
 def _report(ctx: _Context, st: _State, p_B: Array) -> None:
@@ -363,7 +364,7 @@ def _report(ctx: _Context, st: _State, p_B: Array) -> None:
     ctx.stream_id,
     st.step,
     st.seq_BS,
-    jnp.minimum(_stable_B(st.rows, ctx.dcfg), st.rows.length_B + 1),
+    _stable_B(st.rows, ctx.dcfg),
     st.rows.done_B,
     p_B,
     st.rows.insert_pos_B,

@@ -234,7 +234,8 @@ def create_app(engine: Engine, model_id: str, defaults: Defaults = Defaults(), i
     return {"prompt_tokens": job.input_len, "completion_tokens": len(c.ids), "total_tokens": job.input_len + len(c.ids)}
 
   def prepare(req, query: str, prefill: str) -> Job:
-    check_model(req.model)
+    """The engine's job for a request whose model the route has checked first (its error comes
+    before any about the messages)."""
     max_tokens, sampling = _sampling(req, defaults)
     return engine.make_job(engine.encode(query, prefill), max_tokens, sampling)
 
